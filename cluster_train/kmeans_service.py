@@ -1,0 +1,213 @@
+"""The per-epoch K-means service, gather-to-one design: one Ray actor clusters all embeddings.
+
+Each training rank sends its chunk embeddings, keyed by global chunk key
+(utterance index * num_chunks + chunk index); once all `world_size` ranks have sent theirs the
+actor runs `fit_clusters` on the union and any rank can read the pseudo-label of any key.
+
+    service = get_or_create_service("kmeans", config, world_size)        # on the driver
+    labels = ray.get(service.cluster.remote(epoch, rank, keys, embeddings))  # on each rank
+
+or `submit`, `wait_result`, `labels` separately. The actor is async: ranks waiting for the others
+hold no actor thread, and the clustering itself runs in a worker thread so calls keep being served.
+
+Rounds: the actor holds one round (one epoch) at a time. A submission for a later epoch drops the
+previous round; one for an earlier epoch is refused. Resubmitting (epoch, rank) before the round is
+clustered replaces that rank's data; a submission for an epoch that is already clustered (a worker
+group restarted from a checkpoint) opens a new round for the same epoch, clustered again once every
+rank has resubmitted, with a new `version`. Duplicate keys (a sampler padding its last batch) count
+once. Points are clustered in ascending key order, so the labels do not depend on how the keys were
+split among the ranks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from cluster_train.clustering import ClusteringConfig, KMeansResult, Preprocessor, fit_clusters
+
+UNKNOWN_LABEL = -100  # a key not clustered this epoch (cross-entropy's default ignore_index)
+
+
+@dataclass
+class _Round:
+    epoch: int
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None  # the clustering, once every rank submitted
+    keys: np.ndarray | None = None  # sorted unique keys, after clustering
+    labels: np.ndarray | None = None  # their labels
+    result: KMeansResult | None = None
+    version: int = 0
+    error: BaseException | None = None
+
+    @property
+    def started(self) -> bool:  # clustering has begun: later submissions open a new round
+        return self.task is not None
+
+
+@ray.remote(num_cpus=0)
+class KMeansService:
+    def __init__(self, config: ClusteringConfig, world_size: int) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self._config, self._world_size = config, world_size
+        self._round: _Round | None = None
+        self._version = 0  # clusterings completed by this actor
+        self._state: dict = {"epoch": None, "version": 0}
+
+    def describe(self) -> dict:
+        return {"config": dataclasses.asdict(self._config), "world_size": self._world_size}
+
+    async def submit(self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray) -> None:
+        """Send this rank's embeddings for `epoch`; returns at once (use `wait_result`)."""
+        await self._join(epoch, rank, keys, embeddings)
+
+    async def wait_result(self, epoch: int, timeout_s: float = 3600.0) -> dict:
+        """Block until all ranks submitted for `epoch` and the clustering ran; its summary."""
+        return _summary(await self._wait(self._current(epoch), timeout_s))
+
+    async def labels(self, epoch: int, keys: np.ndarray, timeout_s: float = 3600.0) -> np.ndarray:
+        """int64 pseudo-labels of `keys` (any rank's) for `epoch`; UNKNOWN_LABEL where unknown."""
+        return _lookup(await self._wait(self._current(epoch), timeout_s), keys)
+
+    async def cluster(
+        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray,
+        timeout_s: float = 3600.0,
+    ) -> np.ndarray:  # fmt: skip
+        """submit + wait_result + labels of this rank's own keys, all from the same round."""
+        round_ = await self._join(epoch, rank, keys, embeddings)
+        return _lookup(await self._wait(round_, timeout_s), keys)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the last clustering: epoch, version, centroids, ..."""
+        return dict(self._state)
+
+    async def _join(
+        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray
+    ) -> _Round:
+        if not 0 <= rank < self._world_size:
+            raise ValueError(f"rank {rank} outside world_size {self._world_size}")
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or len(embeddings) != len(keys):
+            raise ValueError(f"{len(keys)} keys but embeddings of shape {embeddings.shape}")
+        round_ = self._round
+        if round_ is not None and round_.epoch == epoch and round_.started:
+            await round_.done.wait()  # resubmission after clustering: a new round, once this ends
+        round_ = self._round
+        if round_ is not None and epoch < round_.epoch:
+            raise ValueError(f"epoch {epoch} is stale: the service is at epoch {round_.epoch}")
+        if round_ is None or epoch > round_.epoch or round_.started:
+            round_ = self._round = _Round(epoch)  # drops the previous epoch: one in memory
+        round_.parts[rank] = (keys, embeddings)
+        if len(round_.parts) == self._world_size:
+            round_.task = asyncio.get_running_loop().create_task(self._run(round_))
+        return round_
+
+    async def _run(self, round_: _Round) -> None:
+        try:
+            parts = [round_.parts[rank] for rank in range(self._world_size)]
+            round_.parts = {}
+            keys, labels, preprocessor, result = await asyncio.to_thread(
+                _cluster_union, parts, self._config, round_.epoch
+            )
+            round_.keys, round_.labels, round_.result = keys, labels, result
+            self._version += 1
+            round_.version = self._version
+            self._state = _summary(round_) | {
+                "centroids": result.centroids,
+                "preprocessor": preprocessor,
+                "config": dataclasses.asdict(self._config),
+            }
+        except Exception as error:  # noqa: BLE001 - handed to every waiting rank
+            round_.error = error
+        finally:
+            round_.done.set()
+
+    def _current(self, epoch: int) -> _Round:
+        round_ = self._round
+        if round_ is None or round_.epoch != epoch:
+            held = None if round_ is None else round_.epoch
+            raise ValueError(f"no round for epoch {epoch} (the service holds epoch {held})")
+        return round_
+
+    async def _wait(self, round_: _Round, timeout_s: float) -> _Round:
+        try:
+            await asyncio.wait_for(round_.done.wait(), timeout_s)
+        except TimeoutError as error:
+            missing = sorted(set(range(self._world_size)) - set(round_.parts))
+            waiting = "none (clustering still running)" if round_.started else missing
+            raise TimeoutError(
+                f"epoch {round_.epoch}: no clustering after {timeout_s} s; "
+                f"ranks not yet submitted: {waiting}"
+            ) from error
+        if round_.error is not None:
+            raise RuntimeError(f"epoch {round_.epoch}: clustering failed") from round_.error
+        return round_
+
+
+def _cluster_union(
+    parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, epoch: int
+) -> tuple[np.ndarray, np.ndarray, Preprocessor, KMeansResult]:
+    """Cluster the union of the ranks' parts, one point per key, in ascending key order."""
+    dims = {emb.shape[1] for _, emb in parts}
+    if len(dims) != 1:
+        raise ValueError(f"ranks sent embeddings of different widths: {sorted(dims)}")
+    all_keys = np.concatenate([keys for keys, _ in parts])
+    keys, first = np.unique(all_keys, return_index=True)  # sorted; first occurrence in rank order
+    embeddings = np.concatenate([emb for _, emb in parts])[first]
+    preprocessor, result = fit_clusters(embeddings, config, epoch)
+    return keys, result.assignments, preprocessor, result
+
+
+def _summary(round_: _Round) -> dict:
+    result = round_.result
+    assert result is not None
+    return {
+        "epoch": round_.epoch,
+        "version": round_.version,
+        "num_points": len(result.assignments),
+        "objective": result.objective,
+        "cluster_sizes": result.cluster_sizes,
+        "reseeded": result.reseeded,
+        "iterations": result.iterations,
+        "seconds": result.seconds,
+    }
+
+
+def _lookup(round_: _Round, keys: np.ndarray) -> np.ndarray:
+    assert round_.keys is not None and round_.labels is not None
+    keys = np.asarray(keys, dtype=np.int64).ravel()
+    index = np.searchsorted(round_.keys, keys).clip(max=max(len(round_.keys) - 1, 0))
+    found = round_.keys[index] == keys
+    return np.where(found, round_.labels[index], UNKNOWN_LABEL).astype(np.int64)
+
+
+def get_or_create_service(
+    name: str, config: ClusteringConfig, world_size: int, namespace: str | None = None,
+    *, detached: bool = False, num_gpus: float | None = None,
+) -> ray.actor.ActorHandle:  # fmt: skip
+    """The named KMeansService, created if missing; workers find it with `ray.get_actor(name)`.
+
+    Call it on the driver: a non-detached actor lives as long as the job that created it (a
+    detached one outlives it and must be killed by hand). `num_gpus=None` asks for one GPU when
+    the cluster has any and `config.use_gpu` is not False. An existing actor of that name must
+    have the same config and world size, else ValueError (a stale actor from another run).
+    """
+    if num_gpus is None:
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        num_gpus = 1 if has_gpu and config.use_gpu is not False else 0
+    service = KMeansService.options(
+        name=name, namespace=namespace, get_if_exists=True, num_gpus=num_gpus,
+        lifetime="detached" if detached else None,
+    ).remote(config, world_size)  # fmt: skip
+    found = ray.get(service.describe.remote())
+    wanted = {"config": dataclasses.asdict(config), "world_size": world_size}
+    if found != wanted:
+        raise ValueError(f"actor {name!r} exists with {found}, not {wanted}")
+    return service

@@ -1,0 +1,60 @@
+"""Fixed number of fixed-length chunks per sentence (Lin & Busso 2020; DeepEmoCluster Eq. 1-2).
+
+Every spectrogram of T frames becomes exactly C chunks of w_c frames, without zero padding:
+C = ceil(T_max / w_c) (Eq. 1) and chunk k starts at round(k * (T - w_c) / (C - 1)) (Eq. 2), so the
+first chunk starts at frame 0, the last ends at frame T, and the chunks overlap as much as needed.
+
+Choices the paper leaves open:
+- C == 1: the single chunk starts at frame 0 (not centred), like chunk 0 for any C.
+- Rounding is half up, computed in integers, so the last start is exactly T - w_c.
+- T < w_c: the spectrogram is first extended to w_c frames by repeating it cyclically in time
+  (frames 0, 1, ..., T-1, 0, 1, ...; the same as np.resize along time), never with zeros; every
+  chunk is then that extended spectrogram. Rejecting input that is too short is the caller's job.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def chunks_for_duration(max_seconds: float, chunk_seconds: float) -> int:
+    """Eq. 1: C = ceil(T_max / w_c)."""
+    if not (max_seconds > 0 and chunk_seconds > 0):
+        raise ValueError(f"max_seconds and chunk_seconds must be positive, got {max_seconds}, {chunk_seconds}")
+    # The tolerance keeps float noise (e.g. 1.1 / 0.1 = 11.000000000000002) from adding a chunk.
+    return max(1, math.ceil(max_seconds / chunk_seconds - 1e-9))
+
+
+def _check(n_frames: int, num_chunks: int, chunk_frames: int) -> None:
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be at least 1, got {n_frames}")
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
+
+
+def chunk_starts(n_frames: int, num_chunks: int, chunk_frames: int) -> np.ndarray:
+    """Eq. 2: start frame of each of the C chunks, int64, shape (C,), non-decreasing."""
+    _check(n_frames, num_chunks, chunk_frames)
+    span = max(n_frames - chunk_frames, 0)
+    if num_chunks == 1 or span == 0:
+        return np.zeros(num_chunks, dtype=np.int64)
+    k = np.arange(num_chunks, dtype=np.int64)
+    gaps = num_chunks - 1
+    return (2 * k * span + gaps) // (2 * gaps)  # round(k * span / gaps), halves up
+
+
+def split_into_chunks(mel: np.ndarray, num_chunks: int, chunk_frames: int) -> np.ndarray:
+    """(T, n_mels) -> (C, w_c, n_mels), same dtype; input shorter than w_c is repeated cyclically."""
+    mel = np.asarray(mel)
+    if mel.ndim != 2:
+        raise ValueError(f"mel must be 2-D (frames, n_mels), got shape {mel.shape}")
+    n_frames = mel.shape[0]
+    _check(n_frames, num_chunks, chunk_frames)
+    if n_frames < chunk_frames:
+        mel = mel[np.arange(chunk_frames) % n_frames]
+    starts = chunk_starts(mel.shape[0], num_chunks, chunk_frames)
+    return mel[starts[:, None] + np.arange(chunk_frames)[None, :]]

@@ -1,0 +1,160 @@
+"""Typed configuration: a dataclass schema, then a YAML file, then `key=value` overrides.
+
+`load_config` is shared by every entry point (prep, train, evaluate). A mistyped key, a value of
+the wrong type or a value outside what a setting allows fails here, naming the key, before any Ray
+resource is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key (dotted path) and what is wrong."""
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def require_choice(value: object, key: str, choices: Sequence[object]) -> None:
+    require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Merge `schema` defaults <- YAML file <- dotted overrides and return a validated `schema`."""
+    layers = [OmegaConf.structured(schema)]
+    where = "defaults"
+    try:
+        if path is not None:
+            where = str(path)
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            where = "command-line overrides"
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))  # type: ignore[return-value]
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {path}") from error
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        message = str(getattr(error, "msg", error)).splitlines()[0]
+        raise ConfigError(f"config key '{key}' ({where}): {message}") from error
+    except TypeError as error:
+        raise ConfigError(f"config ({where}): {error}") from error
+
+
+def to_yaml(config: object) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_flat_dict(config: object) -> dict[str, object]:
+    """Dotted key -> value, for logging a resolved config as parameters."""
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = value
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(config)))
+    return flat
+
+
+# --- data_prep's own settings -------------------------------------------------------------------
+
+SOURCE_KINDS = ("msp_podcast", "ravdess", "csv", "folder")
+SCALES = ("power", "log")
+STORAGE_DTYPES = ("float16", "float32")
+COMPRESSIONS = ("none", "snappy", "lz4", "zstd")
+
+
+@dataclass
+class SourceConfig:
+    kind: str = MISSING  # msp_podcast | ravdess | csv | folder
+    path: str = MISSING  # release root, CSV file, folder, or .txt listing; local path or URI
+    split: str = "unlabeled"  # the split of every file a `folder` source lists
+
+    def __post_init__(self) -> None:
+        require_choice(self.kind, "sources.kind", SOURCE_KINDS)
+
+
+@dataclass
+class FeatureConfig:
+    sample_rate: int = 16000
+    n_fft: int = 512  # 32 ms
+    hop_length: int = 256  # 16 ms
+    n_mels: int = 128
+    scale: str = "power"  # the original code feeds the mel power without a log
+    peak_normalize: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.sample_rate >= 4000, "features.sample_rate", f"{self.sample_rate} Hz is too low")
+        require(self.n_fft >= 16, "features.n_fft", f"{self.n_fft} is too small")
+        require(0 < self.hop_length <= self.n_fft, "features.hop_length", "must be in (0, n_fft]")
+        require(0 < self.n_mels <= self.n_fft // 2 + 1, "features.n_mels", "must be in (0, n_fft/2 + 1]")
+        require_choice(self.scale, "features.scale", SCALES)
+
+
+@dataclass
+class ChunkConfig:
+    num_chunks: int = 11  # paper Eq. 1: C = ceil(T_max / w_c) with T_max = 11 s, w_c = 1 s
+    chunk_frames: int = 62  # w_c = 1 s at a 16 ms hop
+    min_seconds: float = 0.25  # shorter audio is rejected; up to one chunk it is repeated to fill it
+
+    def __post_init__(self) -> None:
+        require(self.num_chunks >= 1, "chunks.num_chunks", "must be at least 1")
+        require(self.chunk_frames >= 1, "chunks.chunk_frames", "must be at least 1")
+        require(self.min_seconds >= 0, "chunks.min_seconds", "must not be negative")
+
+
+@dataclass
+class PrepConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    output: str = MISSING  # local folder or URI (s3://, gs://) of the prepared dataset
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    chunks: ChunkConfig = field(default_factory=ChunkConfig)
+    storage_dtype: str = "float16"
+    compression: str = "zstd"
+    stats_splits: list[str] = field(default_factory=lambda: ["train"])
+    shard_size: int = 64  # utterances per Parquet shard and per Ray task
+    cpus_per_task: float = 1.0
+    overwrite: bool = False  # allow replacing an output prepared with other settings
+    progress: bool | None = None  # None: a progress bar only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        require(len(self.sources) > 0, "sources", "at least one source is needed")
+        require_choice(self.storage_dtype, "storage_dtype", STORAGE_DTYPES)
+        require_choice(self.compression, "compression", COMPRESSIONS)
+        require(self.shard_size >= 1, "shard_size", "must be at least 1")
+        require(self.cpus_per_task > 0, "cpus_per_task", "must be positive")
+        require(len(self.stats_splits) > 0, "stats_splits", "name at least one split")
+
+
+def output_settings(config: PrepConfig) -> dict[str, object]:
+    """The settings that decide an output's content: a rerun must match them to resume."""
+    return {
+        "features": dataclasses.asdict(config.features),
+        "chunks": dataclasses.asdict(config.chunks),
+        "storage_dtype": config.storage_dtype,
+        "compression": config.compression,
+        "stats_splits": list(config.stats_splits),
+        "shard_size": config.shard_size,
+    }

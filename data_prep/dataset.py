@@ -1,0 +1,67 @@
+"""Reading a prepared dataset: its description, its normalisation, its shards by split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from data_prep.pipeline import FORMAT
+from data_prep.stats import Normalizer
+from data_prep.storage import OutputFolder
+
+
+class DatasetError(ValueError):
+    """A prepared dataset that is missing, unfinished or of another format."""
+
+
+@dataclass
+class PreparedDataset:
+    location: str
+
+    def __post_init__(self) -> None:
+        self.folder = OutputFolder(self.location)
+        if not self.folder.exists("dataset.json"):
+            raise DatasetError(f"{self.location}: no dataset.json; run the prep job (python -m data_prep) first")
+        self.info = self.folder.read_json("dataset.json")
+        if self.info.get("format") != FORMAT:
+            raise DatasetError(f"{self.location}/dataset.json: format {self.info.get('format')!r}, expected {FORMAT!r}")
+
+    @property
+    def settings(self) -> dict:
+        return self.info["settings"]
+
+    @property
+    def dataset_hash(self) -> str:
+        return self.info["dataset_hash"]
+
+    def normalizer(self, clip: float = 3.0) -> Normalizer:
+        stats = self.info["stats"]
+        if not stats.get("count"):
+            raise DatasetError(f"{self.location}: no normalisation statistics (no frames in {stats['splits']})")
+        return Normalizer(np.asarray(stats["mean"]), np.asarray(stats["std"]), clip)
+
+    def shard_uris(self) -> list[str]:
+        return [self.folder.uri(shard["file"]) for shard in self.info["shards"]]
+
+    def _arrow_dataset(self) -> pads.Dataset:
+        paths = [self.folder.path(shard["file"]) for shard in self.info["shards"]]
+        return pads.dataset(paths, format="parquet", filesystem=self.folder.fs)
+
+    def read_table(self, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+        """Rows of the given splits (all when None) as one Arrow table: for small data and tests."""
+        dataset = self._arrow_dataset()
+        where = None if splits is None else pads.field("split").isin(list(splits))
+        return dataset.to_table(columns=list(columns) if columns else None, filter=where)
+
+    def ray_dataset(self, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None):
+        """The rows of the given splits as a Ray Dataset, read in parallel on the cluster."""
+        import ray.data
+
+        where = None if splits is None else pads.field("split").isin(list(splits))
+        return ray.data.read_parquet(
+            self.shard_uris(), columns=list(columns) if columns else None, filter=where
+        )

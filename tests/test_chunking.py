@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_prep.chunking import chunk_starts, chunks_for_duration, split_into_chunks
+
+C, W, N_MELS = 11, 62, 8
+
+
+def ramp(n_frames: int) -> np.ndarray:
+    """(T, N_MELS) whose row t is all t, so a frame's value says where it came from."""
+    return np.repeat(np.arange(n_frames, dtype=np.float32)[:, None], N_MELS, axis=1)
+
+
+@pytest.mark.parametrize(
+    "max_seconds, chunk_seconds, expected",
+    [(11.0, 1.0, 11), (10.5, 1.0, 11), (10.0, 1.0, 10), (1.1, 0.1, 11), (0.5, 1.0, 1), (3.0, 0.5, 6)],
+)
+def test_eq1_number_of_chunks(max_seconds, chunk_seconds, expected):
+    assert chunks_for_duration(max_seconds, chunk_seconds) == expected
+
+
+def test_eq1_rejects_non_positive():
+    with pytest.raises(ValueError):
+        chunks_for_duration(0.0, 1.0)
+    with pytest.raises(ValueError):
+        chunks_for_duration(11.0, 0.0)
+
+
+@pytest.mark.parametrize("n_frames", [W - 1, W, W + 1, 100, 219, 700])
+def test_starts_follow_eq2(n_frames):
+    starts = chunk_starts(n_frames, C, W)
+    assert starts.dtype == np.int64 and starts.shape == (C,)
+    assert np.all(np.diff(starts) >= 0)
+    span = max(n_frames - W, 0)
+    assert starts[0] == 0 and starts[-1] == span
+    step = span / (C - 1)
+    assert np.all(np.abs(starts - np.arange(C) * step) <= 0.5)
+
+
+def test_known_positions():
+    np.testing.assert_array_equal(chunk_starts(W - 10, C, W), np.zeros(C))
+    np.testing.assert_array_equal(chunk_starts(W, C, W), np.zeros(C))
+    # T = w_c + 1: step 0.1, round half up -> the second half of the chunks moves by one frame.
+    np.testing.assert_array_equal(chunk_starts(W + 1, C, W), [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    # T = 219: step 15.7.
+    np.testing.assert_array_equal(
+        chunk_starts(219, C, W), [0, 16, 31, 47, 63, 79, 94, 110, 126, 141, 157]
+    )
+    # T = 700: step 63.8, chunks no longer overlap.
+    np.testing.assert_array_equal(
+        chunk_starts(700, C, W), [0, 64, 128, 191, 255, 319, 383, 447, 510, 574, 638]
+    )
+
+
+def test_single_chunk_starts_at_zero():
+    np.testing.assert_array_equal(chunk_starts(219, 1, W), [0])
+
+
+@pytest.mark.parametrize("n_frames", [W, W + 1, 219, 700])
+def test_chunks_are_slices(n_frames):
+    mel = np.random.default_rng(n_frames).normal(size=(n_frames, N_MELS)).astype(np.float32)
+    chunks = split_into_chunks(mel, C, W)
+    assert chunks.shape == (C, W, N_MELS) and chunks.dtype == np.float32
+    for chunk, start in zip(chunks, chunk_starts(n_frames, C, W)):
+        np.testing.assert_array_equal(chunk, mel[start : start + W])
+    np.testing.assert_array_equal(chunks[-1][-1], mel[-1])  # the last chunk ends at T
+
+
+def test_short_input_is_repeated_cyclically():
+    mel = ramp(25)
+    chunks = split_into_chunks(mel, C, W)
+    assert chunks.shape == (C, W, N_MELS)
+    expected = np.concatenate([mel, mel, mel[:12]])  # 25 + 25 + 12 = 62 frames, no zeros
+    for chunk in chunks:
+        np.testing.assert_array_equal(chunk, expected)
+    np.testing.assert_array_equal(chunks[0], np.resize(mel, (W, N_MELS)))
+
+
+def test_single_frame_input():
+    chunks = split_into_chunks(ramp(1) + 5, 3, 4)
+    np.testing.assert_array_equal(chunks, np.full((3, 4, N_MELS), 5, dtype=np.float32))
+
+
+def test_invalid_input():
+    with pytest.raises(ValueError, match="2-D"):
+        split_into_chunks(np.zeros(100), C, W)
+    with pytest.raises(ValueError, match="n_frames"):
+        split_into_chunks(np.zeros((0, N_MELS)), C, W)
+    with pytest.raises(ValueError, match="num_chunks"):
+        chunk_starts(100, 0, W)
+    with pytest.raises(ValueError, match="chunk_frames"):
+        chunk_starts(100, C, 0)

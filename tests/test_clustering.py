@@ -1,0 +1,137 @@
+"""clustering.py with real faiss (CPU: this machine has no GPU, so the GPU branch is not run)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cluster_train.clustering import (
+    ClusteringConfig,
+    fit_clusters,
+    fit_preprocessor,
+    nmi,
+    purity,
+    run_kmeans,
+)
+from data_prep.config import ConfigError
+
+
+def blobs(n_per: int, k: int, d: int = 16, spread: float = 0.3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10.0, size=(k, d))
+    truth = np.repeat(np.arange(k), n_per)
+    x = centres[truth] + rng.normal(scale=spread, size=(len(truth), d))
+    return x.astype(np.float32), truth
+
+
+def test_nmi_hand_computed() -> None:
+    # a = [0,0,1,1], b = [0,0,0,1]: MI = 1.5 ln2 - 0.75 ln3, H(a) = ln2,
+    # H(b) = 0.75 ln(4/3) + 0.25 ln4
+    mi = 1.5 * math.log(2) - 0.75 * math.log(3)
+    h_a, h_b = math.log(2), 0.75 * math.log(4 / 3) + 0.25 * math.log(4)
+    assert nmi([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(mi / ((h_a + h_b) / 2))
+    assert nmi([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(0.343711, abs=1e-6)
+
+
+def test_nmi_properties() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 5, 200), rng.integers(0, 3, 200)
+    assert nmi(a, b) == pytest.approx(nmi(b, a))
+    assert nmi(a, (a + 2) % 5 * 7) == pytest.approx(1.0)  # invariant to renaming the labels
+    assert 0.0 <= nmi(a, b) < 0.1
+    assert nmi([1, 1, 1], [4, 4, 4]) == 1.0  # both trivial, as sklearn
+    assert nmi([1, 1, 1], [0, 1, 2]) == 0.0
+    with pytest.raises(ValueError):
+        nmi([0, 1], [0])
+
+
+def test_purity_hand_computed() -> None:
+    # cluster 0 holds classes {0, 0, 1}, cluster 1 holds {1, 1, 2}: majorities 2 + 2 of 6
+    assert purity([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 2]) == pytest.approx(4 / 6)
+    assert purity([0, 1, 2], [5, 5, 5]) == 1.0
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="use_gpu"):
+        ClusteringConfig(use_gpu="yes")
+    with pytest.raises(ConfigError, match="num_clusters"):
+        ClusteringConfig(num_clusters=0)
+
+
+def test_blobs_recovered() -> None:
+    x, truth = blobs(200, 5, seed=3)
+    config = ClusteringConfig(num_clusters=5, pca_dim=8)
+    preprocessor, result = fit_clusters(x, config, epoch=0)
+    assert nmi(result.assignments, truth) > 0.95
+    assert result.assignments.dtype == np.int64 and result.assignments.shape == (len(x),)
+    assert result.centroids.shape == (5, 8) and result.centroids.dtype == np.float32
+    assert result.cluster_sizes.sum() == len(x) and result.reseeded == 0
+    assert 1 <= result.iterations <= config.iterations  # faiss may stop early once converged
+    assert preprocessor.apply(x).shape == (len(x), 8)
+
+
+def test_all_points_used_no_subsampling() -> None:
+    k = 4
+    x, _ = blobs(400, k, d=8, spread=1.0, seed=5)
+    assert len(x) > 256 * k  # faiss's default would train on 1,024 of these 1,600 points
+    full = run_kmeans(x, ClusteringConfig(num_clusters=k, iterations=10), epoch=0)
+    means = np.stack([x[full.assignments == c].mean(axis=0) for c in range(k)])
+    np.testing.assert_allclose(full.centroids, means, atol=1e-4)  # every point moved the centroids
+    objective = ((x - full.centroids[full.assignments]) ** 2).sum()
+    assert full.objective == pytest.approx(objective, rel=1e-4)
+    # faiss's default subsampling (256 per centroid) trains on a sample: the means drift.
+    sampled = run_kmeans(x, ClusteringConfig(num_clusters=k, max_points_per_centroid=256), 0)
+    sampled_means = np.stack([x[sampled.assignments == c].mean(axis=0) for c in range(k)])
+    assert np.abs(sampled.centroids - sampled_means).max() > 1e-3
+
+
+def test_dead_and_constant_columns_give_no_nan() -> None:
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(size=(300, 32)), 0).astype(np.float32)  # ReLU-like
+    x[:, :5] = 0.0  # dead units
+    x[:, 5] = 3.5  # constant
+    for config in (ClusteringConfig(pca_dim=16), ClusteringConfig(pca_dim=None)):
+        y = fit_preprocessor(x, config).apply(x)
+        assert y.dtype == np.float32 and np.isfinite(y).all()
+        np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-5)
+    constant = np.full((50, 8), 2.0, dtype=np.float32)
+    assert np.isfinite(fit_preprocessor(constant, ClusteringConfig()).apply(constant)).all()
+
+
+def test_whitening_gives_unit_covariance() -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(5000, 6)) @ rng.normal(size=(6, 6)) + 4).astype(np.float32)
+    config = ClusteringConfig(pca_dim=4, l2_normalize=False)
+    y = fit_preprocessor(x, config).apply(x)
+    np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(4), atol=1e-3)
+    assert abs(y.mean(axis=0)).max() < 1e-3
+
+
+def test_same_seed_and_epoch_reproduce_other_epoch_changes_seed() -> None:
+    x = np.random.default_rng(0).uniform(size=(2000, 2)).astype(np.float32)  # no true clusters
+    config = ClusteringConfig(num_clusters=8, seed=7)
+    first, again = run_kmeans(x, config, epoch=3), run_kmeans(x, config, epoch=3)
+    np.testing.assert_array_equal(first.assignments, again.assignments)
+    np.testing.assert_array_equal(first.centroids, again.centroids)
+    other = run_kmeans(x, config, epoch=4)
+    assert (first.seed, other.seed) == (10, 11)
+    assert not np.array_equal(first.assignments, other.assignments)
+
+
+def test_empty_clusters_are_reseeded() -> None:
+    # 3 distinct points (30 copies each), K = 5: faiss cannot fill 2 clusters, the repair does.
+    x = np.repeat(np.eye(3, 8, dtype=np.float32), 30, axis=0)
+    result = run_kmeans(x, ClusteringConfig(num_clusters=5), epoch=0)
+    assert result.reseeded >= 2  # K - 3 at least; more when two initial centroids coincide
+    assert (result.cluster_sizes > 0).all() and result.cluster_sizes.sum() == len(x)
+    assert set(result.assignments.tolist()) == set(range(5))
+    assert result.objective == pytest.approx(0.0, abs=1e-6)  # moved copies sit on their centroid
+    for cluster in range(5):  # a cluster never mixes two distinct points
+        assert len(np.unique(x[result.assignments == cluster], axis=0)) == 1
+
+
+def test_too_few_points_is_an_error() -> None:
+    with pytest.raises(ValueError, match="N >= K"):
+        run_kmeans(np.zeros((3, 4), np.float32), ClusteringConfig(num_clusters=5), 0)

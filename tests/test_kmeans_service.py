@@ -1,0 +1,112 @@
+"""KMeansService on a real local Ray cluster. Only the CPU path runs: this machine has no GPU."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+import ray
+
+from cluster_train.clustering import ClusteringConfig, fit_clusters, nmi
+from cluster_train.kmeans_service import UNKNOWN_LABEL, get_or_create_service
+
+CONFIG = ClusteringConfig(num_clusters=4, pca_dim=8, threads=1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def service(ray_cluster):
+    handle = get_or_create_service(f"kmeans-{uuid.uuid4().hex[:8]}", CONFIG, world_size=2)
+    yield handle
+    ray.kill(handle)
+
+
+def rank_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """400 chunks in 4 blobs, keys = utterance * 11 + chunk, shuffled."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(4), 100)
+    x = (rng.normal(scale=8.0, size=(4, 16))[truth] + rng.normal(size=(400, 16))).astype(np.float32)
+    keys = (np.arange(400) // 11) * 11 + np.arange(400) % 11 + 1000
+    order = rng.permutation(400)
+    return keys[order].astype(np.int64), x[order], truth[order]
+
+
+@ray.remote(num_cpus=0)
+def worker(service, epoch: int, rank: int, keys: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return ray.get(service.cluster.remote(epoch, rank, keys, x, timeout_s=60.0))
+
+
+def test_two_ranks_get_one_global_clustering(service) -> None:
+    keys, x, truth = rank_data()
+    halves = [slice(0, 230), slice(200, 400)]  # unequal shards, 30 keys on both (sampler padding)
+    got = ray.get([worker.remote(service, 0, r, keys[s], x[s]) for r, s in enumerate(halves)])
+    # the reference: one clustering of the union in ascending key order
+    order = np.argsort(keys)
+    _, expected = fit_clusters(x[order], CONFIG, epoch=0)
+    by_key = dict(zip(keys[order].tolist(), expected.assignments.tolist()))
+    for rank, s in enumerate(halves):
+        assert got[rank].dtype == np.int64
+        assert got[rank].tolist() == [by_key[k] for k in keys[s].tolist()]
+    both = np.concatenate(got)
+    assert nmi(both, np.concatenate([truth[s] for s in halves])) > 0.95
+    summary = ray.get(service.wait_result.remote(0))
+    assert summary["version"] == 1 and summary["num_points"] == 400 and summary["reseeded"] == 0
+    assert summary["cluster_sizes"].sum() == 400
+    # any rank can read any key; unknown keys are UNKNOWN_LABEL
+    labels = ray.get(service.labels.remote(0, np.array([keys[0], keys[399], 5, 10**9])))
+    assert labels.tolist() == [by_key[keys[0]], by_key[keys[399]], UNKNOWN_LABEL, UNKNOWN_LABEL]
+    assert UNKNOWN_LABEL == -100
+    state = ray.get(service.state.remote())
+    assert state["epoch"] == 0 and state["version"] == 1 and state["centroids"].shape == (4, 8)
+
+
+def test_resubmission_replaces_the_rank(service) -> None:
+    keys, x, _ = rank_data(seed=1)
+    ray.get(service.submit.remote(1, 0, keys[:200], x[:200] * 0 + 99.0))  # garbage, replaced next
+    ray.get(service.submit.remote(1, 0, keys[:200], x[:200]))
+    ray.get(service.submit.remote(1, 1, keys[200:], x[200:]))
+    summary = ray.get(service.wait_result.remote(1, timeout_s=60.0))
+    assert summary["num_points"] == 400
+    order = np.argsort(keys)
+    _, expected = fit_clusters(x[order], CONFIG, epoch=1)
+    labels = ray.get(service.labels.remote(1, keys[order]))
+    np.testing.assert_array_equal(labels, expected.assignments)
+    # after clustering, a full resubmission (worker group restarted) re-clusters: a new version
+    shards = [slice(0, 200), slice(200, 400)]
+    ray.get([service.submit.remote(1, r, keys[s], x[s]) for r, s in enumerate(shards)])
+    assert ray.get(service.wait_result.remote(1, timeout_s=60.0))["version"] == 2
+    np.testing.assert_array_equal(ray.get(service.labels.remote(1, keys[order])), labels)
+
+
+def test_epochs_move_forward_only(service) -> None:
+    keys, x, _ = rank_data(seed=2)
+    for rank, s in enumerate([slice(0, 200), slice(200, 400)]):
+        ray.get(service.submit.remote(3, rank, keys[s], x[s]))
+    ray.get(service.wait_result.remote(3, timeout_s=60.0))
+    ray.get(service.submit.remote(4, 0, keys[:200], x[:200]))  # epoch 4 drops epoch 3
+    assert ray.get(service.state.remote())["epoch"] == 3  # the last clustering, until epoch 4's
+    with pytest.raises(ray.exceptions.RayTaskError, match="no round for epoch 3"):
+        ray.get(service.labels.remote(3, keys))
+    with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
+        ray.get(service.submit.remote(2, 1, keys[200:], x[200:]))
+    with pytest.raises(ray.exceptions.RayTaskError, match="ranks not yet submitted: \\[1\\]"):
+        ray.get(service.wait_result.remote(4, timeout_s=0.2))
+
+
+def test_named_service_is_shared_and_checked(ray_cluster) -> None:
+    name = f"kmeans-{uuid.uuid4().hex[:8]}"
+    first = get_or_create_service(name, CONFIG, world_size=2)
+    assert get_or_create_service(name, CONFIG, world_size=2)._actor_id == first._actor_id
+    assert ray.get_actor(name)._actor_id == first._actor_id
+    with pytest.raises(ValueError, match="exists with"):
+        get_or_create_service(name, CONFIG, world_size=3)
+    ray.kill(first)
