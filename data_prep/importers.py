@@ -346,7 +346,8 @@ def import_folder(path: str, split: str = "unlabeled") -> list[Utterance]:
     source = _Location.open(path)
     if split not in SPLITS:
         raise ManifestError(f"folder source {source.location}, field 'split': {unknown_split(split)}")
-    if source.require(pafs.FileType.Directory, pafs.FileType.File, what="a folder or a .txt listing") == pafs.FileType.File:
+    found = source.require(pafs.FileType.Directory, pafs.FileType.File, what="a folder or a .txt listing")
+    if found == pafs.FileType.File:
         if not source.path.lower().endswith(".txt"):
             raise ManifestError(f"{source.location}: expected a folder or a .txt listing, not this file")
         return _import_listing(source, split)

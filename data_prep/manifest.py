@@ -180,7 +180,9 @@ def merge_manifests(parts: Sequence[Sequence[Utterance]], names: Sequence[str] |
     if len(labels) != len(parts):
         raise ValueError(f"merge_manifests: {len(parts)} parts but {len(labels)} names")
     check_unique_ids(
-        (row.id, f"{place(label, None, 'id')} (audio {row.audio})") for label, part in zip(labels, parts) for row in part
+        (row.id, f"{place(label, None, 'id')} (audio {row.audio})")
+        for label, part in zip(labels, parts)
+        for row in part
     )
     return sorted((row for part in parts for row in part), key=lambda row: row.id)
 

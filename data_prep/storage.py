@@ -24,6 +24,8 @@ def open_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
 
 
 def read_bytes(location: str) -> bytes:
+    if "://" not in location:
+        return Path(location).read_bytes()
     fs, path = open_filesystem(location)
     with fs.open_input_file(path) as handle:
         return handle.read()
@@ -76,11 +78,15 @@ class OutputFolder:
         with self.fs.open_input_file(self.path(name)) as handle:
             return json.loads(handle.read())
 
-    def write_parquet(self, name: str, table: pa.Table, compression: str) -> None:
+    def write_parquet(self, name: str, table: pa.Table, compression: str, small_columns: list[str] | None = None) -> None:
+        """`small_columns`: the only columns given dictionary encoding and statistics (None: all)."""
         codec = None if compression == "none" else compression
-        self._write_atomically(
-            name, lambda path: pq.write_table(table, path, filesystem=self.fs, compression=codec)
-        )
+        options = {} if small_columns is None else {"use_dictionary": small_columns, "write_statistics": small_columns}
+
+        def write(path: str) -> None:
+            pq.write_table(table, path, filesystem=self.fs, compression=codec, **options)
+
+        self._write_atomically(name, write)
 
     def remove_temporaries(self) -> None:
         for name in self.list(".tmp-"):

@@ -1,0 +1,207 @@
+"""Prep throughput, memory and storage against a plain librosa loop, at 1x and 10x RAVDESS.
+
+    python bench/prep_bench.py [--source ../shared/data/ravdess16k] [--scales 1 10]
+
+Both sides are warmed up first (librosa compiles on its first call; Ray workers import torch once),
+and run in the same process on the same files. 10x repeats every file under new ids. The ratio is
+the pipeline on a running Ray; Ray's start-up is reported on its own line. Writes
+bench/results/prep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep.config import PrepConfig, load_config  # noqa: E402
+from data_prep.dataset import PreparedDataset  # noqa: E402
+from data_prep.importers import import_ravdess  # noqa: E402
+from data_prep.pipeline import run_prep  # noqa: E402
+
+PROJECTION_SEGMENTS, PROJECTION_SECONDS = 500_000, 6.0
+
+
+class PeakMemory:
+    """Samples the RSS of this process (the driver) and of Ray's worker processes (`ray::...`)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.driver, self.workers = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            workers = 0
+            for process in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                try:
+                    title = " ".join(process.info["cmdline"] or [])
+                    if title.startswith("ray::") and process.info["memory_info"] is not None:
+                        workers += process.info["memory_info"].rss
+                except psutil.Error:
+                    continue
+            self.driver = max(self.driver, me.memory_info().rss)
+            self.workers = max(self.workers, workers)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_manifest(path: Path, rows: list, scale: int) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "audio", "split", "arousal", "dominance", "valence"])
+        for copy in range(scale):
+            for u in rows:
+                writer.writerow([f"x{copy}/{u.id}", u.audio, u.split, u.arousal, u.dominance, u.valence])
+    return path
+
+
+def librosa_loop(paths: list[str]) -> tuple[float, float]:
+    """(wall seconds, audio seconds) of librosa.load + melspectrogram over `paths`, one process."""
+    import librosa
+
+    started, audio = time.perf_counter(), 0.0
+    for path in paths:
+        wave, rate = librosa.load(path, sr=16000)
+        librosa.feature.melspectrogram(y=wave, sr=rate, n_fft=512, hop_length=256, n_mels=128, power=2.0)
+        audio += len(wave) / rate
+    return time.perf_counter() - started, audio
+
+
+def run_pipeline(manifest: Path, output: Path, *overrides: str) -> dict:
+    config = load_config(
+        PrepConfig, None,
+        [f"sources=[{{kind: csv, path: {manifest}}}]", f"output={output}", "progress=false", *overrides],
+    )
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        summary = run_prep(config)
+        wall = time.perf_counter() - started
+    audio = sum(summary.audio_seconds.values())
+    utterances = sum(summary.utterances.values())
+    stored = sum(p.stat().st_size for p in output.glob("part-*.parquet"))
+    return {
+        "wall_s": round(wall, 3),
+        "audio_s": round(audio, 1),
+        "utterances": utterances,
+        "audio_s_per_s": round(audio / wall, 1),
+        "ms_per_utterance": round(1000 * wall / utterances, 3),
+        "peak_rss_driver_mb": round(memory.driver / 2**20, 1),
+        "peak_rss_workers_mb": round(memory.workers / 2**20, 1),
+        "bytes_per_audio_s": round(stored / audio, 1),
+    }
+
+
+def float16_error(output16: Path, output32: Path) -> float:
+    """Largest |normalised float16 - normalised float32| over every stored value (z units)."""
+    d16, d32 = PreparedDataset(str(output16)), PreparedDataset(str(output32))
+    normalize = d32.normalizer()
+    worst = 0.0
+    for shard16, shard32 in zip(d16.shard_uris(), d32.shard_uris()):
+        import pyarrow.parquet as pq
+
+        a = pq.read_table(shard16, columns=["chunks"])["chunks"].combine_chunks().to_numpy_ndarray()
+        b = pq.read_table(shard32, columns=["chunks"])["chunks"].combine_chunks().to_numpy_ndarray()
+        worst = max(worst, float(np.abs(normalize(a.astype(np.float32)) - normalize(b)).max()))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default=str(REPO.parent / "shared/data/ravdess16k"))
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--out", default=str(REPO / "bench/results/prep.json"))
+    args = parser.parse_args()
+
+    rows = import_ravdess(args.source)
+    work = Path(tempfile.mkdtemp(prefix="prep-bench-"))
+    import ray
+
+    started = time.perf_counter()
+    ray.init(logging_level="WARNING", include_dashboard=False)
+    startup = time.perf_counter() - started
+    print(f"ray start-up: {startup:.2f} s ({os.cpu_count()} CPUs)")
+
+    warm = write_manifest(work / "warm.csv", rows[:64], 1)
+    run_pipeline(warm, work / "warm-out")
+    librosa_loop([u.audio for u in rows[:4]])
+
+    results = {}
+    for scale in args.scales:
+        manifest = write_manifest(work / f"x{scale}.csv", rows, scale)
+        ours = run_pipeline(manifest, work / f"x{scale}")
+        base_wall, base_audio = librosa_loop([u.audio for u in rows] * scale)
+        ours["librosa_audio_s_per_s"] = round(base_audio / base_wall, 1)
+        ours["librosa_ms_per_utterance"] = round(1000 * base_wall / (len(rows) * scale), 3)
+        ours["ratio"] = round(ours["audio_s_per_s"] / ours["librosa_audio_s_per_s"], 2)
+        results[f"x{scale}"] = ours
+        print(f"{scale}x: pipeline {ours['audio_s_per_s']} audio-s/s, librosa loop "
+              f"{ours['librosa_audio_s_per_s']} audio-s/s, ratio {ours['ratio']}; {json.dumps(ours)}")
+
+    float32 = run_pipeline(write_manifest(work / "x1.csv", rows, 1), work / "x1-float32", "storage_dtype=float32")
+    error = float16_error(work / "x1", work / "x1-float32")
+    print(f"float16 storage: {results['x1']['bytes_per_audio_s']} B/audio-s, float32 {float32['bytes_per_audio_s']}; "
+          f"largest error after normalisation {error:.2e}")
+
+    top = results[f"x{max(args.scales)}"]
+    per_core = top["audio_s_per_s"] / (os.cpu_count() or 1)
+    total_audio = PROJECTION_SEGMENTS * PROJECTION_SECONDS
+    projection = {
+        "segments": PROJECTION_SEGMENTS,
+        "seconds_each": PROJECTION_SECONDS,
+        "audio_s_per_s_per_core": round(per_core, 1),
+        "this_machine_hours": round(total_audio / top["audio_s_per_s"] / 3600, 2),
+        **{f"{n}_workers_of_16_cores_hours": round(total_audio / (per_core * 16 * n) / 3600, 3) for n in (1, 4, 16)},
+        "output_gb_float16": round(top["bytes_per_audio_s"] * total_audio / 1e9, 1),
+        "assumes": "throughput linear in cores and workers (tasks share nothing but the output store)",
+    }
+    result = {
+        "name": "prep",
+        "value": top["audio_s_per_s"],
+        "unit": "audio-seconds per wall-second",
+        "baseline": "single-process loop of librosa.load + librosa.feature.melspectrogram, same files, warmed up",
+        "baseline_value": top["librosa_audio_s_per_s"],
+        "ratio": top["ratio"],
+        "command": "python bench/prep_bench.py " + " ".join(sys.argv[1:]),
+        "details": {
+            "cpus": os.cpu_count(),
+            "ray_startup_s": round(startup, 2),
+            "scales": results,
+            "time_per_utterance_ratio_10x_vs_1x": round(
+                results[f"x{max(args.scales)}"]["ms_per_utterance"] / results[f"x{min(args.scales)}"]["ms_per_utterance"], 3),
+            "storage": {
+                "float16_bytes_per_audio_s": results["x1"]["bytes_per_audio_s"],
+                "float32_bytes_per_audio_s": float32["bytes_per_audio_s"],
+                "float16_max_abs_error_after_normalisation": error,
+            },
+            "projection": projection,
+        },
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["details"]["projection"], indent=1))
+    print(f"wrote {args.out}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
