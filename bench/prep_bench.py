@@ -37,7 +37,7 @@ PROJECTION_SEGMENTS, PROJECTION_SECONDS = 500_000, 6.0
 class PeakMemory:
     """Samples the RSS of this process (the driver) and of Ray's worker processes (`ray::...`)."""
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.5):
         self.interval, self.driver, self.workers = interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -126,6 +126,44 @@ def float16_error(output16: Path, output32: Path) -> float:
     return worst
 
 
+def stage_costs(rows: list, config: PrepConfig) -> dict[str, float]:
+    """Milliseconds per utterance of each step of one shard, one process, one thread, warmed up."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from data_prep.audio import load_audio
+    from data_prep.chunking import split_into_chunks
+    from data_prep.shards import SMALL_COLUMNS, ShardBuilder, mel_for, to_storage_dtype
+    from data_prep.storage import read_bytes
+
+    torch.set_num_threads(1)
+    mel = mel_for(config)
+    costs = dict.fromkeys(["read", "decode", "mel", "cast_and_chunk"], 0.0)
+    for row in rows:
+        t0 = time.perf_counter()
+        data = read_bytes(row.audio)
+        t1 = time.perf_counter()
+        wave = load_audio(data, row.audio, 16000)
+        t2 = time.perf_counter()
+        frames = mel(wave)
+        t3 = time.perf_counter()
+        split_into_chunks(to_storage_dtype(frames, config.storage_dtype), 11, 62)
+        t4 = time.perf_counter()
+        for key, seconds in zip(costs, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            costs[key] += seconds
+    builder = ShardBuilder(config)
+    for row in rows:
+        builder.add(row)
+    started = time.perf_counter()
+    table = builder.table()
+    costs["arrow_table"] = time.perf_counter() - started
+    started = time.perf_counter()
+    pq.write_table(table, tempfile.mktemp(suffix=".parquet"), compression=config.compression,
+                   use_dictionary=SMALL_COLUMNS, write_statistics=SMALL_COLUMNS)
+    costs["parquet_write"] = time.perf_counter() - started
+    return {key: round(1000 * seconds / len(rows), 3) for key, seconds in costs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(REPO.parent / "shared/data/ravdess16k"))
@@ -145,6 +183,10 @@ def main() -> None:
     warm = write_manifest(work / "warm.csv", rows[:64], 1)
     run_pipeline(warm, work / "warm-out")
     librosa_loop([u.audio for u in rows[:4]])
+
+    stage_config = load_config(PrepConfig, None, ["sources=[{kind: ravdess, path: .}]", f"output={work / 'stages'}"])
+    stages = stage_costs(rows[:256], stage_config)
+    print(f"one process, ms per utterance by step: {stages}")
 
     results = {}
     for scale in args.scales:
@@ -186,6 +228,7 @@ def main() -> None:
         "details": {
             "cpus": os.cpu_count(),
             "ray_startup_s": round(startup, 2),
+            "single_process_ms_per_utterance_by_step": stages,
             "scales": results,
             "time_per_utterance_ratio_10x_vs_1x": round(
                 results[f"x{max(args.scales)}"]["ms_per_utterance"] / results[f"x{min(args.scales)}"]["ms_per_utterance"], 3),

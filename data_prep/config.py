@@ -134,8 +134,9 @@ class PrepConfig:
     storage_dtype: str = "float16"
     compression: str = "zstd"
     stats_splits: list[str] = field(default_factory=lambda: ["train"])
-    shard_size: int = 64  # utterances per Parquet shard and per Ray task
+    shard_size: int = 256  # utterances per Parquet shard and per Ray task
     cpus_per_task: float = 1.0
+    max_workers: int | None = None  # shards written at once; None: as many as the cluster's CPUs allow
     overwrite: bool = False  # allow replacing an output prepared with other settings
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
 
@@ -145,6 +146,7 @@ class PrepConfig:
         require_choice(self.compression, "compression", COMPRESSIONS)
         require(self.shard_size >= 1, "shard_size", "must be at least 1")
         require(self.cpus_per_task > 0, "cpus_per_task", "must be positive")
+        require(self.max_workers is None or self.max_workers >= 1, "max_workers", "must be at least 1")
         require(len(self.stats_splits) > 0, "stats_splits", "name at least one split")
 
 

@@ -99,11 +99,11 @@ def _process_on_ray(todo: list[ShardPlan], config: PrepConfig) -> None:
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar replaces Ray Data's own
     items = [{"name": plan.name, "rows": json.dumps([dataclasses.asdict(row) for row in plan.rows])} for plan in todo]
     results = ray.data.from_items(items, override_num_blocks=len(items)).map(
-        _write_shard_row, fn_kwargs={"config": config}, num_cpus=config.cpus_per_task
+        _write_shard_row, fn_kwargs={"config": config}, num_cpus=config.cpus_per_task, concurrency=config.max_workers
     )
     total = sum(len(plan.rows) for plan in todo)
     audio_seconds = 0.0

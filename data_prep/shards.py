@@ -127,9 +127,11 @@ class ShardBuilder:
                 f"too short: {duration:.3f} s is below chunks.min_seconds = {chunking.min_seconds} s"
             )
         mel = mel_for(self.config)(wave)
-        stored = split_into_chunks(to_storage_dtype(mel, self.config.storage_dtype), chunking.num_chunks, chunking.chunk_frames)
-        if not np.isfinite(stored).all():
-            raise AudioRejected(f"overflow: mel values exceed {self.config.storage_dtype}; use storage_dtype=float32")
+        largest = float(np.abs(mel).max())
+        if largest > np.finfo(self.config.storage_dtype).max:
+            raise AudioRejected(f"overflow: mel value {largest:.4g} exceeds {self.config.storage_dtype}; use storage_dtype=float32")
+        stored = to_storage_dtype(mel, self.config.storage_dtype)
+        stored = split_into_chunks(stored, chunking.num_chunks, chunking.chunk_frames)
         if row.split in self.config.stats_splits:
             self.stats.update(mel)
         values = {
@@ -155,7 +157,7 @@ class ShardBuilder:
             if field.name == "chunks":
                 flat = [chunk.reshape(-1) for chunk in self.columns["chunks"]]
                 values = np.concatenate(flat) if flat else np.empty(0, self.config.storage_dtype)
-                storage = pa.FixedSizeListArray.from_arrays(values, field.type.storage_type.list_size)
+                storage = pa.FixedSizeListArray.from_arrays(pa.array(values), field.type.storage_type.list_size)
                 arrays.append(pa.ExtensionArray.from_storage(field.type, storage))
             else:
                 arrays.append(pa.array(self.columns[field.name], type=field.type))
