@@ -75,6 +75,12 @@ class KMeansService:
         """int64 pseudo-labels of `keys` (any rank's) for `epoch`; UNKNOWN_LABEL where unknown."""
         return _lookup(await self._wait(self._current(epoch), timeout_s), keys)
 
+    async def label_table(self, epoch: int, timeout_s: float = 3600.0) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted keys, their labels) of every chunk clustered for `epoch`: any worker can look up
+        the pseudo-label of any row it reads."""
+        round_ = await self._wait(self._current(epoch), timeout_s)
+        return round_.keys, round_.labels
+
     async def cluster(
         self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray,
         timeout_s: float = 3600.0,

@@ -57,11 +57,16 @@ class PreparedDataset:
         where = None if splits is None else pads.field("split").isin(list(splits))
         return dataset.to_table(columns=list(columns) if columns else None, filter=where)
 
-    def ray_dataset(self, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None):
-        """The rows of the given splits as a Ray Dataset, read in parallel on the cluster."""
-        import ray.data
+    def ray_dataset(self, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None,
+                    read_cpus: float = 1.0):
+        """The rows of the given splits (all when None) as a Ray Dataset, read in parallel.
 
-        where = None if splits is None else pads.field("split").isin(list(splits))
-        return ray.data.read_parquet(
-            self.shard_uris(), columns=list(columns) if columns else None, filter=where
-        )
+        `read_cpus`: CPUs each read task reserves; below 1 lets reads run beside training workers
+        that hold most of a small machine's CPUs.
+        """
+        import ray.data
+        from ray.data.expressions import col
+
+        wanted = None if columns is None else list(dict.fromkeys([*columns, *(["split"] if splits else [])]))
+        dataset = ray.data.read_parquet(self.shard_uris(), columns=wanted, num_cpus=read_cpus)
+        return dataset if splits is None else dataset.filter(expr=col("split").is_in(list(splits)))

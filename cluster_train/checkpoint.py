@@ -1,0 +1,196 @@
+"""The model bundle: everything evaluation, prediction and resuming need, in one `model.pt`.
+
+A bundle directory holds one file, `model.pt`, written by `torch.save` with plain types only
+(tensors, dicts, lists, str, int, float, bool, None), so `torch.load(..., weights_only=True)` reads
+it and no pickled object is ever executed on load:
+
+    format        BUNDLE_FORMAT
+    model_kind    a name in models.MODEL_KINDS
+    model_config  ModelConfig as a dict
+    state_dict    the weights (CPU tensors; a DDP / DataParallel / torch.compile wrapper unwrapped)
+    normalizer    {"mean": [...], "std": [...], "clip": float}: the features' z-normalisation
+    label_scaler  LabelScaler.to_dict(): the model predicts z-scored labels
+    extra         free plain values: epoch, metrics, dataset hash, ...
+
+MLflow convention. A run logs the bundle under a model name `<name>` (e.g. "model") so that the
+run's artifact `<name>/bundle/model.pt` is the bundle file: `log_bundle` attaches it to an MLflow
+logged model `<name>` (made here, or one from `mlflow.pytorch.log_model(...).model_id`) at
+`bundle/model.pt`. Then `runs:/<run_id>/<name>`, `models:/<registered name>/<version>` and
+`models:/<model_id>` all resolve to it; a plain `mlflow.log_artifact(file, "<name>/bundle")` also
+works for `runs:/` URIs (MLflow 3 registers only logged models, so not for `models:/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cluster_train.labels import LabelScaler
+from cluster_train.models import ModelConfig, build_model
+from data_prep.stats import Normalizer
+
+BUNDLE_FILE = "model.pt"
+BUNDLE_FORMAT = "deepemocluster-bundle/1"
+MLFLOW_BUNDLE_DIR = "bundle"  # inside the logged model `<name>`: `<name>/bundle/model.pt`
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, unreadable, or not one written by `save_bundle`."""
+
+
+@dataclass
+class Bundle:
+    model: nn.Module
+    model_kind: str
+    model_config: ModelConfig
+    normalizer: Normalizer
+    label_scaler: LabelScaler
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def plain(value: Any, where: str = "extra") -> Any:
+    """`value` with numpy values and tuples made plain; anything else not plain is a TypeError."""
+    if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: plain(v, f"{where}.{k}") for k, v in value.items()}
+    raise TypeError(f"{where}: {type(value).__name__} is not a plain value a weights-only load can read")
+
+
+def save_bundle(
+    path: str,
+    model: nn.Module,
+    model_kind: str,
+    model_config: ModelConfig,
+    normalizer: Normalizer,
+    label_scaler: LabelScaler,
+    extra: dict | None = None,
+) -> str:
+    """Write `<path>/model.pt` (atomically: a reader never sees half a file); returns its path."""
+    if tuple(label_scaler.attributes) != tuple(model_config.attributes):
+        raise ValueError(f"label scaler {label_scaler.attributes} != model attributes {model_config.attributes}")
+    payload = {
+        "format": BUNDLE_FORMAT,
+        "model_kind": model_kind,
+        "model_config": plain(dataclasses.asdict(model_config), "model_config"),
+        "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "normalizer": {
+            "mean": normalizer.mean.tolist(), "std": normalizer.std.tolist(), "clip": float(normalizer.clip)
+        },
+        "label_scaler": label_scaler.to_dict(),
+        "extra": plain(extra or {}),
+    }
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, folder / BUNDLE_FILE)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return str(folder / BUNDLE_FILE)
+
+
+def load_bundle(path: str, map_location: str | torch.device = "cpu") -> Bundle:
+    """Read a bundle directory (or its `model.pt`); the model is rebuilt and put in eval mode."""
+    file = Path(path)
+    file = file / BUNDLE_FILE if file.is_dir() else file
+    if not file.is_file():
+        raise BundleError(f"{path}: no model bundle here (expected a directory with {BUNDLE_FILE} from save_bundle)")
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several kinds for a bad file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BundleError(f"{file}: not a readable model bundle (weights-only load refused it: {reason})") from error
+    if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise BundleError(f"{file}: not a model bundle (format {found!r}, expected {BUNDLE_FORMAT!r})")
+    try:
+        config_dict = dict(payload["model_config"])
+        config_dict["attributes"] = tuple(config_dict["attributes"])
+        config = ModelConfig(**config_dict)
+        model = build_model(payload["model_kind"], config)
+        model.load_state_dict(payload["state_dict"])
+        normalizer = Normalizer(**payload["normalizer"])
+        scaler = LabelScaler.from_dict(payload["label_scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise BundleError(f"{file}: broken model bundle: {error}") from error
+    model.to(map_location).eval()
+    return Bundle(model, payload["model_kind"], config, normalizer, scaler, payload.get("extra", {}), str(path))
+
+
+def is_mlflow_uri(source: str) -> bool:
+    return source.startswith(MLFLOW_SCHEMES)
+
+
+def load_bundle_from_mlflow(uri: str, map_location: str | torch.device = "cpu") -> Bundle:
+    """`runs:/<run_id>/<name>` or `models:/<name>/<version>`: download, then `load_bundle`."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="bundle-") as folder:
+        try:  # dst_path: always a copy, never the artifact store's own files
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
+        except Exception as error:  # noqa: BLE001 - MlflowException, OSError, ...
+            raise BundleError(f"{uri}: cannot download from MLflow: {error}") from error
+        for candidate in (local / MLFLOW_BUNDLE_DIR / BUNDLE_FILE, local / BUNDLE_FILE):
+            if candidate.is_file():
+                bundle = load_bundle(str(candidate), map_location)
+                bundle.source = uri
+                return bundle
+    raise BundleError(f"{uri}: no {MLFLOW_BUNDLE_DIR}/{BUNDLE_FILE} in these artifacts (log it with log_bundle)")
+
+
+def resolve_bundle(source: str, map_location: str | torch.device = "cpu") -> Bundle:
+    """A bundle directory, or an MLflow model URI (runs:/..., models:/...)."""
+    if is_mlflow_uri(source):
+        return load_bundle_from_mlflow(source, map_location)
+    return load_bundle(source, map_location)
+
+
+def log_bundle(path: str, name: str = "model", model_id: str | None = None) -> str:
+    """Attach the bundle in `path` to the active run as `<name>/bundle/model.pt`; returns the model id.
+
+    `model_id`: an existing logged model (e.g. `mlflow.pytorch.log_model(...).model_id`) to add it
+    to; None makes a logged model `name` in the active run for it.
+    """
+    import mlflow
+
+    file = Path(path) / BUNDLE_FILE
+    if not file.is_file():
+        raise BundleError(f"{path}: no {BUNDLE_FILE} to log")
+    created = model_id is None
+    if created:
+        run = mlflow.active_run()
+        model_id = mlflow.initialize_logged_model(name=name, source_run_id=run and run.info.run_id).model_id
+    mlflow.MlflowClient().log_model_artifact(model_id, str(file), MLFLOW_BUNDLE_DIR)
+    if created:
+        mlflow.finalize_logged_model(model_id, "READY")
+    return model_id

@@ -1,0 +1,112 @@
+"""The training job's typed configuration: defaults here, a YAML file in configs/train/, overrides.
+
+`load_train_config` fails on a wrong key or value before any Ray worker starts, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import MISSING
+
+from cluster_train.clustering import ClusteringConfig
+from cluster_train.models import MODEL_KINDS, ModelConfig
+from cluster_train.tracking import TrackingConfig
+from data_prep.config import load_config, require, require_choice
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = MISSING  # a prepared dataset (python -m data_prep): local folder or URI
+    labeled_splits: list[str] = field(default_factory=lambda: ["train"])
+    unlabeled_splits: list[str] = field(default_factory=lambda: ["unlabeled"])
+    # Labelled training utterances also join the clustering and stage 1 (the paper clusters all
+    # training chunks).
+    labeled_as_unlabeled: bool = True
+    development_split: str = "development"
+    test_splits: list[str] = field(default_factory=lambda: ["test"])
+    # Keep the labels of this fraction of labelled utterances (a fixed choice per seed); the rest
+    # train as unlabeled audio: the scarce-label setting the method is for.
+    label_fraction: float = 1.0
+    batch_size: int = 64  # sentences per step (each C chunks)
+
+    def __post_init__(self) -> None:
+        require(0 < self.label_fraction <= 1, "data.label_fraction", "must be in (0, 1]")
+        require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        require(len(self.labeled_splits) > 0, "data.labeled_splits", "name at least one split")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+
+    def __post_init__(self) -> None:
+        require_choice(self.name, "optim.*.name", OPTIMIZERS)
+        require(self.lr > 0, "optim.*.lr", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """One optimizer per parameter group (paper values); each parameter in exactly one group."""
+
+    encoder: OptimizerConfig = field(default_factory=OptimizerConfig)  # encoder + cluster head body
+    cluster_top: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=0.05))
+    regressor: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adam", lr=5e-4, weight_decay=0))
+    decoder: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adam", lr=5e-4, weight_decay=0))
+
+
+@dataclass(kw_only=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # restarts of the worker group from the last checkpoint
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+        require(self.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1: no limit)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model_kind: str = "deepemocluster"  # or the paper's baselines: cnn_regressor, cnn_ae, cnn_vae
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    epochs: int = 50
+    patience: int = 5  # epochs without a better development loss before stopping
+    cluster_weight: float = 1.0  # lambda of (1 - CCC) + lambda * CE
+    reconstruction_weight: float = 1.0  # CNN-AE / CNN-VAE
+    kl_weight: float = 1.0  # CNN-VAE
+    seed: int = 0
+    name: str | None = None  # run name; None: <model_kind>-<time>
+    storage_path: str = "outputs/runs"  # checkpoints; shared storage (s3://...) on a multi-node cluster
+
+    def __post_init__(self) -> None:
+        require_choice(self.model_kind, "model_kind", MODEL_KINDS)
+        require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.patience >= 1, "patience", "must be >= 1")
+        require(
+            self.model.num_clusters == self.clustering.num_clusters,
+            "clustering.num_clusters",
+            f"{self.clustering.num_clusters} differs from model.num_clusters {self.model.num_clusters}",
+        )
+
+    @property
+    def clusters(self) -> bool:
+        return self.model_kind == "deepemocluster"
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)

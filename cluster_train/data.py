@@ -1,0 +1,111 @@
+"""Training data: which rows each stage reads, as Ray Datasets, and how a worker batches them.
+
+The driver builds four datasets from one prepared dataset (`build_datasets`):
+    labeled      stage 2 rows: labelled utterances (after `label_fraction`), sharded over workers
+    unlabeled    stage 1 rows: unlabeled audio (+ labelled audio, by default), sharded
+    cluster      what K-means embeds every epoch: labeled + unlabeled rows, sharded
+    development  early stopping; every worker reads all of it
+Workers turn rows into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`.
+A pseudo-label is keyed by utterance and chunk (`chunk_keys`), never by worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from cluster_train.config import DataConfig
+from cluster_train.labels import LabelScaler
+from data_prep.dataset import PreparedDataset
+from data_prep.manifest import ATTRIBUTES
+from data_prep.stats import Normalizer
+
+SPLIT_DATASETS = ["labeled", "unlabeled", "cluster"]
+ROW_COLUMNS = ["id", *ATTRIBUTES, "chunks"]
+READ_CPUS = 0.25  # Parquet reads are light; a full CPU each would starve beside the training workers
+
+
+def utterance_key(utterance_id: str) -> int:
+    """A stable 56-bit integer for an utterance id (the same on every worker and every run)."""
+    return int.from_bytes(hashlib.blake2b(utterance_id.encode(), digest_size=7).digest(), "little")
+
+
+def chunk_keys(ids: np.ndarray, num_chunks: int) -> np.ndarray:
+    """(B,) ids -> (B * C,) int64 keys: utterance key * C + chunk index."""
+    base = np.fromiter((utterance_key(str(i)) for i in ids), dtype=np.int64, count=len(ids))
+    return (base[:, None] * num_chunks + np.arange(num_chunks)[None, :]).reshape(-1)
+
+
+def kept_label_ids(dataset: PreparedDataset, config: DataConfig, seed: int) -> list[str]:
+    """Ids of the labelled utterances whose labels training may use (`label_fraction` of them)."""
+    table = dataset.read_table(config.labeled_splits, ["id", *ATTRIBUTES])
+    labelled = np.logical_and.reduce([pc.is_valid(table[a]).to_numpy(zero_copy_only=False) for a in ATTRIBUTES])
+    ids = sorted(table.filter(labelled)["id"].to_pylist())
+    if config.label_fraction >= 1:
+        return ids
+    rng = np.random.default_rng(seed)
+    count = max(1, round(config.label_fraction * len(ids)))
+    return sorted(np.asarray(ids, dtype=object)[rng.permutation(len(ids))[:count]].tolist())
+
+
+def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int) -> dict:
+    """The Ray Datasets of one run (see the module docstring), built on the driver."""
+    from ray.data.expressions import col
+
+    labelled = kept_label_ids(dataset, config, seed)
+    unlabeled_splits = list(config.unlabeled_splits)
+    if config.labeled_as_unlabeled:
+        unlabeled_splits += [s for s in config.labeled_splits if s not in unlabeled_splits]
+
+    def rows(splits: list[str]):
+        return dataset.ray_dataset(splits, columns=ROW_COLUMNS, read_cpus=READ_CPUS)
+
+    labeled = rows(list(config.labeled_splits)).filter(expr=col("id").is_in(labelled))
+    if config.labeled_as_unlabeled:
+        unlabeled = rows(unlabeled_splits)
+    else:
+        unlabeled = rows(unlabeled_splits + list(config.labeled_splits)).filter(expr=~col("id").is_in(labelled))
+    return {
+        "labeled": labeled,
+        "unlabeled": unlabeled,
+        "cluster": rows(sorted(set(unlabeled_splits) | set(config.labeled_splits))),
+        "development": rows([config.development_split]).materialize(),  # read once, every epoch
+    }
+
+
+def as_float(values: np.ndarray) -> np.ndarray:
+    """A label column as float32 with NaN for null (Arrow nulls may arrive as None)."""
+    if values.dtype == object:
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+    return values.astype(np.float32)
+
+
+@dataclass
+class Batch:
+    keys: np.ndarray  # (B * C,) chunk keys
+    chunks: torch.Tensor  # (B * C, frames, mels) float32, normalised
+    targets: torch.Tensor  # (B, A) z-scored labels, NaN where missing
+    num_chunks: int
+
+
+class ChunkBatches:
+    """Rows of a Ray DataIterator -> `Batch`es on `device`, normalised as the dataset prescribes."""
+
+    def __init__(self, normalizer: Normalizer, scaler: LabelScaler, device: torch.device):
+        self.normalizer, self.scaler, self.device = normalizer, scaler, device
+
+    def __call__(self, iterator, batch_size: int, drop_last: bool, seed: int | None = None) -> Iterator[Batch]:
+        shuffle = {} if seed is None else {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": seed}
+        for rows in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle):
+            chunks = np.asarray(rows["chunks"])
+            batch, num_chunks = chunks.shape[0], chunks.shape[1]
+            x = torch.from_numpy(chunks).to(self.device).float()
+            x = self.normalizer.torch(x).reshape(batch * num_chunks, *chunks.shape[2:])
+            labels = np.stack([as_float(rows[a]) for a in self.scaler.attributes], axis=1)
+            targets = torch.from_numpy(self.scaler.to_z(labels).astype(np.float32)).to(self.device)
+            yield Batch(chunk_keys(rows["id"], num_chunks), x, targets, num_chunks)

@@ -1,0 +1,176 @@
+"""Sentence-level prediction and CCC scoring of a model bundle, and the paper's statistics.
+
+A sentence's prediction is the mean of its C chunk predictions (REFERENCE "Features"), mapped back
+to the raw 1-7 label scale; CCC comes from `losses.ccc`, the one implementation. The paper splits the
+test set at random into 4 subsets and trains 5 seeds: 20 CCCs per model and attribute, compared with
+a two-tailed t-test (p < 0.05).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+from torch import nn
+
+from cluster_train.checkpoint import Bundle
+from cluster_train.labels import LabelScaler, label_matrix
+from cluster_train.losses import ccc, sentence_mean
+from data_prep.dataset import PreparedDataset
+from data_prep.manifest import ATTRIBUTES
+from data_prep.stats import Normalizer
+
+
+class EvaluationError(ValueError):
+    """A split or a dataset that cannot be evaluated with this model."""
+
+
+@dataclass
+class SplitPredictions:
+    ids: list[str]
+    prediction: np.ndarray  # (N, A), raw label scale
+    labels: np.ndarray  # (N, A), NaN where unlabelled
+    attributes: tuple[str, ...]
+
+
+def _parts(
+    source: Bundle | nn.Module, normalizer: Normalizer | None, scaler: LabelScaler | None
+) -> tuple[nn.Module, Normalizer, LabelScaler]:
+    if isinstance(source, Bundle):
+        return source.model, normalizer or source.normalizer, scaler or source.label_scaler
+    if normalizer is None or scaler is None:
+        raise ValueError("predict_table with a bare model needs its normalizer and label_scaler")
+    return source, normalizer, scaler
+
+
+def _chunk_batches(table: pa.Table, batch_size: int) -> Iterator[np.ndarray]:
+    for batch in table.select(["chunks"]).to_batches(max_chunksize=batch_size):
+        if batch.num_rows:
+            yield batch.column(0).to_numpy_ndarray()  # (B, C, frames, mels), storage dtype
+
+
+def predict_table(
+    source: Bundle | nn.Module,
+    table: pa.Table,
+    batch_size: int = 64,
+    normalizer: Normalizer | None = None,
+    label_scaler: LabelScaler | None = None,
+) -> np.ndarray:
+    """(N, A) float64 sentence predictions on the raw label scale for the rows of `table`.
+
+    `source`: a Bundle, or a model with its `normalizer` and `label_scaler`. The model runs in eval
+    mode on its own device (a model in training mode is put back in it afterwards).
+    """
+    model, normalizer, scaler = _parts(source, normalizer, label_scaler)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with torch.inference_mode():
+            for chunks in _chunk_batches(table, batch_size):
+                num_chunks = chunks.shape[1]
+                x = torch.tensor(chunks, device=device).flatten(0, 1)  # (B * C, frames, mels)
+                z = sentence_mean(model(normalizer.torch(x))["prediction"], num_chunks)
+                outputs.append(scaler.from_z(z.double()).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(outputs) if outputs else np.empty((0, len(scaler.attributes)))
+
+
+def score(
+    pred: np.ndarray, table_or_labels: pa.Table | np.ndarray, attributes: Sequence[str] | None = None
+) -> dict[str, float]:
+    """CCC per attribute of predictions (N, A) against the labels; unlabelled rows left out.
+
+    `attributes` name pred's columns (default: arousal, dominance, valence); an attribute with no
+    label gives NaN.
+    """
+    attributes = tuple(attributes or ATTRIBUTES)
+    if isinstance(table_or_labels, pa.Table):
+        labels = label_matrix(table_or_labels, attributes)
+    else:
+        labels = np.asarray(table_or_labels, dtype=np.float64).reshape(len(table_or_labels), -1)
+    pred = np.asarray(pred, dtype=np.float64).reshape(len(labels), -1)
+    if pred.shape[1] != len(attributes):
+        raise ValueError(f"pred has {pred.shape[1]} columns for {len(attributes)} attributes {attributes}")
+    values = ccc(torch.from_numpy(pred), torch.as_tensor(labels, dtype=torch.float64))
+    return {name: float(v) for name, v in zip(attributes, values.reshape(-1))}
+
+
+def predict_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_size: int = 64) -> SplitPredictions:
+    """Predictions for one split, streamed shard by shard, `batch_size` rows of the split at a time."""
+    known = {name: n for name, n in dataset.info["counts"]["utterances"].items() if n}
+    if split not in known:
+        raise EvaluationError(f"{dataset.location}: no utterances in split {split!r}; it has {', '.join(known)}")
+    shape = (dataset.settings["chunks"]["chunk_frames"], dataset.settings["features"]["n_mels"])
+    config = bundle.model_config
+    if shape != (config.chunk_frames, config.n_mels):
+        raise EvaluationError(f"{dataset.location}: chunks of {shape} (frames, mels), the model takes "
+                              f"{(config.chunk_frames, config.n_mels)}")
+    attributes = bundle.label_scaler.attributes
+    ids, preds, labels = [], [], []
+    for shard in dataset.info["shards"]:
+        part = pads.dataset(dataset.folder.path(shard["file"]), format="parquet", filesystem=dataset.folder.fs)
+        columns, where = ["id", *attributes, "chunks"], pads.field("split") == split
+        for batch in part.to_batches(columns=columns, filter=where, batch_size=batch_size):
+            table = pa.Table.from_batches([batch])
+            ids.extend(table["id"].to_pylist())
+            preds.append(predict_table(bundle, table, batch_size))
+            labels.append(label_matrix(table, attributes))
+    return SplitPredictions(ids, np.concatenate(preds), np.concatenate(labels), attributes)
+
+
+def evaluate_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_size: int = 64) -> dict:
+    """{"split", "utterances", "labelled": {attribute: n}, "ccc": {attribute: CCC}} for one split."""
+    result = predict_split(bundle, dataset, split, batch_size)
+    labelled = (~np.isnan(result.labels)).sum(axis=0)
+    return {
+        "split": split,
+        "utterances": len(result.ids),
+        "labelled": {name: int(n) for name, n in zip(result.attributes, labelled)},
+        "ccc": score(result.prediction, result.labels, result.attributes),
+    }
+
+
+def split_into_subsets(n: int, k: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """A random partition of range(n) into k disjoint index sets of equal size (+-1 when k does not divide n)."""
+    if k < 1 or n < k:
+        raise ValueError(f"cannot split {n} items into {k} non-empty subsets")
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, k)]
+
+
+def subset_scores(result: SplitPredictions, subsets: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """CCC per attribute on each subset: {attribute: (k,)}; one model-seed's share of the 20 results."""
+    rows = [score(result.prediction[s], result.labels[s], result.attributes) for s in subsets]
+    return {name: np.array([row[name] for row in rows]) for name in result.attributes}
+
+
+def _samples(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or b.ndim != 1 or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"t-tests need two 1-D samples of at least 2 values, got shapes {a.shape}, {b.shape}")
+    return a, b
+
+
+def paired_t_test(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-tailed p-value of a paired t-test: result i of a and of b share subset and seed."""
+    a, b = _samples(a, b)
+    if len(a) != len(b):
+        raise ValueError(f"a paired t-test needs samples of one length, got {len(a)} and {len(b)}")
+    from scipy import stats  # imported here: 2 s of start-up a job that scores no statistics saves
+
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def welch_t_test(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-tailed p-value of Welch's t-test (unequal variances, unpaired samples)."""
+    a, b = _samples(a, b)
+    from scipy import stats
+
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)

@@ -1,0 +1,123 @@
+"""The driver of a training run: check everything, start the K-means service, run the
+TorchTrainer, then score the best checkpoint and finish the MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster_train.config import TrainConfig
+from cluster_train.labels import LabelScaler
+from data_prep.config import to_flat_dict, to_yaml
+from data_prep.dataset import PreparedDataset
+from data_prep.manifest import ATTRIBUTES
+
+
+@dataclass
+class TrainResult:
+    name: str
+    best_bundle: str  # folder holding the best model bundle (model.pt)
+    mlflow_run_id: str | None
+    scores: dict[str, dict[str, float]]  # split -> attribute -> CCC (raw label scale)
+    epochs_run: int
+    seconds: float
+
+
+def run_training(config: TrainConfig, config_text: str | None = None) -> TrainResult:
+    started = time.perf_counter()
+    if "://" not in config.data.dataset:  # workers run in other folders
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset=str(Path(config.data.dataset).resolve())))
+    dataset = PreparedDataset(config.data.dataset)  # a missing or unfinished dataset fails here
+    normalizer_ok = dataset.normalizer()  # noqa: F841 - fails early without normalisation statistics
+    scaler = LabelScaler.fit(dataset.read_table(config.data.labeled_splits, list(ATTRIBUTES)), config.model.attributes)
+    name = config.name or f"{config.model_kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() waits on it
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cluster_train.data import SPLIT_DATASETS, build_datasets
+    from cluster_train.kmeans_service import get_or_create_service
+    from cluster_train.trainer import BEST_DIR, train_func
+
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # same seed, same run
+    context.enable_progress_bars = False  # one bar per worker and epoch would bury the log
+    datasets = build_datasets(dataset, config.data, config.seed)
+    service = None
+    if config.clusters:
+        service = get_or_create_service(f"kmeans-{name}", config.clustering, config.scaling.num_workers)
+
+    tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
+            "params": to_flat_dict(config)}
+    storage = config.storage_path if "://" in config.storage_path else str(Path(config.storage_path).resolve())
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service, "tags": tags},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=SPLIT_DATASETS),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} ended without a checkpoint: {result.error}")
+
+    output = Path(config.storage_path if "://" not in config.storage_path else "outputs/runs") / name / "best_model"
+    with result.checkpoint.as_directory() as folder:
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.copytree(Path(folder) / BEST_DIR, output)
+    run_id = result.metrics.get("mlflow_run_id") or None
+    scores = finish_run(config, str(output), dataset, run_id, config_text)
+    if service is not None:
+        ray.kill(service)
+    return TrainResult(name, str(output), run_id, scores, int(result.metrics["epoch"]) + 1, time.perf_counter() - started)
+
+
+def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset, run_id: str | None,
+               config_text: str | None) -> dict[str, dict[str, float]]:
+    """Score the best model on development and test; log scores, model and config to the run."""
+    from cluster_train.checkpoint import load_bundle, log_bundle
+    from cluster_train.evaluation import evaluate_split
+    from cluster_train.tracking import RunTracker
+
+    bundle = load_bundle(bundle_dir)
+    splits = [config.data.development_split, *config.data.test_splits]
+    scores = {split: evaluate_split(bundle, dataset, split)["ccc"] for split in splits}
+    tracker = RunTracker(config.tracking, active=run_id is not None)
+    if run_id is not None and tracker.start({}, {}, run_id=run_id):
+        for split, values in scores.items():
+            prefix = "dev" if split == config.data.development_split else split
+            tracker.log_metrics({f"{prefix}_final_ccc_{k}": v for k, v in values.items() if isinstance(v, float)}, step=0)
+        tracker.log_text(config_text or to_yaml(config), "config.yaml")
+        model_uri = tracker.log_model(bundle.model, name="best_model",
+                          extra={"normalizer": {"mean": bundle.normalizer.mean.tolist(), "std": bundle.normalizer.std.tolist(),
+                                                "clip": bundle.normalizer.clip},
+                                 "label_scaler": bundle.label_scaler.to_dict()})
+        if model_uri:  # the bundle inside the logged model: runs:/ and models:/ URIs both load it
+            log_bundle(bundle_dir, name="best_model", model_id=model_uri.rsplit("/", 1)[-1])
+        tracker.end()
+    return scores
+
+
+def _git_commit() -> str:
+    from cluster_train.tracking import git_commit
+
+    return git_commit(str(Path(__file__).resolve().parents[1])) or "unknown"

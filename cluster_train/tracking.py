@@ -1,0 +1,227 @@
+"""Experiment tracking: the one place training talks to MLflow (torchtitan's components/metrics.py).
+
+    tracker = RunTracker(config.tracking, active=world_rank == 0)  # other ranks: all no-ops
+    run_id = tracker.start(params, tags={"git_commit": git_commit() or "unknown"}, run_id=saved_id)
+    tracker.log_metrics({"train/loss": 0.42}, step=epoch)
+    tracker.log_model(model, "model", extra={"norm_stats": stats}); tracker.end()
+
+Runs are addressed by id through `MlflowClient`, so a resumed training re-opens the run whose id it
+saved in its checkpoint, and several trackers can live in one process. Failure policy: the first
+MLflow error (server unreachable, store broken, a rejected value) gives ONE warning naming the URI
+and the error, then the tracker disables itself; nothing raises into training. For http(s) stores
+MLflow's retries and timeout are cut (unless the user set them): a dead server costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlflow
+import mlflow.pytorch
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# MLflow's defaults (7 retries with exponential backoff, 120 s per request) stall a training for
+# minutes on a dead server; these apply only where the user has not set the variables.
+FAIL_FAST_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "deepemocluster"
+    run_name: str | None = None
+
+    def resolved_uri(self) -> str:
+        """The store to use; resolve it on the driver when workers may run in another directory."""
+        default = f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # MLflow 3's file store is deprecated
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
+class RunTracker:
+    """One MLflow run, written by world rank 0; a no-op when inactive, disabled, ended or failed."""
+
+    def __init__(self, config: TrackingConfig, active: bool = True) -> None:
+        self.config, self.uri = config, config.resolved_uri()
+        self._client: MlflowClient | None = None
+        self._run_id: str | None = None
+        self._experiment_id: str | None = None
+        if config.enabled and active:
+            if self.uri.startswith(("http://", "https://")):
+                for name, value in FAIL_FAST_HTTP_ENV.items():
+                    os.environ.setdefault(name, value)
+            try:
+                self._client = MlflowClient(self.uri)
+            except Exception as err:  # noqa: BLE001 - e.g. a URI scheme MLflow does not know
+                self._fail("connect", err)
+
+    @property
+    def enabled(self) -> bool:  # False on ranks != 0, when disabled in the config, ended or failed
+        return self._client is not None
+
+    @property
+    def run_id(self) -> str | None:  # kept after end(), for the checkpoint
+        return self._run_id
+
+    def start(
+        self, params: dict[str, object], tags: dict[str, str], run_id: str | None = None
+    ) -> str | None:
+        """Start a run (or re-open `run_id`), log params and tags; the run id, None if disabled."""
+
+        def start(client: MlflowClient) -> str:
+            run = self._reopen(client, run_id) if run_id else None
+            if run is None:
+                experiment = client.get_experiment_by_name(self.config.experiment)
+                exp_id = experiment.experiment_id if experiment else None
+                exp_id = exp_id or client.create_experiment(self.config.experiment)
+                run = client.create_run(exp_id, run_name=self.config.run_name)
+            self._run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
+            values = {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
+            changed = sorted(k for k, v in run.data.params.items() if values.get(k, v) != v)
+            if changed:  # MLflow params are immutable: keep the first values, say which differ
+                logger.warning("Resumed MLflow run %s keeps its old values of %s", run_id, changed)
+            new = [Param(k, v) for k, v in values.items() if k not in run.data.params]
+            client.log_batch(self._run_id, params=new)
+            for key, value in tags.items():
+                client.set_tag(self._run_id, key, str(value))
+            return self._run_id
+
+        return self._call("start the run", start, needs_run=False)
+
+    def _reopen(self, client: MlflowClient, run_id: str) -> mlflow.entities.Run | None:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            logger.warning("MLflow run %s is not in %s; starting a new run", run_id, self.uri)
+            return None
+        client.update_run(run_id, status="RUNNING")
+        return run
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        """Log `metrics` at `step`, skipping None and NaN (no metric is better than a NaN one)."""
+
+        def log(client: MlflowClient) -> None:
+            now = int(time.time() * 1000)
+            values = {k: float(v) for k, v in metrics.items() if v is not None}
+            batch = [Metric(k, v, now, step) for k, v in values.items() if not math.isnan(v)]
+            client.log_batch(self._run_id, metrics=batch)
+
+        self._call("log metrics", log)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call("log a text", lambda c: c.log_text(self._run_id, text, artifact_file))
+
+    def log_dict(self, value: dict, artifact_file: str) -> None:
+        self._call("log a dict", lambda c: c.log_dict(self._run_id, value, artifact_file))
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self._call(
+            "log an artifact", lambda c: c.log_artifact(self._run_id, local_path, artifact_path)
+        )
+
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        name: str,
+        extra: dict[str, dict] | None = None,
+        registered_model_name: str | None = None,
+    ) -> str | None:
+        """Log `model` (pickled: its class must be importable where it is loaded) with each `extra`
+        dict saved in the model as `extra_files/<key>.json` (see `load_logged_model`); returns the
+        model URI, None if disabled. Sets MLflow's global tracking URI and experiment to the run's.
+        """
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+
+        def log(client: MlflowClient) -> str:
+            # mlflow.pytorch.log_model is fluent: it reads the global tracking URI and puts the
+            # logged model in the active experiment, so point both at this run's.
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(experiment_id=self._experiment_id)
+            with tempfile.TemporaryDirectory() as tmp:
+                for key, value in (extra or {}).items():
+                    (Path(tmp) / f"{key}.json").write_text(json.dumps(value, indent=2))
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    run_id=self._run_id,
+                    extra_files=[str(f) for f in sorted(Path(tmp).iterdir())] or None,
+                    registered_model_name=registered_model_name,
+                    serialization_format="pickle",  # "pt2" needs an input example to trace
+                    # skips a subprocess that loads the model to infer them (seconds)
+                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                )
+            return info.model_uri
+
+        return self._call("log the model", log)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run with `status` ("FINISHED", "FAILED", "KILLED"); the tracker goes inert."""
+        self._call("end the run", lambda c: c.set_terminated(self._run_id, status))
+        self._client = None
+
+    def _call(
+        self, what: str, fn: Callable[[MlflowClient], T], *, needs_run: bool = True
+    ) -> T | None:
+        if self._client is None or (needs_run and self._run_id is None):
+            return None
+        try:
+            return fn(self._client)
+        except Exception as err:  # noqa: BLE001 - the failure policy: tracking never stops training
+            self._fail(what, err)
+            return None
+
+    def _fail(self, what: str, err: Exception) -> None:
+        message = (
+            f"MLflow tracking at {self.uri} failed to {what} ({type(err).__name__}: {err}); "
+            "tracking is off from now on, training and checkpoints go on."
+        )
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        self._client = None
+
+
+def load_logged_model(
+    model_uri: str, tracking_uri: str | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A model logged by `RunTracker.log_model` and its extra dicts, by key (raises on errors)."""
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=tracking_uri))
+    extra = {p.stem: json.loads(p.read_text()) for p in (local / "extra_files").glob("*.json")}
+    return mlflow.pytorch.load_model(str(local)), extra
+
+
+def git_commit(path: str = ".") -> str | None:
+    """HEAD's hash, with "-dirty" when tracked files changed; None outside a git checkout."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", path, *args], capture_output=True, text=True, timeout=10, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")

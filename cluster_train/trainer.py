@@ -1,0 +1,241 @@
+"""The epoch loop that runs on every Ray Train worker (`train_func`).
+
+Each epoch, as the paper: embed every training chunk -> K-means (the KMeansService actor) ->
+pseudo-labels -> stage 1 on unlabeled rows (encoder + cluster head) -> stage 2 on labelled rows
+(all heads) -> development loss -> checkpoint through `ray.train.report`. The paper's baselines run
+in the same loop: the CNN-regressor skips stage 1, the CNN-AE / CNN-VAE train stage 1 on
+reconstruction (+ KL) instead of pseudo-labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from cluster_train.checkpoint import load_bundle, save_bundle
+from cluster_train.config import OptimizerConfig, TrainConfig
+from cluster_train.data import Batch, ChunkBatches
+from cluster_train.labels import LabelScaler
+from cluster_train.losses import IGNORE_LABEL, ccc, ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
+from cluster_train.models import build_model
+from cluster_train.tracking import RunTracker
+from data_prep.dataset import PreparedDataset
+
+STATE_FILE = "trainer_state.pt"
+BEST_DIR = "best"
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizers that a resumed run needs to go on exactly."""
+
+    epoch: int = 0  # the next epoch to run
+    best_dev_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    run_id: str | None = None
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+    if config.name == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def optimizer_config(group: str, config: TrainConfig) -> OptimizerConfig:
+    return {"encoder_and_cluster": config.optim.encoder}.get(group) or getattr(config.optim, group)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, label_scaler: dict, service, tags: dict):
+        context = ray.train.get_context()
+        self.config, self.rank = config, context.get_world_rank()
+        self.device = ray.train.torch.get_device()
+        torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+        torch.manual_seed(config.seed)
+        dataset = PreparedDataset(config.data.dataset)
+        self.normalizer, self.scaler = dataset.normalizer(), LabelScaler.from_dict(label_scaler)
+        self.module = build_model(config.model_kind, config.model)
+        self.model = ray.train.torch.prepare_model(
+            self.module, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
+        self.optimizers = {
+            group: build_optimizer(params, optimizer_config(group, config))
+            for group, params in self.module.param_groups().items()
+        }
+        self.batches = ChunkBatches(self.normalizer, self.scaler, self.device)
+        self.service = service  # the KMeansService actor handle, None for the baselines
+        self.state = TrainState()
+        self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self._restore(ray.train.get_checkpoint())
+        self.tracker = RunTracker(config.tracking, active=self.rank == 0)
+        if self.rank == 0:
+            self.state.run_id = self.tracker.start(tags.pop("params"), tags, run_id=self.state.run_id)
+
+    # --- one epoch --------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        for epoch in range(self.state.epoch, self.config.epochs):
+            torch.manual_seed(self.config.seed * 100_003 + epoch * 101 + self.rank)  # resume-exact dropout
+            metrics = self.run_epoch(epoch)
+            improved = metrics["dev_loss"] < self.state.best_dev_loss
+            if improved:
+                self.state.best_dev_loss, self.state.best_epoch, self.state.bad_epochs = metrics["dev_loss"], epoch, 0
+                self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            else:
+                self.state.bad_epochs += 1
+            self.state.epoch = epoch + 1
+            started = time.perf_counter()
+            self._report(metrics | {"best_dev_loss": self.state.best_dev_loss, "best_epoch": self.state.best_epoch})
+            self.tracker.log_metrics({"seconds_checkpoint": time.perf_counter() - started}, step=epoch)
+            if self.state.bad_epochs >= self.config.patience:
+                break
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        timings: dict[str, float] = {}
+        metrics: dict[str, float] = {"epoch": epoch}
+        pseudo = None
+        if self.service is not None:
+            pseudo, cluster_metrics = self._pseudo_labels(epoch, timings)
+            metrics |= cluster_metrics
+        if self.config.model_kind != "cnn_regressor":
+            started = time.perf_counter()
+            metrics["stage1_loss"] = self._stage(1, "unlabeled", epoch, pseudo)
+            timings["stage1"] = time.perf_counter() - started
+        started = time.perf_counter()
+        metrics["stage2_loss"] = self._stage(2, "labeled", epoch, pseudo)
+        timings["stage2"] = time.perf_counter() - started
+        started = time.perf_counter()
+        metrics |= self.validate()
+        timings["validation"] = time.perf_counter() - started
+        metrics |= {f"seconds_{name}": value for name, value in timings.items()}
+        self.tracker.log_metrics(metrics, step=epoch)
+        return metrics
+
+    def _pseudo_labels(self, epoch: int, timings: dict) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+        started = time.perf_counter()
+        keys, features = self._embed(ray.train.get_dataset_shard("cluster"))
+        timings["embedding"] = time.perf_counter() - started
+        started = time.perf_counter()
+        ray.get(self.service.submit.remote(epoch, self.rank, keys, features))
+        summary = ray.get(self.service.wait_result.remote(epoch))
+        table = ray.get(self.service.label_table.remote(epoch))
+        timings["clustering"] = time.perf_counter() - started
+        # Labels permute between clusterings: a new top layer, the same on every rank.
+        generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+        top = self.module.cluster_head.reset_top(self.config.model.num_clusters, generator=generator)
+        self.optimizers["cluster_top"] = build_optimizer(list(top.parameters()), self.config.optim.cluster_top)
+        sizes = np.asarray(summary["cluster_sizes"])
+        metrics = {"kmeans_objective": float(summary["objective"]), "cluster_size_min": float(sizes.min()),
+                   "cluster_size_max": float(sizes.max()), "clusters_reseeded": float(summary["reseeded"])}
+        metrics |= {f"cluster_size_{k}": float(n) for k, n in enumerate(sizes)}
+        return table, metrics
+
+    @torch.no_grad()
+    def _embed(self, shard) -> tuple[np.ndarray, np.ndarray]:
+        self.module.eval()
+        keys, features = [], []
+        for batch in self.batches(shard, self.config.data.batch_size, drop_last=False):
+            keys.append(batch.keys)
+            features.append(self.module.embed(batch.chunks).float().cpu().numpy())
+        if not keys:
+            return np.empty(0, np.int64), np.empty((0, self.config.model.feature_dim), np.float32)
+        return np.concatenate(keys), np.concatenate(features)
+
+    def _stage(self, stage: int, shard_name: str, epoch: int, pseudo) -> float:
+        self.model.train()
+        groups = [g for g in self.optimizers if stage == 2 or g != "regressor"]
+        total, steps = 0.0, 0
+        shard = ray.train.get_dataset_shard(shard_name)
+        for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=self.config.seed + epoch):
+            for group in groups:
+                self.optimizers[group].zero_grad(set_to_none=True)
+            loss = self._loss(stage, self.model(batch.chunks), batch, pseudo)
+            loss.backward()
+            for group in groups:
+                self.optimizers[group].step()
+            total, steps = total + float(loss.detach()), steps + 1
+        return total / max(steps, 1)
+
+    def _loss(self, stage: int, out: dict, batch: Batch, pseudo) -> torch.Tensor:
+        config, kind = self.config, self.config.model_kind
+        loss = torch.zeros((), device=self.device)
+        if stage == 2:
+            loss = loss + ccc_loss(sentence_mean(out["prediction"], batch.num_chunks), batch.targets)
+        if kind == "deepemocluster":
+            weight = config.cluster_weight if stage == 2 else 1.0
+            loss = loss + weight * cluster_ce(out["cluster_logits"], self._lookup(pseudo, batch.keys))
+        if kind in ("cnn_ae", "cnn_vae"):
+            loss = loss + config.reconstruction_weight * reconstruction_loss(out["reconstruction"], batch.chunks)
+        if kind == "cnn_vae":
+            loss = loss + config.kl_weight * vae_kl(out["mu"], out["logvar"])
+        return loss
+
+    def _lookup(self, table: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> torch.Tensor:
+        table_keys, table_labels = table
+        index = np.searchsorted(table_keys, keys).clip(max=max(len(table_keys) - 1, 0))
+        labels = np.where(table_keys[index] == keys, table_labels[index], IGNORE_LABEL)
+        return torch.from_numpy(labels.astype(np.int64)).to(self.device)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Sentence-level CCC on the development split (every worker reads all of it)."""
+        self.module.eval()
+        predictions, targets = [], []
+        shard = ray.train.get_dataset_shard("development")
+        for batch in self.batches(shard, self.config.data.batch_size, drop_last=False):
+            predictions.append(sentence_mean(self.module(batch.chunks)["prediction"], batch.num_chunks))
+            targets.append(batch.targets)
+        values = ccc(torch.cat(predictions), torch.cat(targets))
+        metrics = {f"dev_ccc_{a}": float(v) for a, v in zip(self.scaler.attributes, values)}
+        return metrics | {"dev_loss": float((1 - values).sum())}
+
+    # --- checkpoint ---------------------------------------------------------------------------------
+
+    def _report(self, metrics: dict) -> None:
+        metrics = metrics | {"mlflow_run_id": self.state.run_id or ""}
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(
+                {
+                    "model": self.module.state_dict(),
+                    "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+                    "state": dataclasses.asdict(self.state),
+                },
+                Path(folder) / STATE_FILE,
+            )
+            best = build_model(self.config.model_kind, self.config.model)
+            best.load_state_dict(self.best_weights)
+            extra = {"epoch": self.state.best_epoch, "dev_loss": self.state.best_dev_loss}
+            save_bundle(str(Path(folder) / BEST_DIR), best, self.config.model_kind, self.config.model,
+                        self.normalizer, self.scaler, extra=extra)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def _restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(Path(folder) / STATE_FILE, map_location=self.device, weights_only=True)
+            self.best_weights = load_bundle(str(Path(folder) / BEST_DIR)).model.state_dict()
+        self.module.load_state_dict(saved["model"])
+        if "cluster_top" in self.optimizers:  # re-created every epoch; skip a stale state
+            saved["optimizers"].pop("cluster_top", None)
+        for name, state in saved["optimizers"].items():
+            self.optimizers[name].load_state_dict(state)
+        self.state = TrainState(**saved["state"])
+
+
+def train_func(loop_config: dict) -> None:
+    """What each Ray Train worker runs."""
+    Trainer(loop_config["config"], loop_config["label_scaler"], loop_config["service"], dict(loop_config["tags"])).fit()

@@ -1,0 +1,243 @@
+"""Bundles, label scaling, sentence-level prediction and scoring on a real prepared sample."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import torch
+from scipy import stats
+from torch import nn
+
+from cluster_train.checkpoint import BUNDLE_FORMAT, BundleError, load_bundle, log_bundle, resolve_bundle, save_bundle
+from cluster_train.evaluation import (EvaluationError, evaluate_split, paired_t_test, predict_split, predict_table,
+                                      score, split_into_subsets, subset_scores, welch_t_test)
+from cluster_train.labels import LabelScaler, label_matrix
+from cluster_train.models import ModelConfig, build_model
+from data_prep.config import PrepConfig, load_config
+from data_prep.dataset import PreparedDataset
+from data_prep.importers import import_ravdess
+from data_prep.pipeline import run_prep
+
+REPO = Path(__file__).resolve().parents[1]
+ATTRS = ("arousal", "dominance", "valence")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> PreparedDataset:
+    """12 sample utterances, 4 per split; one test utterance has no valence label."""
+    folder = tmp_path_factory.mktemp("prepared")
+    utterances = import_ravdess(str(REPO / "data" / "ravdess_sample"))
+    by_split = {s: [u for u in utterances if u.split == s][::20][:4] for s in ("train", "development", "test")}
+    rows = [u for split_rows in by_split.values() for u in split_rows]
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "audio", "split", *ATTRS])
+        for i, u in enumerate(rows):
+            writer.writerow([u.id, u.audio, u.split, u.arousal, u.dominance, "" if i == 8 else u.valence])
+    config = load_config(PrepConfig, None, [f"sources=[{{kind: csv, path: {manifest}}}]",
+                                            f"output={folder / 'out'}", "progress=false", "shard_size=5"])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        run_prep(config)
+    finally:
+        if started:
+            ray.shutdown()
+    return PreparedDataset(config.output)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(dataset, tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = build_model("deepemocluster", ModelConfig())
+    scaler = LabelScaler.fit(dataset.read_table(columns=["split", *ATTRS]))
+    path = str(tmp_path_factory.mktemp("bundle"))
+    save_bundle(path, nn.DataParallel(model), "deepemocluster", ModelConfig(), dataset.normalizer(), scaler,
+                extra={"epoch": 3, "metrics": {"ccc": np.float32(0.5)}, "dataset_hash": dataset.dataset_hash})
+    return path
+
+
+def numpy_ccc(x: np.ndarray, y: np.ndarray) -> float:
+    return 2 * np.cov(x, y, bias=True)[0, 1] / (x.var() + y.var() + (x.mean() - y.mean()) ** 2)
+
+
+def test_bundle_round_trip(bundle_dir, dataset):
+    bundle = load_bundle(bundle_dir)
+    payload = torch.load(Path(bundle_dir) / "model.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in payload["state_dict"])  # DataParallel unwrapped
+    assert bundle.model_kind == "deepemocluster" and not bundle.model.training
+    assert bundle.extra == {"epoch": 3, "metrics": {"ccc": 0.5}, "dataset_hash": dataset.dataset_hash}
+    assert bundle.model_config == ModelConfig()
+    np.testing.assert_array_equal(bundle.normalizer.mean, dataset.normalizer().mean)
+    again = load_bundle(bundle_dir + "/model.pt")
+    x = torch.randn(5, 62, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model(x)["prediction"], again.model(x)["prediction"], rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"extra\.bad"):
+        save_bundle(bundle_dir + "-x", bundle.model, "deepemocluster", ModelConfig(), bundle.normalizer,
+                    bundle.label_scaler, extra={"bad": object()})
+
+
+class Sneaky:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (open, (str(self.marker), "w"))
+
+
+def test_bad_bundles_are_refused_with_their_path(tmp_path, bundle_dir):
+    with pytest.raises(BundleError, match=str(tmp_path / "missing")):
+        load_bundle(str(tmp_path / "missing"))
+    payload = torch.load(Path(bundle_dir) / "model.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    (tmp_path / "tampered").mkdir()
+    torch.save({**payload, "extra": {"x": Sneaky(marker)}}, tmp_path / "tampered" / "model.pt")
+    with pytest.raises(BundleError, match="weights-only load refused"):
+        load_bundle(str(tmp_path / "tampered"))
+    assert not marker.exists()
+    (tmp_path / "other").mkdir()
+    torch.save({"format": "something-else"}, tmp_path / "other" / "model.pt")
+    with pytest.raises(BundleError, match=r"other/model.pt: not a model bundle"):
+        load_bundle(str(tmp_path / "other"))
+    torch.save({**payload, "format": BUNDLE_FORMAT, "model_kind": "cnn_regressor"}, tmp_path / "other" / "model.pt")
+    with pytest.raises(BundleError, match="broken model bundle"):
+        load_bundle(str(tmp_path / "other"))
+
+
+def test_label_scaler_round_trip_and_missing_labels():
+    table = pa.table({"split": ["train", "train", "train", "test"], "arousal": [1.0, 3.0, None, 7.0],
+                      "dominance": [2.0, 2.0, 5.0, 1.0], "valence": [float("nan"), 4.0, 6.0, 1.0]})
+    scaler = LabelScaler.fit(table)
+    np.testing.assert_allclose(scaler.mean, [2.0, 3.0, 5.0])
+    np.testing.assert_allclose(scaler.std, [1.0, np.sqrt(2.0), 1.0])
+    y = label_matrix(table)
+    assert np.isnan(y[2, 0]) and np.isnan(y[0, 2])
+    z = scaler.to_z(y)
+    np.testing.assert_allclose(z[1], [1.0, -1 / np.sqrt(2.0), -1.0])
+    np.testing.assert_allclose(scaler.from_z(z), y)  # NaN stays NaN (assert_allclose: equal_nan)
+    z_torch = scaler.to_z(torch.tensor(y, dtype=torch.float32))
+    assert z_torch.dtype == torch.float32
+    torch.testing.assert_close(scaler.from_z(z_torch), torch.tensor(y, dtype=torch.float32), equal_nan=True)
+    again = LabelScaler.from_dict(json.loads(json.dumps(scaler.to_dict())))
+    assert again.attributes == ATTRS and np.array_equal(again.std, scaler.std)
+    with pytest.raises(ValueError, match="no train labels for dominance"):
+        LabelScaler.fit({"arousal": [1.0], "dominance": [np.nan], "valence": [2.0]}, split="train")
+
+
+def test_sentence_prediction_is_mean_of_chunk_predictions(bundle_dir, dataset):
+    bundle = load_bundle(bundle_dir)
+    table = dataset.read_table(["development", "test"])
+    chunks = table["chunks"].combine_chunks().to_numpy_ndarray()
+    assert chunks.dtype == np.float16 and chunks.shape[1:] == (11, 62, 128)
+    with torch.no_grad():
+        per_chunk = [bundle.model(torch.from_numpy(bundle.normalizer(s)))["prediction"].numpy() for s in chunks]
+    expected = bundle.label_scaler.from_z(np.stack([p.mean(axis=0) for p in per_chunk]))
+    bundle.model.train()
+    pred = predict_table(bundle.model, table, batch_size=3, normalizer=bundle.normalizer,
+                         label_scaler=bundle.label_scaler)
+    assert bundle.model.training  # put back as it was
+    assert pred.shape == (8, 3)
+    np.testing.assert_allclose(pred, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="normalizer"):
+        predict_table(bundle.model, table)
+
+
+def test_score_matches_numpy_ccc(dataset):
+    table = dataset.read_table(["development", "test"], columns=list(ATTRS))
+    labels = label_matrix(table)
+    pred = labels * 0.5 + np.random.default_rng(0).normal(size=labels.shape)
+    result = score(pred, table)
+    for i, name in enumerate(ATTRS):
+        keep = ~np.isnan(labels[:, i])
+        assert result[name] == pytest.approx(numpy_ccc(pred[keep, i], labels[keep, i]), rel=1e-9)
+    assert (~np.isnan(labels[:, 2])).sum() == 7  # the unlabelled valence row was left out
+
+
+def test_evaluate_split_reads_only_that_split(bundle_dir, dataset):
+    bundle = load_bundle(bundle_dir)
+    result = evaluate_split(bundle, dataset, "test", batch_size=2)
+    table = dataset.read_table(["test"])
+    assert result["utterances"] == 4 and result["labelled"] == {"arousal": 4, "dominance": 4, "valence": 3}
+    expected = score(predict_table(bundle, table), table)
+    assert result["ccc"] == pytest.approx(expected, abs=1e-4)  # batches of 2 vs 64: float32 rounding
+    predictions = predict_split(bundle, dataset, "test")
+    assert sorted(predictions.ids) == sorted(table["id"].to_pylist())
+    halves = split_into_subsets(4, k=2, seed=0)
+    per_subset = subset_scores(predictions, halves)
+    assert per_subset["arousal"].shape == (2,)
+    assert per_subset["arousal"][1] == pytest.approx(score(predictions.prediction[halves[1]],
+                                                           predictions.labels[halves[1]])["arousal"])
+    with pytest.raises(EvaluationError, match="no utterances in split 'unlabeled'"):
+        evaluate_split(bundle, dataset, "unlabeled")
+
+
+def test_bundle_from_mlflow_uris(tmp_path, bundle_dir):
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        experiment = mlflow.create_experiment("evaluation", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as run:
+            log_bundle(bundle_dir, name="model")  # a logged model: runs:/ and models:/ both work
+            mlflow.log_artifact(str(Path(bundle_dir) / "model.pt"), artifact_path="plain/bundle")
+        version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "emotion")
+        local = load_bundle(bundle_dir)
+        x = torch.randn(3, 62, 128)
+        for uri in (f"runs:/{run.info.run_id}/model", f"models:/emotion/{version.version}",
+                    f"runs:/{run.info.run_id}/plain"):
+            bundle = resolve_bundle(uri)
+            assert bundle.source == uri and bundle.extra == local.extra
+            with torch.no_grad():
+                torch.testing.assert_close(bundle.model(x)["prediction"], local.model(x)["prediction"])
+        with pytest.raises(BundleError, match="cannot download"):
+            resolve_bundle(f"runs:/{run.info.run_id}/nothing")
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_evaluate_job(tmp_path, bundle_dir, dataset, capsys):
+    missing = tmp_path / "no-such-checkpoint"
+    command = [sys.executable, "jobs/evaluate.py", "--model", str(missing), "--data", dataset.location]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and str(missing) in result.stderr, result.stderr
+    spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)  # the same script, in-process
+    out = tmp_path / "out.json"
+    argv = ["--model", bundle_dir, "--data", dataset.location, "--split", "development", "--split", "test"]
+    assert job.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "development" in printed and "valence" in printed
+    report = json.loads(out.read_text())
+    assert [r["split"] for r in report["results"]] == ["development", "test"]
+    assert report["trained_on"] == report["dataset_hash"] == dataset.dataset_hash
+
+
+def test_subsets_and_t_tests():
+    parts = split_into_subsets(20, k=4, seed=1)
+    assert [len(p) for p in parts] == [5] * 4
+    assert sorted(np.concatenate(parts).tolist()) == list(range(20))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, split_into_subsets(20, k=4, seed=1)))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, split_into_subsets(20, k=4, seed=2)))
+    assert sorted(len(p) for p in split_into_subsets(10, k=4)) == [2, 2, 3, 3]
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.60, 0.01, 20)
+    b = a - 0.02 + rng.normal(0, 0.005, 20)
+    d = a - b
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(20))
+    assert paired_t_test(a, b) == pytest.approx(2 * stats.t.sf(abs(t), 19))
+    assert welch_t_test(a, b) < 0.05 and welch_t_test(a, a + rng.normal(0, 0.01, 20)) > 0.05
+    with pytest.raises(ValueError):
+        paired_t_test(a, b[:10])

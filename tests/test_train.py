@@ -1,0 +1,74 @@
+"""Training end to end: real prepared audio, real Ray Train, real faiss, a real MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from cluster_train.checkpoint import load_bundle, resolve_bundle
+from cluster_train.config import load_train_config
+from cluster_train.launch import run_training
+from data_prep.config import ConfigError, PrepConfig, load_config
+from data_prep.importers import import_ravdess
+from data_prep.pipeline import run_prep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """24 sample utterances (8 per split) prepared with the real pipeline."""
+    folder = tmp_path_factory.mktemp("train")
+    rows = import_ravdess(str(REPO / "data" / "ravdess_sample"))
+    chosen = [u for split in ("train", "development", "test") for u in [r for r in rows if r.split == split][::15][:8]]
+    manifest = folder / "manifest.csv"
+    manifest.write_text("id,audio,split,arousal,dominance,valence\n" + "".join(
+        f"{u.id},{u.audio},{u.split},{u.arousal},{u.dominance},{u.valence}\n" for u in chosen))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    config = load_config(PrepConfig, None, [f"sources=[{{kind: csv, path: {manifest}}}]",
+                                            f"output={folder / 'prepared'}", "progress=false"])
+    run_prep(config)
+    yield folder
+    ray.shutdown()
+
+
+def test_deepemocluster_trains_tracks_and_scores(prepared, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
+        f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", "epochs=2", "patience=2",
+        f"storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={store}", "name=smoke",
+        "model.num_clusters=4", "clustering.num_clusters=4"])
+    result = run_training(config)
+
+    assert result.epochs_run == 2
+    assert set(result.scores) == {"development", "test"}
+    assert all(-1 <= v <= 1 for scores in result.scores.values() for v in scores.values())
+    bundle = load_bundle(result.best_bundle)
+    assert bundle.model_kind == "deepemocluster" and bundle.label_scaler.attributes == ("arousal", "dominance", "valence")
+
+    client = MlflowClient(store)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model_kind"] == "deepemocluster" and run.data.params["data.batch_size"] == "4"
+    assert {"git_commit", "dataset_hash"} <= set(run.data.tags)
+    for metric in ("dev_loss", "stage1_loss", "stage2_loss", "kmeans_objective", "cluster_size_0"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1], metric
+    sizes = [run.data.metrics[f"cluster_size_{k}"] for k in range(4)]
+    assert sum(sizes) == 8 * 11  # every train chunk (8 utterances x 11 chunks) got a pseudo-label
+    assert "test_final_ccc_arousal" in run.data.metrics
+    logged = resolve_bundle(f"runs:/{result.mlflow_run_id}/best_model")
+    assert logged.model_kind == "deepemocluster"
+
+
+def test_config_mistake_fails_before_ray_starts(tmp_path):
+    with pytest.raises(ConfigError, match="data.batch_sise"):
+        load_train_config(REPO / "configs/train/ravdess_sample.yaml", ["data.batch_sise=4"])
+    result = subprocess.run([sys.executable, "jobs/train.py", "--config", "configs/train/ravdess_sample.yaml",
+                             "clustering.num_clusters=20"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "clustering.num_clusters" in result.stderr and "Ray" not in result.stderr
