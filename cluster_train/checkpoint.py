@@ -175,7 +175,7 @@ def resolve_bundle(source: str, map_location: str | torch.device = "cpu") -> Bun
     return load_bundle(source, map_location)
 
 
-def log_bundle(path: str, name: str = "model", model_id: str | None = None) -> str:
+def log_bundle(path: str, name: str = "model", model_id: str | None = None, tracking_uri: str | None = None) -> str:
     """Attach the bundle in `path` to the active run as `<name>/bundle/model.pt`; returns the model id.
 
     `model_id`: an existing logged model (e.g. `mlflow.pytorch.log_model(...).model_id`) to add it
@@ -190,7 +190,7 @@ def log_bundle(path: str, name: str = "model", model_id: str | None = None) -> s
     if created:
         run = mlflow.active_run()
         model_id = mlflow.initialize_logged_model(name=name, source_run_id=run and run.info.run_id).model_id
-    mlflow.MlflowClient().log_model_artifact(model_id, str(file), MLFLOW_BUNDLE_DIR)
+    mlflow.MlflowClient(tracking_uri).log_model_artifact(model_id, str(file), MLFLOW_BUNDLE_DIR)
     if created:
         mlflow.finalize_logged_model(model_id, "READY")
     return model_id

@@ -32,6 +32,8 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     started = time.perf_counter()
     if "://" not in config.data.dataset:  # workers run in other folders
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset=str(Path(config.data.dataset).resolve())))
+    # Workers run in other folders: pin the local store the driver means.
+    config.tracking.tracking_uri = config.tracking.resolved_uri()
     dataset = PreparedDataset(config.data.dataset)  # a missing or unfinished dataset fails here
     normalizer_ok = dataset.normalizer()  # noqa: F841 - fails early without normalisation statistics
     scaler = LabelScaler.fit(dataset.read_table(config.data.labeled_splits, list(ATTRIBUTES)), config.model.attributes)
@@ -112,7 +114,8 @@ def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset, r
                                                 "clip": bundle.normalizer.clip},
                                  "label_scaler": bundle.label_scaler.to_dict()})
         if model_uri:  # the bundle inside the logged model: runs:/ and models:/ URIs both load it
-            log_bundle(bundle_dir, name="best_model", model_id=model_uri.rsplit("/", 1)[-1])
+            log_bundle(bundle_dir, name="best_model", model_id=model_uri.rsplit("/", 1)[-1],
+                       tracking_uri=config.tracking.tracking_uri)
         tracker.end()
     return scores
 

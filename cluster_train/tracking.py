@@ -148,32 +148,46 @@ class RunTracker:
     ) -> str | None:
         """Log `model` (pickled: its class must be importable where it is loaded) with each `extra`
         dict saved in the model as `extra_files/<key>.json` (see `load_logged_model`); returns the
-        model URI, None if disabled. Sets MLflow's global tracking URI and experiment to the run's.
+        model URI, None if disabled. MLflow's global tracking URI and experiment are left as they were.
         """
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
 
         def log(client: MlflowClient) -> str:
             # mlflow.pytorch.log_model is fluent: it reads the global tracking URI and puts the
-            # logged model in the active experiment, so point both at this run's.
+            # logged model in the active experiment, so point both at this run's, then put back
+            # what the process had (later runs and the user's own MLflow calls must not inherit it).
+            saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+            previous_uri = mlflow.get_tracking_uri()
             mlflow.set_tracking_uri(self.uri)
             mlflow.set_experiment(experiment_id=self._experiment_id)
-            with tempfile.TemporaryDirectory() as tmp:
-                for key, value in (extra or {}).items():
-                    (Path(tmp) / f"{key}.json").write_text(json.dumps(value, indent=2))
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name=name,
-                    run_id=self._run_id,
-                    extra_files=[str(f) for f in sorted(Path(tmp).iterdir())] or None,
-                    registered_model_name=registered_model_name,
-                    serialization_format="pickle",  # "pt2" needs an input example to trace
-                    # skips a subprocess that loads the model to infer them (seconds)
-                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                )
-            return info.model_uri
+            try:
+                return self._log_model(model, name, extra, registered_model_name)
+            finally:
+                mlflow.set_tracking_uri(previous_uri)
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
 
         return self._call("log the model", log)
+
+    def _log_model(self, model, name: str, extra: dict | None, registered_model_name: str | None) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            for key, value in (extra or {}).items():
+                (Path(tmp) / f"{key}.json").write_text(json.dumps(value, indent=2))
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                run_id=self._run_id,
+                extra_files=[str(f) for f in sorted(Path(tmp).iterdir())] or None,
+                registered_model_name=registered_model_name,
+                serialization_format="pickle",  # "pt2" needs an input example to trace
+                # skips a subprocess that loads the model to infer them (seconds)
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            )
+        return info.model_uri
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with `status` ("FINISHED", "FAILED", "KILLED"); the tracker goes inert."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import ray
 from mlflow import MlflowClient
@@ -61,7 +62,11 @@ def test_deepemocluster_trains_tracks_and_scores(prepared, tmp_path):
     sizes = [run.data.metrics[f"cluster_size_{k}"] for k in range(4)]
     assert sum(sizes) == 8 * 11  # every train chunk (8 utterances x 11 chunks) got a pseudo-label
     assert "test_final_ccc_arousal" in run.data.metrics
-    logged = resolve_bundle(f"runs:/{result.mlflow_run_id}/best_model")
+    mlflow.set_tracking_uri(store)  # how a user points model URIs at a store
+    try:
+        logged = resolve_bundle(f"runs:/{result.mlflow_run_id}/best_model")
+    finally:
+        mlflow.set_tracking_uri(None)
     assert logged.model_kind == "deepemocluster"
 
 
