@@ -35,7 +35,7 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     # Workers run in other folders: pin the local store the driver means.
     config.tracking.tracking_uri = config.tracking.resolved_uri()
     dataset = PreparedDataset(config.data.dataset)  # a missing or unfinished dataset fails here
-    normalizer_ok = dataset.normalizer()  # noqa: F841 - fails early without normalisation statistics
+    dataset.normalizer()  # fails here, not on a worker, when the dataset has no statistics
     scaler = LabelScaler.fit(dataset.read_table(config.data.labeled_splits, list(ATTRIBUTES)), config.model.attributes)
     name = config.name or f"{config.model_kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
