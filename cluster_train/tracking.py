@@ -14,6 +14,8 @@ MLflow's retries and timeout are cut (unless the user set them): a dead server c
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import math
@@ -157,19 +159,9 @@ class RunTracker:
             # mlflow.pytorch.log_model is fluent: it reads the global tracking URI and puts the
             # logged model in the active experiment, so point both at this run's, then put back
             # what the process had (later runs and the user's own MLflow calls must not inherit it).
-            saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-            previous_uri = mlflow.get_tracking_uri()
-            mlflow.set_tracking_uri(self.uri)
-            mlflow.set_experiment(experiment_id=self._experiment_id)
-            try:
+            with mlflow_globals(self.uri):
+                mlflow.set_experiment(experiment_id=self._experiment_id)
                 return self._log_model(model, name, extra, registered_model_name)
-            finally:
-                mlflow.set_tracking_uri(previous_uri)
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
 
         return self._call("log the model", log)
 
@@ -215,11 +207,39 @@ class RunTracker:
         self._client = None
 
 
+@contextlib.contextmanager
+def mlflow_globals(uri: str | None):
+    """Point MLflow's process-wide tracking and registry URIs at `uri` for a fluent call (models:/
+    URIs resolve through the registry URI), then restore them and the environment variables."""
+    if uri is None:
+        yield
+        return
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
+    # What was *set* (None = follow the defaults), not what get_*_uri() resolves to now.
+    tracking, registry = tracking_state._tracking_uri, registry_state._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(registry)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def load_logged_model(
     model_uri: str, tracking_uri: str | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A model logged by `RunTracker.log_model` and its extra dicts, by key (raises on errors)."""
-    local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=tracking_uri))
+    with mlflow_globals(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=tracking_uri))
     extra = {p.stem: json.loads(p.read_text()) for p in (local / "extra_files").glob("*.json")}
     return mlflow.pytorch.load_model(str(local)), extra
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import ray
 from mlflow import MlflowClient
@@ -77,3 +81,35 @@ def test_config_mistake_fails_before_ray_starts(tmp_path):
                              "clustering.num_clusters=20"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "clustering.num_clusters" in result.stderr and "Ray" not in result.stderr
+
+
+def _kill_worker_after_first_checkpoint(run_folder: Path, killed: list) -> None:
+    """Wait for the first checkpoint of the run, then SIGKILL its Ray Train worker process."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not any(run_folder.glob("checkpoint*")):
+        time.sleep(0.2)
+    for process in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+            process.send_signal(signal.SIGKILL)
+            killed.append(process.pid)
+
+
+def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(prepared, tmp_path):
+    def config(name: str):
+        return load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
+            f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", "epochs=2", "patience=2",
+            f"storage_path={tmp_path / 'runs'}", "tracking.enabled=false", f"name={name}",
+            "model.num_clusters=4", "clustering.num_clusters=4", "scaling.max_failures=1"])
+
+    uninterrupted = run_training(config("whole"))
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_worker_after_first_checkpoint, args=(tmp_path / "runs" / "resumed", killed))
+    watcher.start()
+    resumed = run_training(config("resumed"))
+    watcher.join()
+
+    assert killed, "no training worker was found to kill"
+    assert resumed.epochs_run == uninterrupted.epochs_run == 2
+    for split, scores in uninterrupted.scores.items():
+        for attribute, value in scores.items():
+            assert resumed.scores[split][attribute] == pytest.approx(value, abs=1e-5), (split, attribute)
