@@ -188,10 +188,15 @@ def _summary(round_: _Round) -> dict:
 
 def _lookup(round_: _Round, keys: np.ndarray) -> np.ndarray:
     assert round_.keys is not None and round_.labels is not None
+    return lookup_labels(round_.keys, round_.labels, keys)
+
+
+def lookup_labels(table_keys: np.ndarray, table_labels: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """int64 labels of `keys` in a (sorted keys, labels) table; UNKNOWN_LABEL where absent."""
     keys = np.asarray(keys, dtype=np.int64).ravel()
-    index = np.searchsorted(round_.keys, keys).clip(max=max(len(round_.keys) - 1, 0))
-    found = round_.keys[index] == keys
-    return np.where(found, round_.labels[index], UNKNOWN_LABEL).astype(np.int64)
+    index = np.searchsorted(table_keys, keys).clip(max=max(len(table_keys) - 1, 0))
+    found = table_keys[index] == keys
+    return np.where(found, table_labels[index], UNKNOWN_LABEL).astype(np.int64)
 
 
 def get_or_create_service(

@@ -25,7 +25,8 @@ from cluster_train.checkpoint import load_bundle, save_bundle
 from cluster_train.config import OptimizerConfig, TrainConfig
 from cluster_train.data import Batch, ChunkBatches
 from cluster_train.labels import LabelScaler
-from cluster_train.losses import IGNORE_LABEL, ccc, ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
+from cluster_train.kmeans_service import lookup_labels
+from cluster_train.losses import ccc, ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
 from cluster_train.models import build_model
 from cluster_train.tracking import RunTracker
 from data_prep.dataset import PreparedDataset
@@ -182,10 +183,7 @@ class Trainer:
         return loss
 
     def _lookup(self, table: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> torch.Tensor:
-        table_keys, table_labels = table
-        index = np.searchsorted(table_keys, keys).clip(max=max(len(table_keys) - 1, 0))
-        labels = np.where(table_keys[index] == keys, table_labels[index], IGNORE_LABEL)
-        return torch.from_numpy(labels.astype(np.int64)).to(self.device)
+        return torch.from_numpy(lookup_labels(*table, keys)).to(self.device)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
