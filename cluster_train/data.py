@@ -12,6 +12,7 @@ A pseudo-label is keyed by utterance and chunk (`chunk_keys`), never by worker.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -98,14 +99,27 @@ class ChunkBatches:
 
     def __init__(self, normalizer: Normalizer, scaler: LabelScaler, device: torch.device):
         self.normalizer, self.scaler, self.device = normalizer, scaler, device
+        self.loading_seconds = 0.0  # waiting on Ray Data + turning rows into tensors, all calls so far
 
     def __call__(self, iterator, batch_size: int, drop_last: bool, seed: int | None = None) -> Iterator[Batch]:
         shuffle = {} if seed is None else {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": seed}
-        for rows in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle):
-            chunks = np.asarray(rows["chunks"])
-            batch, num_chunks = chunks.shape[0], chunks.shape[1]
-            x = torch.from_numpy(chunks).to(self.device).float()
-            x = self.normalizer.torch(x).reshape(batch * num_chunks, *chunks.shape[2:])
-            labels = np.stack([as_float(rows[a]) for a in self.scaler.attributes], axis=1)
-            targets = torch.from_numpy(self.scaler.to_z(labels).astype(np.float32)).to(self.device)
-            yield Batch(chunk_keys(rows["id"], num_chunks), x, targets, num_chunks)
+        rows_iter = iter(iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle))
+        while True:
+            started = time.perf_counter()
+            batch = self._next_batch(rows_iter)
+            self.loading_seconds += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
+
+    def _next_batch(self, rows_iter) -> Batch | None:
+        rows = next(rows_iter, None)
+        if rows is None:
+            return None
+        chunks = np.asarray(rows["chunks"])
+        batch, num_chunks = chunks.shape[0], chunks.shape[1]
+        x = torch.from_numpy(chunks).to(self.device).float()
+        x = self.normalizer.torch(x).reshape(batch * num_chunks, *chunks.shape[2:])
+        labels = np.stack([as_float(rows[a]) for a in self.scaler.attributes], axis=1)
+        targets = torch.from_numpy(self.scaler.to_z(labels).astype(np.float32)).to(self.device)
+        return Batch(chunk_keys(rows["id"], num_chunks), x, targets, num_chunks)

@@ -105,6 +105,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         timings: dict[str, float] = {}
         metrics: dict[str, float] = {"epoch": epoch}
+        loading_before = self.batches.loading_seconds
         pseudo = None
         if self.service is not None:
             pseudo, cluster_metrics = self._pseudo_labels(epoch, timings)
@@ -119,6 +120,8 @@ class Trainer:
         started = time.perf_counter()
         metrics |= self.validate()
         timings["validation"] = time.perf_counter() - started
+        # Part of the stage times above: waiting on Ray Data and building batches.
+        timings["data_loading"] = self.batches.loading_seconds - loading_before
         metrics |= {f"seconds_{name}": value for name, value in timings.items()}
         self.tracker.log_metrics(metrics, step=epoch)
         return metrics
