@@ -174,3 +174,60 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> float:
     from scipy import stats
 
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def compare_models(
+    runs: dict[str, Sequence[SplitPredictions]], reference: str, k: int = 4, seed: int = 0, alpha: float = 0.05
+) -> dict:
+    """The paper's table: each model's CCC on k random subsets of the split for each of its runs (seeds),
+    mean and standard deviation of those k x runs values per attribute, and a two-tailed t-test against
+    `reference` (paired by subset and run when both have the same number of runs, Welch's otherwise).
+
+    Every run must cover the same utterances; all share one partition into subsets, by utterance id.
+    """
+    if reference not in runs:
+        raise ValueError(f"reference model {reference!r} is not among {sorted(runs)}")
+    first = next(iter(runs.values()))[0]
+    order = sorted(first.ids)
+    subsets_of_sorted = split_into_subsets(len(order), k, seed)
+    values: dict[str, dict[str, np.ndarray]] = {}
+    for model, predictions in runs.items():
+        per_run = []
+        for run, result in enumerate(predictions):
+            if sorted(result.ids) != order:
+                raise ValueError(f"{model} run {run}: its utterances differ from those of the other runs")
+            position = {utterance: i for i, utterance in enumerate(result.ids)}
+            subsets = [np.array([position[order[i]] for i in subset]) for subset in subsets_of_sorted]
+            per_run.append(subset_scores(result, subsets))
+        values[model] = {a: np.concatenate([scores[a] for scores in per_run]) for a in first.attributes}
+    table: dict = {"reference": reference, "subsets": k, "alpha": alpha, "models": {}}
+    for model, per_attribute in values.items():
+        rows = {}
+        for attribute, sample in per_attribute.items():
+            row = {"mean": float(sample.mean()), "std": float(sample.std(ddof=1)) if len(sample) > 1 else 0.0,
+                   "n": int(len(sample)), "p_vs_reference": None, "significant": None}
+            other = values[reference][attribute]
+            if model != reference and len(sample) >= 2 and len(other) >= 2:
+                test = paired_t_test if len(sample) == len(other) else welch_t_test
+                p = test(sample, other)
+                row["p_vs_reference"] = 1.0 if np.isnan(p) else p  # NaN: the samples do not differ at all
+                row["significant"] = bool(row["p_vs_reference"] < alpha)
+            rows[attribute] = row
+        table["models"][model] = {"runs": len(runs[model]), "ccc": rows}
+    return table
+
+
+def format_comparison(table: dict) -> str:
+    """The comparison as text: mean CCC per attribute, * where it differs from the reference (p < alpha)."""
+    models = table["models"]
+    attributes = list(next(iter(models.values()))["ccc"])
+    lines = [f"{'model':<18}{'runs':>5}" + "".join(f"{a:>13}" for a in attributes)]
+    for model, entry in models.items():
+        cells = []
+        for attribute in attributes:
+            row = entry["ccc"][attribute]
+            cells.append(f"{row['mean']:>12.4f}{'*' if row['significant'] else ' '}")
+        lines.append(f"{model:<18}{entry['runs']:>5}" + "".join(cells))
+    lines.append(f"* differs from {table['reference']} (two-tailed t-test, p < {table['alpha']}); "
+                 f"{table['subsets']} random subsets per run")
+    return "\n".join(lines)

@@ -68,5 +68,7 @@ class PreparedDataset:
         from ray.data.expressions import col
 
         wanted = None if columns is None else list(dict.fromkeys([*columns, *(["split"] if splits else [])]))
-        dataset = ray.data.read_parquet(self.shard_uris(), columns=wanted, num_cpus=read_cpus)
+        dataset = ray.data.read_parquet(self.shard_uris(), num_cpus=read_cpus)
+        if wanted is not None:
+            dataset = dataset.select_columns(wanted)  # pushed down into the read by Ray Data's optimizer
         return dataset if splits is None else dataset.filter(expr=col("split").is_in(list(splits)))

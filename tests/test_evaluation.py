@@ -19,8 +19,9 @@ from scipy import stats
 from torch import nn
 
 from cluster_train.checkpoint import BUNDLE_FORMAT, BundleError, load_bundle, log_bundle, resolve_bundle, save_bundle
-from cluster_train.evaluation import (EvaluationError, evaluate_split, paired_t_test, predict_split, predict_table,
-                                      score, split_into_subsets, subset_scores, welch_t_test)
+from cluster_train.evaluation import (EvaluationError, SplitPredictions, compare_models, evaluate_split,
+                                      format_comparison, paired_t_test, predict_split, predict_table, score,
+                                      split_into_subsets, subset_scores, welch_t_test)
 from cluster_train.labels import LabelScaler, label_matrix
 from cluster_train.models import ModelConfig, build_model
 from data_prep.config import PrepConfig, load_config
@@ -49,7 +50,7 @@ def dataset(tmp_path_factory) -> PreparedDataset:
                                             f"output={folder / 'out'}", "progress=false", "shard_size=5"])
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         run_prep(config)
     finally:
@@ -241,3 +242,68 @@ def test_subsets_and_t_tests():
     assert welch_t_test(a, b) < 0.05 and welch_t_test(a, a + rng.normal(0, 0.01, 20)) > 0.05
     with pytest.raises(ValueError):
         paired_t_test(a, b[:10])
+
+
+def _predictions(ids, labels, noise, seed):
+    rng = np.random.default_rng(seed)
+    return SplitPredictions(list(ids), labels + rng.normal(0, noise, labels.shape), labels, ("arousal", "valence"))
+
+
+def test_compare_models_pairs_subsets_by_utterance_and_flags_a_better_model():
+    rng = np.random.default_rng(0)
+    ids = [f"u{i:03d}" for i in range(80)]
+    labels = rng.uniform(1, 7, (80, 2))
+    good = [_predictions(ids, labels, 0.5, seed) for seed in range(3)]
+    # the same utterances in another order: subsets must follow the ids, not the row positions
+    order = rng.permutation(80)
+    bad = []
+    for seed in range(3):
+        p = _predictions(ids, labels, 2.5, 10 + seed)
+        bad.append(SplitPredictions([ids[i] for i in order], p.prediction[order], labels[order], p.attributes))
+    table = compare_models({"cnn_regressor": bad, "deepemocluster": good}, reference="cnn_regressor", k=4)
+
+    ours, reference = table["models"]["deepemocluster"]["ccc"], table["models"]["cnn_regressor"]["ccc"]
+    assert ours["arousal"]["n"] == 12 and reference["arousal"]["p_vs_reference"] is None
+    assert ours["arousal"]["mean"] > reference["arousal"]["mean"] and ours["arousal"]["significant"]
+    subsets = split_into_subsets(80, 4, 0)
+    expected = np.mean([score(good[0].prediction[s], labels[s], ("arousal", "valence"))["arousal"] for s in subsets])
+    per_run0 = compare_models({"cnn_regressor": bad[:1], "deepemocluster": good[:1]}, "cnn_regressor")
+    assert per_run0["models"]["deepemocluster"]["ccc"]["arousal"]["mean"] == pytest.approx(expected)
+    # unpaired when the run counts differ; the same model against itself is not significant
+    welch = compare_models({"cnn_regressor": bad[:2], "deepemocluster": good}, "cnn_regressor")
+    assert welch["models"]["deepemocluster"]["ccc"]["valence"]["p_vs_reference"] < 0.05
+    same = compare_models({"cnn_regressor": good, "copy": good}, "cnn_regressor")
+    assert same["models"]["copy"]["ccc"]["arousal"] | {"mean": 0, "std": 0} == {
+        "mean": 0, "std": 0, "n": 12, "p_vs_reference": 1.0, "significant": False}
+    assert "deepemocluster" in format_comparison(table) and "*" in format_comparison(table)
+    with pytest.raises(ValueError, match="utterances differ"):
+        compare_models({"cnn_regressor": bad, "x": [_predictions(ids[:40], labels[:40], 0.5, 0)]}, "cnn_regressor")
+    with pytest.raises(ValueError, match="reference"):
+        compare_models({"x": good}, "cnn_regressor")
+
+
+def test_paper_table_job_scores_runs_and_tests_them_against_the_reference(dataset, bundle_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("paper_table_job", REPO / "jobs" / "paper_table.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    torch.manual_seed(1)
+    other = str(tmp_path / "other")
+    save_bundle(other, build_model("cnn_regressor", ModelConfig()), "cnn_regressor", ModelConfig(),
+                dataset.normalizer(), load_bundle(bundle_dir).label_scaler)
+    output = tmp_path / "table.json"
+    argv = ["--data", dataset.location, "--model", f"dec={bundle_dir}", "--model", f"dec={bundle_dir}",
+            "--model", f"cnn={other}", "--model", f"cnn={other}", "--reference", "cnn", "--subsets", "2",
+            "--json", str(output)]
+    assert job.main(argv) == 0
+
+    table = json.loads(output.read_text())
+    dec = table["models"]["dec"]["ccc"]["arousal"]
+    assert table["models"]["dec"]["runs"] == 2 and dec["n"] == 4 and 0 <= dec["p_vs_reference"] <= 1
+    test = predict_split(load_bundle(bundle_dir), dataset, "test")
+    order = sorted(test.ids)
+    halves = [[test.ids.index(order[i]) for i in part] for part in split_into_subsets(len(order), 2, 0)]
+    expected = np.mean([score(test.prediction[h], test.labels[h], ATTRS)["arousal"] for h in halves])
+    assert dec["mean"] == pytest.approx(expected, abs=1e-6)
+    assert "dec" in capsys.readouterr().out
+    assert job.main([*argv[:-4], "--reference", "transformer"]) == 2
+    assert "--reference 'transformer' names no --model" in capsys.readouterr().err

@@ -1,0 +1,207 @@
+"""Training throughput: Ray Train with 1 and 2 workers against a plain single-process PyTorch loop.
+
+    python bench/train_bench.py [--prep-config configs/prep/ravdess_sample.yaml] [--epochs 2]
+
+All sides train DeepEmoCluster (same model, optimizers, batch size and prepared data) for the same
+epochs of the paper's loop: embed every training chunk -> K-means -> stage 1 -> stage 2 ->
+development CCC. The plain loop reads the Parquet shards with pyarrow into memory and runs in this
+process with no Ray at all; the Ray Train runs are the real job (`run_training`: Ray Data shards,
+K-means actor, checkpoints; MLflow off). Throughput = chunks trained in stages 1 + 2 per second of
+those stages, in the last epoch (the first carries one-off start-up). Each run's time is also split
+per step. Writes bench/results/train.json: value = Ray Train with 1 worker, baseline = the plain
+loop on the same single thread, same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.accuracy_bench import prepared_dataset  # noqa: E402
+from cluster_train.clustering import fit_clusters  # noqa: E402
+from cluster_train.config import TrainConfig, load_train_config  # noqa: E402
+from cluster_train.data import ROW_COLUMNS, ChunkBatches  # noqa: E402
+from cluster_train.kmeans_service import lookup_labels  # noqa: E402
+from cluster_train.labels import LabelScaler  # noqa: E402
+from cluster_train.losses import ccc, ccc_loss, cluster_ce, sentence_mean  # noqa: E402
+from cluster_train.models import build_model  # noqa: E402
+from cluster_train.trainer import build_optimizer, optimizer_config  # noqa: E402
+from data_prep.dataset import PreparedDataset  # noqa: E402
+from data_prep.manifest import ATTRIBUTES  # noqa: E402
+
+STEPS = ("data_loading", "embedding", "clustering", "stage1", "stage2", "validation", "checkpoint")
+
+
+class TableRows:
+    """An in-memory Arrow table behind the `iter_batches` call `ChunkBatches` makes on a Ray shard."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def iter_batches(self, batch_size, batch_format, drop_last, local_shuffle_buffer_size=None, local_shuffle_seed=None):
+        order = np.arange(self.table.num_rows)
+        if local_shuffle_seed is not None:
+            order = np.random.default_rng(local_shuffle_seed).permutation(order)
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            rows = self.table.take(order[start:start + batch_size])
+            yield {name: rows[name].to_numpy() if name != "chunks" else rows[name].combine_chunks().to_numpy_ndarray()
+                   for name in rows.column_names}
+
+
+def plain_loop(config: TrainConfig, dataset: PreparedDataset, threads: int) -> dict:
+    """The paper's epoch in one process: the same model, losses, optimizers and batches, no Ray."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    train = TableRows(dataset.read_table(config.data.labeled_splits, ROW_COLUMNS))
+    development = TableRows(dataset.read_table([config.data.development_split], ROW_COLUMNS))
+    read_seconds = time.perf_counter() - started
+    scaler = LabelScaler.fit(dataset.read_table(config.data.labeled_splits, list(ATTRIBUTES)), config.model.attributes)
+    batches = ChunkBatches(dataset.normalizer(), scaler, torch.device("cpu"))
+    model = build_model(config.model_kind, config.model).to(memory_format=torch.channels_last)
+    optimizers = {g: build_optimizer(p, optimizer_config(g, config)) for g, p in model.param_groups().items()}
+    size = config.data.batch_size
+    epochs = []
+    for epoch in range(config.epochs):
+        seconds = {}
+        loading_before = batches.loading_seconds
+        started = time.perf_counter()
+        model.eval()
+        keys, features = [], []
+        with torch.no_grad():
+            for batch in batches(train, size, drop_last=False):
+                keys.append(batch.keys)
+                features.append(model.embed(batch.chunks).numpy())
+        seconds["embedding"] = time.perf_counter() - started
+        started = time.perf_counter()
+        keys = np.concatenate(keys)
+        order = np.argsort(keys)
+        _, result = fit_clusters(np.concatenate(features)[order], config.clustering, epoch)
+        table = (keys[order], result.assignments)
+        top = model.cluster_head.reset_top(config.model.num_clusters, torch.Generator().manual_seed(epoch))
+        optimizers["cluster_top"] = build_optimizer(list(top.parameters()), config.optim.cluster_top)
+        seconds["clustering"] = time.perf_counter() - started
+        chunks = 0
+        for stage in (1, 2):
+            started = time.perf_counter()
+            model.train()
+            groups = [g for g in optimizers if stage == 2 or g != "regressor"]
+            for batch in batches(train, size, drop_last=True, seed=config.seed + epoch):
+                for group in groups:
+                    optimizers[group].zero_grad(set_to_none=True)
+                out = model(batch.chunks)
+                loss = cluster_ce(out["cluster_logits"], torch.from_numpy(lookup_labels(*table, batch.keys)))
+                if stage == 2:
+                    loss = loss + ccc_loss(sentence_mean(out["prediction"], batch.num_chunks), batch.targets)
+                loss.backward()
+                for group in groups:
+                    optimizers[group].step()
+                chunks += len(batch.keys)
+            seconds[f"stage{stage}"] = time.perf_counter() - started
+        started = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            pairs = [(sentence_mean(model(b.chunks)["prediction"], b.num_chunks), b.targets)
+                     for b in batches(development, size, drop_last=False)]
+        dev_ccc = ccc(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]))
+        seconds["validation"] = time.perf_counter() - started
+        seconds["data_loading"] = batches.loading_seconds - loading_before + (read_seconds if epoch == 0 else 0.0)
+        epochs.append({"seconds": {k: round(v, 2) for k, v in seconds.items()}, "stage_chunks": chunks,
+                       "chunks_per_second": chunks / (seconds["stage1"] + seconds["stage2"]),
+                       "dev_ccc": [round(float(v), 4) for v in dev_ccc]})
+    return {"threads": threads, "epochs": epochs, "chunks_per_second": epochs[-1]["chunks_per_second"]}
+
+
+def ray_train(train_config: str, overrides: list[str], workers: int) -> dict:
+    """The real job with `workers` Ray Train workers; the last epoch's throughput and time split."""
+    from cluster_train.launch import run_training
+
+    cpus = 1.0 if workers == 1 else 0.75  # two workers on 2 cores leave room for Ray Data's reads
+    config = load_train_config(REPO / train_config, [*overrides, f"scaling.num_workers={workers}",
+                                                     f"scaling.cpus_per_worker={cpus}", f"name=bench-{workers}w"])
+    result = run_training(config)
+    metrics = result.metrics
+    chunks = workers * (metrics["stage1_chunks"] + metrics["stage2_chunks"])  # equal shards: rank 0's x workers
+    seconds = {step: round(metrics.get(f"seconds_{step}", 0.0), 2) for step in STEPS if f"seconds_{step}" in metrics}
+    return {"workers": workers, "cpus_per_worker": cpus, "threads_per_worker": max(1, int(cpus)),
+            "epochs_run": result.epochs_run, "run_seconds": round(result.seconds, 1), "stage_chunks": chunks,
+            "chunks_per_second": chunks / (metrics["seconds_stage1"] + metrics["seconds_stage2"]),
+            "last_epoch_seconds": seconds, "dev_ccc": result.scores[config.data.development_split]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prep-config", default="configs/prep/ravdess_sample.yaml")
+    parser.add_argument("--train-config", default="configs/train/ravdess_sample.yaml")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--output", default=str(REPO / "bench/results/train.json"))
+    args = parser.parse_args(argv)
+
+    import ray
+
+    dataset = prepared_dataset(args.prep_config)
+    storage = tempfile.mkdtemp(prefix="train-bench-")
+    overrides = [f"data.dataset={dataset.location}", f"epochs={args.epochs}", f"patience={args.epochs}",
+                 "tracking.enabled=false", f"storage_path={storage}"]
+    config = load_train_config(REPO / args.train_config, overrides)
+    print("[train-bench] plain loop, 1 thread", flush=True)
+    plain_1 = plain_loop(config, dataset, threads=1)
+    print("[train-bench] plain loop, 2 threads", flush=True)
+    plain_2 = plain_loop(config, dataset, threads=2)
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    ray.init(address="local", logging_level="WARNING", include_dashboard=False)
+    ray_start = time.perf_counter() - started
+    runs = {}
+    for workers in (1, 2):
+        print(f"[train-bench] Ray Train, {workers} worker(s)", flush=True)
+        runs[workers] = ray_train(args.train_config, overrides, workers)
+        print(f"[train-bench] {runs[workers]['chunks_per_second']:.1f} chunks/s", flush=True)
+    ray.shutdown()
+    print("[train-bench] plain loop, 1 thread, again (the machine's drift)", flush=True)
+    plain_1_again = plain_loop(config, dataset, threads=1)
+
+    baseline = (plain_1["chunks_per_second"] + plain_1_again["chunks_per_second"]) / 2
+    one, two = runs[1]["chunks_per_second"], runs[2]["chunks_per_second"]
+    report = {
+        "name": "train",
+        "value": round(one, 2),
+        "unit": "chunks/s trained (stages 1 + 2, last epoch), Ray Train 1 worker x 1 thread",
+        "baseline": "plain single-process PyTorch loop, same model/data/batches, 1 thread, same run "
+                    "(mean of a run before and after the Ray runs)",
+        "baseline_value": round(baseline, 2),
+        "ratio": round(one / baseline, 3),
+        "command": "python bench/train_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "details": {
+            "ratio_2_workers_vs_plain_1_thread": round(two / baseline, 3),
+            "ratio_2_workers_vs_plain_2_threads": round(two / plain_2["chunks_per_second"], 3),
+            "plain_1_thread": plain_1, "plain_1_thread_again": plain_1_again, "plain_2_threads": plain_2,
+            "ray_train_1_worker": runs[1], "ray_train_2_workers": runs[2],
+            "ray_start_seconds": round(ray_start, 1),
+            "dataset": dataset.location, "batch_size": config.data.batch_size, "epochs": args.epochs,
+            "note": "seconds per step of the last epoch; data_loading is the part of the embedding, stage and "
+                    "validation time spent waiting on data and building batches",
+            "machine": f"{os.cpu_count()} CPUs, no GPU; other processes shared the CPUs",
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        },
+    }
+    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: report[k] for k in ("value", "baseline_value", "ratio")}), f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""A sweep: one training run per grid point and seed, then the paper's comparison table.
+
+    config = load_sweep_config("configs/sweep/paper_ravdess.yaml", overrides)
+    result = run_sweep(config)   # trains what is not trained yet, scores, writes <output>/<name>/table.json
+
+Every trial is the ordinary training job (`launch.run_training`) with the grid point's and the seed's
+overrides; its MLflow run goes to the experiment named after the sweep, so the UI shows them side
+by side. All trials' configs are checked before anything trains. A trial whose best model already
+exists is not trained again: a killed sweep, run again, goes on where it stopped. Up to
+`max_concurrent` trials train at once, each its own Ray Train run (on a cluster the autoscaler adds
+the GPUs they ask for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import MISSING
+
+from cluster_train.config import TrainConfig, load_train_config
+from data_prep.config import ConfigError, load_config, require
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    name: str = MISSING  # the MLflow experiment and the folder of the results
+    train_config: str = MISSING  # a training config file (configs/train/...)
+    overrides: list[str] = field(default_factory=list)  # key=value for every trial
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # training key -> values; every combination
+    seeds: list[int] = field(default_factory=lambda: [0])  # trials per grid point (the paper: 5)
+    reference: str | None = None  # the grid point the others are tested against; None: the first
+    split: str = "test"
+    subsets: int = 4  # random equal parts of the split per trial (the paper: 4)
+    max_concurrent: int = 1
+    output: str = "outputs/sweeps"
+
+    def __post_init__(self) -> None:
+        require(len(self.seeds) > 0, "seeds", "name at least one seed")
+        require(self.subsets >= 1, "subsets", "must be >= 1")
+        require(self.max_concurrent >= 1, "max_concurrent", "must be >= 1")
+        require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name", "letters, digits, _ . - only")
+        for key, values in self.grid.items():
+            require(len(values) > 0, f"grid.{key}", "give at least one value")
+            require(key != "seed", f"grid.{key}", "seeds go in `seeds`, not in the grid")
+
+
+@dataclass(frozen=True)
+class Trial:
+    point: str  # the grid point, e.g. "model_kind=cnn_ae"; "base" for an empty grid
+    seed: int
+    config: TrainConfig
+
+
+@dataclass
+class SweepResult:
+    table: dict  # evaluation.compare_models output
+    runs: list[dict]  # per trial: point, seed, run name, best model, MLflow run id, seconds
+    table_file: str
+
+
+def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) -> SweepConfig:
+    return load_config(SweepConfig, path, overrides)
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_label(point: dict[str, Any]) -> str:
+    return ",".join(f"{key}={value}" for key, value in point.items()) or "base"
+
+
+def plan_trials(config: SweepConfig) -> list[Trial]:
+    """Every trial's training config, validated: a wrong key or value fails here, before Ray starts."""
+    trials = []
+    for point in grid_points(config.grid):
+        label = point_label(point)
+        for seed in config.seeds:
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+            overrides = [*config.overrides, *(f"{k}={v}" for k, v in point.items()), f"seed={seed}",
+                         f"name={config.name}-{slug}-seed{seed}", f"tracking.experiment={config.name}"]
+            try:
+                train = load_train_config(config.train_config, overrides)
+            except ConfigError as error:
+                raise ConfigError(f"sweep {config.name}, trial {label} seed {seed}: {error}") from error
+            trials.append(Trial(label, seed, train))
+    labels = [point_label(p) for p in grid_points(config.grid)]
+    if config.reference is not None and config.reference not in labels:
+        raise ConfigError(f"config key 'reference': {config.reference!r} is none of the grid points {labels}")
+    return trials
+
+
+def _absolute(config: TrainConfig) -> TrainConfig:
+    """Local paths made absolute here: a trial run as a Ray task works in another folder."""
+    def resolve(path: str) -> str:
+        return path if "://" in path else str(Path(path).resolve())
+
+    config.tracking.tracking_uri = config.tracking.resolved_uri()
+    return dataclasses.replace(config, storage_path=resolve(config.storage_path),
+                               data=dataclasses.replace(config.data, dataset=resolve(config.data.dataset)))
+
+
+def _trained(config: TrainConfig) -> str | None:
+    bundle = Path(config.storage_path) / str(config.name) / "best_model"
+    return str(bundle) if (bundle / "model.pt").is_file() else None
+
+
+def _train(config: TrainConfig) -> dict:
+    from cluster_train.launch import run_training
+
+    result = run_training(config)
+    return {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
+            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run}
+
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    import ray
+
+    from cluster_train.checkpoint import load_bundle
+    from cluster_train.evaluation import compare_models, predict_split
+    from data_prep.dataset import PreparedDataset
+
+    trials = [dataclasses.replace(t, config=_absolute(t.config)) for t in plan_trials(config)]
+    dataset = PreparedDataset(trials[0].config.data.dataset)  # a missing dataset fails before training
+    runs: list[dict | None] = [None] * len(trials)
+    pending = []
+    for index, trial in enumerate(trials):
+        done = _trained(trial.config)
+        if done:
+            runs[index] = {"best_model": done, "mlflow_run_id": None, "seconds": 0.0, "epochs_run": None,
+                           "reused": True}
+        else:
+            pending.append(index)
+    if pending and not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+    if config.max_concurrent == 1:
+        for index in pending:
+            runs[index] = _train(trials[index].config)
+    else:
+        train_task = ray.remote(num_cpus=0, max_retries=0)(_train)
+        waiting: dict = {}
+        queue = list(pending)
+        while queue or waiting:
+            while queue and len(waiting) < config.max_concurrent:
+                index = queue.pop(0)
+                waiting[train_task.remote(trials[index].config)] = index
+            ready, _ = ray.wait(list(waiting), num_returns=1)
+            index = waiting.pop(ready[0])
+            runs[index] = ray.get(ready[0])
+
+    predictions: dict[str, list] = {}
+    for trial, run in zip(trials, runs):
+        assert run is not None
+        run |= {"point": trial.point, "seed": trial.seed, "name": trial.config.name}
+        bundle = load_bundle(run["best_model"])
+        predictions.setdefault(trial.point, []).append(predict_split(bundle, dataset, config.split))
+    table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets)
+    table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location, "runs": runs}
+    folder = Path(config.output) / config.name
+    folder.mkdir(parents=True, exist_ok=True)
+    table_file = folder / "table.json"
+    table_file.write_text(json.dumps(table, indent=1) + "\n")
+    return SweepResult(table, [r for r in runs if r is not None], str(table_file))

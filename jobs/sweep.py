@@ -1,0 +1,46 @@
+"""Sweep: `python jobs/sweep.py --config configs/sweep/X.yaml [key=value ...]`.
+
+Trains every grid point x seed of the sweep config (cluster_train/sweep.py), skipping trials already
+trained, then prints the paper's table: mean test CCC over subsets x seeds per grid point, * where a
+two-tailed t-test finds it differs from the reference. Runs unchanged under `ray job submit`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
+
+from cluster_train.evaluation import format_comparison  # noqa: E402
+from cluster_train.sweep import load_sweep_config, plan_trials  # noqa: E402
+from data_prep.config import ConfigError  # noqa: E402
+from data_prep.dataset import DatasetError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Train a grid of configs x seeds and compare them.")
+    parser.add_argument("--config", required=True, help="YAML file of SweepConfig settings (cluster_train/sweep.py)")
+    parser.add_argument("--dry-run", action="store_true", help="check every trial's config, list them, train nothing")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        config = load_sweep_config(args.config, args.overrides)
+        trials = plan_trials(config)
+        print(f"sweep {config.name}: {len(trials)} trials")
+        if args.dry_run:
+            for trial in trials:
+                print(f"  {trial.point} seed {trial.seed}: {trial.config.name}")
+            return 0
+        from cluster_train.sweep import run_sweep
+
+        result = run_sweep(config)
+    except (ConfigError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_comparison(result.table))
+    print(f"table and runs: {result.table_file}; MLflow experiment {config.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
