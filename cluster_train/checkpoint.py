@@ -11,6 +11,9 @@ it and no pickled object is ever executed on load:
     normalizer    {"mean": [...], "std": [...], "clip": float}: the features' z-normalisation
     label_scaler  LabelScaler.to_dict(): the model predicts z-scored labels
     extra         free plain values: epoch, metrics, dataset hash, ...
+    features      the prepared dataset's settings that made the model's input chunks
+                  (`data_prep.shards.CHUNK_SETTINGS`: features, chunks, storage_dtype), so that
+                  prediction on raw audio computes the same chunks; absent in older bundles
 
 MLflow convention. A run logs the bundle under a model name `<name>` (e.g. "model") so that the
 run's artifact `<name>/bundle/model.pt` is the bundle file: `log_bundle` attaches it to an MLflow
@@ -23,6 +26,7 @@ works for `runs:/` URIs (MLflow 3 registers only logged models, so not for `mode
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ from torch import nn
 
 from cluster_train.labels import LabelScaler
 from cluster_train.models import ModelConfig, build_model
+from data_prep.shards import CHUNK_SETTINGS, ChunkRecipe
 from data_prep.stats import Normalizer
 
 BUNDLE_FILE = "model.pt"
@@ -56,6 +61,7 @@ class Bundle:
     label_scaler: LabelScaler
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    features: dict[str, Any] | None = None  # the chunk settings (CHUNK_SETTINGS); None in older bundles
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -84,16 +90,18 @@ def plain(value: Any, where: str = "extra") -> Any:
     raise TypeError(f"{where}: {type(value).__name__} is not a plain value a weights-only load can read")
 
 
-def save_bundle(
-    path: str,
-    model: nn.Module,
-    model_kind: str,
-    model_config: ModelConfig,
-    normalizer: Normalizer,
-    label_scaler: LabelScaler,
-    extra: dict | None = None,
-) -> str:
-    """Write `<path>/model.pt` (atomically: a reader never sees half a file); returns its path."""
+def chunk_features(settings: dict, model_config: ModelConfig) -> dict:
+    """The CHUNK_SETTINGS part of a prepared dataset's settings, checked against the model's input."""
+    recipe = ChunkRecipe.from_settings(settings)
+    shape = (recipe.chunks.chunk_frames, recipe.features.n_mels)
+    if shape != (model_config.chunk_frames, model_config.n_mels):
+        raise ValueError(f"features make chunks of {shape} (frames, mels), the model takes "
+                         f"{(model_config.chunk_frames, model_config.n_mels)}")
+    return plain({key: settings[key] for key in CHUNK_SETTINGS}, "features")
+
+
+def _payload(model: nn.Module, model_kind: str, model_config: ModelConfig, normalizer: Normalizer,
+             label_scaler: LabelScaler, extra: dict | None, features: dict | None) -> dict:
     if tuple(label_scaler.attributes) != tuple(model_config.attributes):
         raise ValueError(f"label scaler {label_scaler.attributes} != model attributes {model_config.attributes}")
     payload = {
@@ -107,6 +115,27 @@ def save_bundle(
         "label_scaler": label_scaler.to_dict(),
         "extra": plain(extra or {}),
     }
+    if features is not None:
+        payload["features"] = chunk_features(features, model_config)
+    return payload
+
+
+def save_bundle(
+    path: str,
+    model: nn.Module,
+    model_kind: str,
+    model_config: ModelConfig,
+    normalizer: Normalizer,
+    label_scaler: LabelScaler,
+    extra: dict | None = None,
+    features: dict | None = None,
+) -> str:
+    """Write `<path>/model.pt` (atomically: a reader never sees half a file); returns its path.
+
+    `features`: the prepared dataset's settings (`PreparedDataset(...).settings`; only
+    CHUNK_SETTINGS are kept), which prediction on raw audio needs; None leaves them out.
+    """
+    payload = _payload(model, model_kind, model_config, normalizer, label_scaler, extra, features)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
@@ -125,14 +154,32 @@ def load_bundle(path: str, map_location: str | torch.device = "cpu") -> Bundle:
     file = file / BUNDLE_FILE if file.is_dir() else file
     if not file.is_file():
         raise BundleError(f"{path}: no model bundle here (expected a directory with {BUNDLE_FILE} from save_bundle)")
+    return _load(file, str(file), str(path), map_location)
+
+
+def bundle_to_bytes(bundle: Bundle) -> bytes:
+    """The bundle as the bytes of its `model.pt`: to ship it to workers that cannot read its path."""
+    payload = _payload(bundle.model, bundle.model_kind, bundle.model_config, bundle.normalizer,
+                       bundle.label_scaler, bundle.extra, bundle.features)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def bundle_from_bytes(data: bytes, source: str, map_location: str | torch.device = "cpu") -> Bundle:
+    """A bundle from `bundle_to_bytes`; `source` names it in messages and in `Bundle.source`."""
+    return _load(io.BytesIO(data), source, source, map_location)
+
+
+def _load(file: Any, where: str, source: str, map_location: str | torch.device) -> Bundle:
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several kinds for a bad file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BundleError(f"{file}: not a readable model bundle (weights-only load refused it: {reason})") from error
+        raise BundleError(f"{where}: not a readable model bundle (weights-only load refused it: {reason})") from error
     if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise BundleError(f"{file}: not a model bundle (format {found!r}, expected {BUNDLE_FORMAT!r})")
+        raise BundleError(f"{where}: not a model bundle (format {found!r}, expected {BUNDLE_FORMAT!r})")
     try:
         config_dict = dict(payload["model_config"])
         config_dict["attributes"] = tuple(config_dict["attributes"])
@@ -142,9 +189,10 @@ def load_bundle(path: str, map_location: str | torch.device = "cpu") -> Bundle:
         normalizer = Normalizer(**payload["normalizer"])
         scaler = LabelScaler.from_dict(payload["label_scaler"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise BundleError(f"{file}: broken model bundle: {error}") from error
+        raise BundleError(f"{where}: broken model bundle: {error}") from error
     model.to(map_location).eval()
-    return Bundle(model, payload["model_kind"], config, normalizer, scaler, payload.get("extra", {}), str(path))
+    return Bundle(model, payload["model_kind"], config, normalizer, scaler, payload.get("extra", {}), source,
+                  payload.get("features"))
 
 
 def is_mlflow_uri(source: str) -> bool:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from data_prep.audio import AudioRejected, load_audio
 from data_prep.chunking import chunk_starts, split_into_chunks
-from data_prep.config import PrepConfig
+from data_prep.config import ChunkConfig, FeatureConfig, PrepConfig
 from data_prep.manifest import ATTRIBUTES, Utterance
 from data_prep.mel import MelSpectrogram
 from data_prep.stats import RunningStats
@@ -90,8 +90,82 @@ def _mel_extractor(features: tuple) -> MelSpectrogram:
     return MelSpectrogram(sample_rate, n_fft, hop_length, n_mels, scale, peak_normalize)
 
 
+def mel_extractor(features: FeatureConfig) -> MelSpectrogram:
+    return _mel_extractor(tuple(dataclasses.asdict(features).values()))
+
+
 def mel_for(config: PrepConfig) -> MelSpectrogram:
-    return _mel_extractor(tuple(dataclasses.asdict(config.features).values()))
+    return mel_extractor(config.features)
+
+
+# The settings that decide what chunks a file gives: a model trained on a dataset keeps them
+# (its bundle's `features`) so that prediction on raw audio computes the very same chunks.
+CHUNK_SETTINGS = ("features", "chunks", "storage_dtype")
+
+
+@dataclass(frozen=True)
+class ChunkRecipe:
+    """Audio file -> a sentence's C chunks: the part of a dataset's settings a model's input depends on."""
+
+    features: FeatureConfig
+    chunks: ChunkConfig
+    storage_dtype: str = "float16"
+
+    @classmethod
+    def from_config(cls, config: PrepConfig) -> "ChunkRecipe":
+        return cls(config.features, config.chunks, config.storage_dtype)
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "ChunkRecipe":
+        """From a dataset's settings (`dataset.json`) or a bundle's `features`; ValueError when incomplete."""
+        missing = [key for key in CHUNK_SETTINGS if key not in settings]
+        if missing:
+            raise ValueError(f"settings lack {', '.join(missing)} (need {', '.join(CHUNK_SETTINGS)})")
+        try:
+            return cls(FeatureConfig(**settings["features"]), ChunkConfig(**settings["chunks"]),
+                       str(settings["storage_dtype"]))
+        except TypeError as error:  # an unknown or missing key inside features / chunks
+            raise ValueError(f"settings do not fit this version's FeatureConfig / ChunkConfig: {error}") from error
+
+
+@dataclass(frozen=True)
+class ChunkedAudio:
+    """One file as prep stores it: its mel spectrogram and the C chunks cut from it."""
+
+    duration: float  # seconds, at the recipe's sample rate
+    mel: np.ndarray  # (T, n_mels) float32, un-normalised
+    chunks: np.ndarray  # (C, w_c, n_mels) in the recipe's storage dtype
+
+
+def chunk_audio(location: str, recipe: ChunkRecipe, expected_duration: float | None = None) -> ChunkedAudio:
+    """Read, decode, check and cut one file into chunks; raises AudioRejected with the reason.
+
+    The one implementation of audio -> chunks: prep's shards and prediction both call it.
+    """
+    features, chunking = recipe.features, recipe.chunks
+    try:
+        data = read_bytes(location)
+    except OSError as error:
+        raise AudioRejected(f"unreadable: {error}") from error
+    wave = load_audio(data, location, features.sample_rate, expected_duration)
+    duration = len(wave) / features.sample_rate
+    if duration < chunking.min_seconds:
+        raise AudioRejected(f"too short: {duration:.3f} s is below chunks.min_seconds = {chunking.min_seconds} s")
+    mel = mel_extractor(features)(wave)
+    largest = float(np.abs(mel).max())
+    if largest > np.finfo(recipe.storage_dtype).max:
+        raise AudioRejected(
+            f"overflow: mel value {largest:.4g} exceeds {recipe.storage_dtype}; use storage_dtype=float32"
+        )
+    stored = to_storage_dtype(mel, recipe.storage_dtype)
+    return ChunkedAudio(duration, mel, split_into_chunks(stored, chunking.num_chunks, chunking.chunk_frames))
+
+
+def reject_reason(error: Exception) -> str:
+    """The reason recorded for a file that failed: AudioRejected's own, else the error, marked 'failed'."""
+    if isinstance(error, AudioRejected):
+        return error.reason
+    return f"failed: {type(error).__name__}: {error}"
 
 
 class ShardBuilder:
@@ -99,6 +173,7 @@ class ShardBuilder:
 
     def __init__(self, config: PrepConfig):
         self.config = config
+        self.recipe = ChunkRecipe.from_config(config)
         self.columns: dict[str, list] = {name: [] for name in chunk_schema(config).names}
         self.stats = RunningStats.empty(config.features.n_mels)
         self.rejects: list[dict] = []
@@ -108,30 +183,13 @@ class ShardBuilder:
     def add(self, row: Utterance) -> None:
         try:
             self._add(row)
-        except AudioRejected as rejected:
-            self.rejects.append({"id": row.id, "audio": row.audio, "split": row.split, "reason": rejected.reason})
         except Exception as error:  # noqa: BLE001 - one bad file must never stop the job
-            reason = f"failed: {type(error).__name__}: {error}"
-            self.rejects.append({"id": row.id, "audio": row.audio, "split": row.split, "reason": reason})
+            self.rejects.append({"id": row.id, "audio": row.audio, "split": row.split, "reason": reject_reason(error)})
 
     def _add(self, row: Utterance) -> None:
-        features, chunking = self.config.features, self.config.chunks
-        try:
-            data = read_bytes(row.audio)
-        except OSError as error:
-            raise AudioRejected(f"unreadable: {error}") from error
-        wave = load_audio(data, row.audio, features.sample_rate, row.duration)
-        duration = len(wave) / features.sample_rate
-        if duration < chunking.min_seconds:
-            raise AudioRejected(
-                f"too short: {duration:.3f} s is below chunks.min_seconds = {chunking.min_seconds} s"
-            )
-        mel = mel_for(self.config)(wave)
-        largest = float(np.abs(mel).max())
-        if largest > np.finfo(self.config.storage_dtype).max:
-            raise AudioRejected(f"overflow: mel value {largest:.4g} exceeds {self.config.storage_dtype}; use storage_dtype=float32")
-        stored = to_storage_dtype(mel, self.config.storage_dtype)
-        stored = split_into_chunks(stored, chunking.num_chunks, chunking.chunk_frames)
+        chunking = self.config.chunks
+        audio = chunk_audio(row.audio, self.recipe, row.duration)
+        mel = audio.mel
         if row.split in self.config.stats_splits:
             self.stats.update(mel)
         values = {
@@ -139,15 +197,15 @@ class ShardBuilder:
             "split": row.split,
             "category": row.category,
             "speaker": row.speaker,
-            "duration": duration,
+            "duration": audio.duration,
             "n_frames": len(mel),
             "chunk_starts": chunk_starts(len(mel), chunking.num_chunks, chunking.chunk_frames).tolist(),
-            "chunks": stored,
+            "chunks": audio.chunks,
         }
         values.update({name: getattr(row, name) for name in ATTRIBUTES})
         for name, value in values.items():
             self.columns[name].append(value)
-        self.seconds_by_split[row.split] += duration
+        self.seconds_by_split[row.split] += audio.duration
         self.count_by_split[row.split] += 1
 
     def table(self) -> pa.Table:
