@@ -1,4 +1,10 @@
-"""The per-epoch K-means service, gather-to-one design: one Ray actor clusters all embeddings.
+"""The per-epoch K-means service: one Ray actor that clusters for all training ranks.
+
+Two of the modes of `pseudo_labels.py` use it: "gather" (below) and "sample", where each rank
+sends only a bounded sample (`submit_sample`) and gets back the preprocessor and centroids
+(`wait_fit`); the actor then holds nothing that grows with the number of chunks.
+
+Gather-to-one:
 
 Each training rank sends its chunk embeddings, keyed by global chunk key
 (utterance index * num_chunks + chunk index); once all `world_size` ranks have sent theirs the
@@ -17,12 +23,18 @@ group restarted from a checkpoint) opens a new round for the same epoch, cluster
 rank has resubmitted, with a new `version`. Duplicate keys (a sampler padding its last batch) count
 once. Points are clustered in ascending key order, so the labels do not depend on how the keys were
 split among the ranks.
+
+Restarts: created with `max_restarts`, a killed actor comes back empty with a new `incarnation`.
+Every call takes the incarnation the caller started its attempt with and fails at once with
+`IncarnationChanged` on a newer one, so no rank waits in a round the others will never join;
+`pseudo_labels.py` then retries the whole clustering on every rank.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,15 +45,21 @@ from cluster_train.clustering import ClusteringConfig, KMeansResult, Preprocesso
 UNKNOWN_LABEL = -100  # a key not clustered this epoch (cross-entropy's default ignore_index)
 
 
+class IncarnationChanged(RuntimeError):
+    """The actor restarted since the caller's attempt began: what it held is gone; start again."""
+
+
 @dataclass
 class _Round:
     epoch: int
+    kind: str = "gather"  # "gather": all points, labels kept; "sample": a sample, centroids only
     parts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # the clustering, once every rank submitted
     keys: np.ndarray | None = None  # sorted unique keys, after clustering
     labels: np.ndarray | None = None  # their labels
     result: KMeansResult | None = None
+    preprocessor: Preprocessor | None = None
     version: int = 0
     error: BaseException | None = None
 
@@ -59,25 +77,57 @@ class KMeansService:
         self._round: _Round | None = None
         self._version = 0  # clusterings completed by this actor
         self._state: dict = {"epoch": None, "version": 0}
+        self._incarnation = uuid.uuid4().hex  # new on every (re)start: what a restart lost
 
     def describe(self) -> dict:
         return {"config": dataclasses.asdict(self._config), "world_size": self._world_size}
 
-    async def submit(self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray) -> None:
+    def incarnation(self) -> str:
+        return self._incarnation
+
+    def progress(self) -> dict:
+        """Where the current round is: {"epoch", "kind", "submitted" (ranks), "started", "done"}."""
+        round_ = self._round
+        if round_ is None:
+            return {"epoch": None, "kind": None, "submitted": [], "started": False, "done": False}
+        return {"epoch": round_.epoch, "kind": round_.kind, "submitted": sorted(round_.parts),
+                "started": round_.started, "done": round_.done.is_set()}
+
+    async def submit(
+        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, incarnation: str | None = None
+    ) -> None:
         """Send this rank's embeddings for `epoch`; returns at once (use `wait_result`)."""
+        self._check(incarnation)
         await self._join(epoch, rank, keys, embeddings)
 
-    async def wait_result(self, epoch: int, timeout_s: float = 3600.0) -> dict:
+    async def submit_sample(self, epoch: int, rank: int, sample: np.ndarray, incarnation: str | None = None) -> None:
+        """Send this rank's sample for `epoch` ("sample" mode); `wait_fit` gives the centroids."""
+        self._check(incarnation)
+        await self._join(epoch, rank, np.empty(0, np.int64), sample, kind="sample")
+
+    async def wait_fit(self, epoch: int, timeout_s: float = 3600.0, incarnation: str | None = None) -> dict:
+        """"sample" mode: the summary of the K-means on the union of the samples, with the
+        fitted `preprocessor` and `centroids` every rank assigns its own chunks with."""
+        self._check(incarnation)
+        round_ = await self._wait(self._current(epoch), timeout_s)
+        assert round_.result is not None
+        return _summary(round_) | {"preprocessor": round_.preprocessor, "centroids": round_.result.centroids}
+
+    async def wait_result(self, epoch: int, timeout_s: float = 3600.0, incarnation: str | None = None) -> dict:
         """Block until all ranks submitted for `epoch` and the clustering ran; its summary."""
+        self._check(incarnation)
         return _summary(await self._wait(self._current(epoch), timeout_s))
 
     async def labels(self, epoch: int, keys: np.ndarray, timeout_s: float = 3600.0) -> np.ndarray:
         """int64 pseudo-labels of `keys` (any rank's) for `epoch`; UNKNOWN_LABEL where unknown."""
         return _lookup(await self._wait(self._current(epoch), timeout_s), keys)
 
-    async def label_table(self, epoch: int, timeout_s: float = 3600.0) -> tuple[np.ndarray, np.ndarray]:
+    async def label_table(
+        self, epoch: int, timeout_s: float = 3600.0, incarnation: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(sorted keys, their labels) of every chunk clustered for `epoch`: any worker can look up
         the pseudo-label of any row it reads."""
+        self._check(incarnation)
         round_ = await self._wait(self._current(epoch), timeout_s)
         return round_.keys, round_.labels
 
@@ -89,18 +139,25 @@ class KMeansService:
         round_ = await self._join(epoch, rank, keys, embeddings)
         return _lookup(await self._wait(round_, timeout_s), keys)
 
+    def _check(self, incarnation: str | None) -> None:
+        if incarnation is not None and incarnation != self._incarnation:
+            raise IncarnationChanged(
+                f"the K-means actor restarted (incarnation {self._incarnation}, caller began with "
+                f"{incarnation}): its round is lost, cluster again"
+            )
+
     def state(self) -> dict:
         """What a checkpoint keeps of the last clustering: epoch, version, centroids, ..."""
         return dict(self._state)
 
     async def _join(
-        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray
+        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, kind: str = "gather"
     ) -> _Round:
         if not 0 <= rank < self._world_size:
             raise ValueError(f"rank {rank} outside world_size {self._world_size}")
         keys = np.asarray(keys, dtype=np.int64).ravel()
         embeddings = np.asarray(embeddings, dtype=np.float32)
-        if embeddings.ndim != 2 or len(embeddings) != len(keys):
+        if embeddings.ndim != 2 or (kind == "gather" and len(embeddings) != len(keys)):
             raise ValueError(f"{len(keys)} keys but embeddings of shape {embeddings.shape}")
         round_ = self._round
         if round_ is not None and round_.epoch == epoch and round_.started:
@@ -108,8 +165,10 @@ class KMeansService:
         round_ = self._round
         if round_ is not None and epoch < round_.epoch:
             raise ValueError(f"epoch {epoch} is stale: the service is at epoch {round_.epoch}")
+        if round_ is not None and round_.epoch == epoch and round_.kind != kind and not round_.started:
+            raise ValueError(f"epoch {epoch}: a {kind!r} submission in a {round_.kind!r} round")
         if round_ is None or epoch > round_.epoch or round_.started:
-            round_ = self._round = _Round(epoch)  # drops the previous epoch: one in memory
+            round_ = self._round = _Round(epoch, kind)  # drops the previous epoch: one in memory
         round_.parts[rank] = (keys, embeddings)
         if len(round_.parts) == self._world_size:
             round_.task = asyncio.get_running_loop().create_task(self._run(round_))
@@ -119,10 +178,10 @@ class KMeansService:
         try:
             parts = [round_.parts[rank] for rank in range(self._world_size)]
             round_.parts = {}
-            keys, labels, preprocessor, result = await asyncio.to_thread(
-                _cluster_union, parts, self._config, round_.epoch
-            )
+            run = _cluster_union if round_.kind == "gather" else _fit_sample
+            keys, labels, preprocessor, result = await asyncio.to_thread(run, parts, self._config, round_.epoch)
             round_.keys, round_.labels, round_.result = keys, labels, result
+            round_.preprocessor = preprocessor
             self._version += 1
             round_.version = self._version
             self._state = _summary(round_) | {
@@ -171,6 +230,18 @@ def _cluster_union(
     return keys, result.assignments, preprocessor, result
 
 
+def _fit_sample(
+    parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, epoch: int
+) -> tuple[None, None, Preprocessor, KMeansResult]:
+    """"sample" mode: fit the preprocessor and K-means on the ranks' samples, in rank order."""
+    dims = {sample.shape[1] for _, sample in parts}
+    if len(dims) != 1:
+        raise ValueError(f"ranks sent samples of different widths: {sorted(dims)}")
+    sample = np.concatenate([sample for _, sample in parts])
+    preprocessor, result = fit_clusters(sample, config, epoch)
+    return None, None, preprocessor, result
+
+
 def _summary(round_: _Round) -> dict:
     result = round_.result
     assert result is not None
@@ -183,6 +254,7 @@ def _summary(round_: _Round) -> dict:
         "reseeded": result.reseeded,
         "iterations": result.iterations,
         "seconds": result.seconds,
+        "kind": round_.kind,
     }
 
 
@@ -201,7 +273,7 @@ def lookup_labels(table_keys: np.ndarray, table_labels: np.ndarray, keys: np.nda
 
 def get_or_create_service(
     name: str, config: ClusteringConfig, world_size: int, namespace: str | None = None,
-    *, detached: bool = False, num_gpus: float | None = None,
+    *, detached: bool = False, num_gpus: float | None = None, max_restarts: int | None = None,
 ) -> ray.actor.ActorHandle:  # fmt: skip
     """The named KMeansService, created if missing; workers find it with `ray.get_actor(name)`.
 
@@ -209,6 +281,7 @@ def get_or_create_service(
     detached one outlives it and must be killed by hand). `num_gpus=None` asks for one GPU when
     the cluster has any and `config.use_gpu` is not False. An existing actor of that name must
     have the same config and world size, else ValueError (a stale actor from another run).
+    `max_restarts`: None takes `config.actor_restarts`.
     """
     if num_gpus is None:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -216,6 +289,7 @@ def get_or_create_service(
     service = KMeansService.options(
         name=name, namespace=namespace, get_if_exists=True, num_gpus=num_gpus,
         lifetime="detached" if detached else None,
+        max_restarts=config.actor_restarts if max_restarts is None else max_restarts,
     ).remote(config, world_size)  # fmt: skip
     found = ray.get(service.describe.remote())
     wanted = {"config": dataclasses.asdict(config), "world_size": world_size}

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class TrainResult:
     scores: dict[str, dict[str, float]]  # split -> attribute -> CCC (raw label scale)
     epochs_run: int
     seconds: float
+    metrics: dict  # what the last epoch reported: losses, development CCC, seconds per step
 
 
 def run_training(config: TrainConfig, config_text: str | None = None) -> TrainResult:
@@ -55,7 +57,8 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     context.enable_progress_bars = False  # one bar per worker and epoch would bury the log
     datasets = build_datasets(dataset, config.data, config.seed)
     service = None
-    if config.clusters:
+    if config.clusters and config.clustering.mode != "allreduce":  # "allreduce" clusters inside the workers
+        # restarted up to clustering.actor_restarts times if it dies; the workers then cluster again
         service = get_or_create_service(f"kmeans-{name}", config.clustering, config.scaling.num_workers)
 
     tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
@@ -87,10 +90,14 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
         shutil.rmtree(output, ignore_errors=True)
         shutil.copytree(Path(folder) / BEST_DIR, output)
     run_id = result.metrics.get("mlflow_run_id") or None
+    if config.tracking.enabled and run_id is None:
+        warnings.warn(f"run {name} is not tracked: MLflow at {config.tracking.tracking_uri} failed on the "
+                      f"training worker (its log has the error); the best model is in {output}", RuntimeWarning)
     scores = finish_run(config, str(output), dataset, run_id, config_text)
     if service is not None:
         ray.kill(service)
-    return TrainResult(name, str(output), run_id, scores, int(result.metrics["epoch"]) + 1, time.perf_counter() - started)
+    return TrainResult(name, str(output), run_id, scores, int(result.metrics["epoch"]) + 1,
+                       time.perf_counter() - started, dict(result.metrics))
 
 
 def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset, run_id: str | None,
@@ -112,7 +119,7 @@ def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset, r
         model_uri = tracker.log_model(bundle.model, name="best_model",
                           extra={"normalizer": {"mean": bundle.normalizer.mean.tolist(), "std": bundle.normalizer.std.tolist(),
                                                 "clip": bundle.normalizer.clip},
-                                 "label_scaler": bundle.label_scaler.to_dict()})
+                                 "label_scaler": bundle.label_scaler.to_dict(), "features": bundle.features or {}})
         if model_uri:  # the bundle inside the logged model: runs:/ and models:/ URIs both load it
             log_bundle(bundle_dir, name="best_model", model_id=model_uri.rsplit("/", 1)[-1],
                        tracking_uri=config.tracking.tracking_uri)

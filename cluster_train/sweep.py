@@ -107,17 +107,26 @@ def _absolute(config: TrainConfig) -> TrainConfig:
                                data=dataclasses.replace(config.data, dataset=resolve(config.data.dataset)))
 
 
-def _trained(config: TrainConfig) -> str | None:
-    bundle = Path(config.storage_path) / str(config.name) / "best_model"
-    return str(bundle) if (bundle / "model.pt").is_file() else None
+RUN_FILE = "run.json"  # beside a trial's best_model/: what its training reported
+
+
+def _trained(config: TrainConfig) -> dict | None:
+    """The record of a trial trained before (its best model and run.json exist), else None."""
+    folder = Path(config.storage_path) / str(config.name)
+    if not (folder / "best_model" / "model.pt").is_file() or not (folder / RUN_FILE).is_file():
+        return None
+    return json.loads((folder / RUN_FILE).read_text()) | {"reused": True}
 
 
 def _train(config: TrainConfig) -> dict:
     from cluster_train.launch import run_training
 
     result = run_training(config)
-    return {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
-            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run}
+    run = {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
+           "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
+           "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+    (Path(config.storage_path) / str(config.name) / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+    return run
 
 
 def run_sweep(config: SweepConfig) -> SweepResult:
@@ -132,11 +141,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     runs: list[dict | None] = [None] * len(trials)
     pending = []
     for index, trial in enumerate(trials):
-        done = _trained(trial.config)
-        if done:
-            runs[index] = {"best_model": done, "mlflow_run_id": None, "seconds": 0.0, "epochs_run": None,
-                           "reused": True}
-        else:
+        runs[index] = _trained(trial.config)
+        if runs[index] is None:
             pending.append(index)
     if pending and not ray.is_initialized():
         ray.init(logging_level="WARNING")

@@ -136,6 +136,10 @@ class RunTracker:
     def log_dict(self, value: dict, artifact_file: str) -> None:
         self._call("log a dict", lambda c: c.log_dict(self._run_id, value, artifact_file))
 
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact (e.g. "clusters/arousal_epoch_003.png")."""
+        self._call("log a figure", lambda c: c.log_figure(self._run_id, figure, artifact_file))
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self._call(
             "log an artifact", lambda c: c.log_artifact(self._run_id, local_path, artifact_path)

@@ -1,6 +1,6 @@
 """The epoch loop that runs on every Ray Train worker (`train_func`).
 
-Each epoch, as the paper: embed every training chunk -> K-means (the KMeansService actor) ->
+Each epoch, as the paper: embed every training chunk -> K-means (`pseudo_labels.py`, 3 modes) ->
 pseudo-labels -> stage 1 on unlabeled rows (encoder + cluster head) -> stage 2 on labelled rows
 (all heads) -> development loss -> checkpoint through `ray.train.report`. The paper's baselines run
 in the same loop: the CNN-regressor skips stage 1, the CNN-AE / CNN-VAE train stage 1 on
@@ -25,7 +25,8 @@ from cluster_train.checkpoint import load_bundle, save_bundle
 from cluster_train.config import OptimizerConfig, TrainConfig
 from cluster_train.data import Batch, ChunkBatches
 from cluster_train.labels import LabelScaler
-from cluster_train.kmeans_service import lookup_labels
+from cluster_train.diagnostics import ClusterDiagnostics
+from cluster_train.pseudo_labels import Collective, LabelTable, build_labeler, uniform_over_clusters
 from cluster_train.losses import ccc, ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
 from cluster_train.models import build_model
 from cluster_train.tracking import RunTracker
@@ -65,6 +66,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         dataset = PreparedDataset(config.data.dataset)
         self.normalizer, self.scaler = dataset.normalizer(), LabelScaler.from_dict(label_scaler)
+        self.dataset_settings = dataset.settings  # saved with the best model: prediction recomputes its chunks
         # channels_last: 1.5x faster convolutions on CPU (measured here), the layout GPUs prefer too
         self.module = build_model(config.model_kind, config.model).to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(
@@ -75,7 +77,15 @@ class Trainer:
             for group, params in self.module.param_groups().items()
         }
         self.batches = ChunkBatches(self.normalizer, self.scaler, self.device)
-        self.service = service  # the KMeansService actor handle, None for the baselines
+        self.service = service  # the KMeansService actor handle: None for the baselines and mode "allreduce"
+        # Pseudo-labels, whatever clustering.mode (pseudo_labels.py); diagnostics on rank 0 only.
+        self.labeler = build_labeler(config.clustering, service, Collective(), self.device) if config.clusters else None
+        self.num_chunks = int(dataset.settings["chunks"]["num_chunks"])
+        cluster_splits = sorted({*config.data.unlabeled_splits, *config.data.labeled_splits})
+        self.diagnostics = (ClusterDiagnostics.from_dataset(dataset, cluster_splits, self.num_chunks)
+                            if config.clusters and context.get_world_rank() == 0 else None)
+        self.cluster_sizes: np.ndarray | None = None  # this epoch's, for the stage-1 sampler
+        self.sampler_generator = torch.Generator()
         self.state = TrainState()
         self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         self._restore(ray.train.get_checkpoint())
@@ -107,15 +117,15 @@ class Trainer:
         metrics: dict[str, float] = {"epoch": epoch}
         loading_before = self.batches.loading_seconds
         pseudo = None
-        if self.service is not None:
+        if self.labeler is not None:
             pseudo, cluster_metrics = self._pseudo_labels(epoch, timings)
             metrics |= cluster_metrics
         if self.config.model_kind != "cnn_regressor":
             started = time.perf_counter()
-            metrics["stage1_loss"] = self._stage(1, "unlabeled", epoch, pseudo)
+            metrics["stage1_loss"], metrics["stage1_chunks"] = self._stage(1, "unlabeled", epoch, pseudo)
             timings["stage1"] = time.perf_counter() - started
         started = time.perf_counter()
-        metrics["stage2_loss"] = self._stage(2, "labeled", epoch, pseudo)
+        metrics["stage2_loss"], metrics["stage2_chunks"] = self._stage(2, "labeled", epoch, pseudo)
         timings["stage2"] = time.perf_counter() - started
         started = time.perf_counter()
         metrics |= self.validate()
@@ -126,24 +136,30 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=epoch)
         return metrics
 
-    def _pseudo_labels(self, epoch: int, timings: dict) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    def _pseudo_labels(self, epoch: int, timings: dict) -> tuple[LabelTable, dict]:
         started = time.perf_counter()
         keys, features = self._embed(ray.train.get_dataset_shard("cluster"))
         timings["embedding"] = time.perf_counter() - started
         started = time.perf_counter()
-        ray.get(self.service.submit.remote(epoch, self.rank, keys, features))
-        summary = ray.get(self.service.wait_result.remote(epoch))
-        table = ray.get(self.service.label_table.remote(epoch))
+        result = self.labeler.label(epoch, keys, features, self.num_chunks)
         timings["clustering"] = time.perf_counter() - started
         # Labels permute between clusterings: a new top layer, the same on every rank.
         generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
         top = self.module.cluster_head.reset_top(self.config.model.num_clusters, generator=generator)
         self.optimizers["cluster_top"] = build_optimizer(list(top.parameters()), self.config.optim.cluster_top)
-        sizes = np.asarray(summary["cluster_sizes"])
+        summary = result.summary
+        sizes = self.cluster_sizes = np.asarray(summary["cluster_sizes"])
+        self.sampler_generator.manual_seed(self.config.seed * 1_000_003 + epoch * 1009 + self.rank)
         metrics = {"kmeans_objective": float(summary["objective"]), "cluster_size_min": float(sizes.min()),
-                   "cluster_size_max": float(sizes.max()), "clusters_reseeded": float(summary["reseeded"])}
+                   "cluster_size_max": float(sizes.max()), "clusters_reseeded": float(summary["reseeded"]),
+                   "kmeans_actor_attempts": float(summary.get("actor_attempts", 1))}
         metrics |= {f"cluster_size_{k}": float(n) for k, n in enumerate(sizes)}
-        return table, metrics
+        if self.diagnostics is not None:
+            diagnostics, figure = self.diagnostics.epoch(result.table, sizes)
+            metrics |= diagnostics
+            if figure is not None:
+                self.tracker.log_figure(figure, f"clusters/arousal_epoch_{epoch:03d}.png")
+        return result.table, metrics
 
     @torch.no_grad()
     def _embed(self, shard) -> tuple[np.ndarray, np.ndarray]:
@@ -156,20 +172,22 @@ class Trainer:
             return np.empty(0, np.int64), np.empty((0, self.config.model.feature_dim), np.float32)
         return np.concatenate(keys), np.concatenate(features)
 
-    def _stage(self, stage: int, shard_name: str, epoch: int, pseudo) -> float:
+    def _stage(self, stage: int, shard_name: str, epoch: int, pseudo) -> tuple[float, int]:
+        """Mean loss of one pass over this rank's shard, and the chunks it trained on."""
         self.model.train()
         groups = [g for g in self.optimizers if stage == 2 or g != "regressor"]
-        total, steps = 0.0, 0
+        total, steps, chunks = 0.0, 0, 0
         shard = ray.train.get_dataset_shard(shard_name)
         for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=self.config.seed + epoch):
             for group in groups:
                 self.optimizers[group].zero_grad(set_to_none=True)
+            batch = self._stage1_sample(stage, batch, pseudo)
             loss = self._loss(stage, self.model(batch.chunks), batch, pseudo)
             loss.backward()
             for group in groups:
                 self.optimizers[group].step()
-            total, steps = total + float(loss.detach()), steps + 1
-        return total / max(steps, 1)
+            total, steps, chunks = total + float(loss.detach()), steps + 1, chunks + len(batch.keys)
+        return total / max(steps, 1), chunks
 
     def _loss(self, stage: int, out: dict, batch: Batch, pseudo) -> torch.Tensor:
         config, kind = self.config, self.config.model_kind
@@ -185,8 +203,16 @@ class Trainer:
             loss = loss + config.kl_weight * vae_kl(out["mu"], out["logvar"])
         return loss
 
-    def _lookup(self, table: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(lookup_labels(*table, keys)).to(self.device)
+    def _lookup(self, table: LabelTable, keys: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(table.lookup(keys)).to(self.device)
+
+    def _stage1_sample(self, stage: int, batch: Batch, pseudo: LabelTable | None) -> Batch:
+        """Stage 1 with clustering.stage1_sampler = "uniform": the batch's chunks redrawn uniformly
+        over clusters (`uniform_over_clusters`); otherwise the batch as it is."""
+        if stage != 1 or pseudo is None or self.config.clustering.stage1_sampler != "uniform":
+            return batch
+        index = uniform_over_clusters(pseudo.lookup(batch.keys), self.cluster_sizes, self.sampler_generator)
+        return dataclasses.replace(batch, keys=batch.keys[index.numpy()], chunks=batch.chunks[index.to(batch.chunks.device)])
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -221,7 +247,7 @@ class Trainer:
             best.load_state_dict(self.best_weights)
             extra = {"epoch": self.state.best_epoch, "dev_loss": self.state.best_dev_loss}
             save_bundle(str(Path(folder) / BEST_DIR), best, self.config.model_kind, self.config.model,
-                        self.normalizer, self.scaler, extra=extra)
+                        self.normalizer, self.scaler, extra=extra, features=self.dataset_settings)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     def _restore(self, checkpoint: ray.train.Checkpoint | None) -> None:

@@ -103,7 +103,7 @@ def test_dead_and_constant_columns_give_no_nan() -> None:
 def test_whitening_gives_unit_covariance() -> None:
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(5000, 6)) @ rng.normal(size=(6, 6)) + 4).astype(np.float32)
-    config = ClusteringConfig(pca_dim=4, l2_normalize=False)
+    config = ClusteringConfig(pca_dim=4, whiten=True, l2_normalize=False)
     y = fit_preprocessor(x, config).apply(x)
     np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(4), atol=1e-3)
     assert abs(y.mean(axis=0)).max() < 1e-3
@@ -135,3 +135,30 @@ def test_empty_clusters_are_reseeded() -> None:
 def test_too_few_points_is_an_error() -> None:
     with pytest.raises(ValueError, match="N >= K"):
         run_kmeans(np.zeros((3, 4), np.float32), ClusteringConfig(num_clusters=5), 0)
+
+
+# --- GPU path: runs only where faiss / torch see a GPU (bench/gpu_check.sh on a GPU machine) -------
+
+faiss_gpus = __import__("faiss").get_num_gpus() if hasattr(__import__("faiss"), "get_num_gpus") else 0
+
+
+@pytest.mark.skipif(faiss_gpus == 0, reason="faiss sees no GPU (faiss-cpu or no device): the GPU path needs one")
+def test_gpu_kmeans_agrees_with_cpu() -> None:
+    x, truth = blobs(2000, 8, d=32, seed=11)
+    cpu = run_kmeans(x, ClusteringConfig(num_clusters=8, use_gpu=False), epoch=0)
+    gpu = run_kmeans(x, ClusteringConfig(num_clusters=8, use_gpu=True), epoch=0)
+    assert nmi(gpu.assignments, cpu.assignments) > 0.99 and nmi(gpu.assignments, truth) > 0.99
+    assert gpu.objective == pytest.approx(cpu.objective, rel=1e-3)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="torch sees no CUDA device")
+def test_gpu_blockwise_assignment_matches_cpu() -> None:
+    from cluster_train.clustering import assign
+
+    x, _ = blobs(3000, 5, d=32, seed=12)
+    preprocessor = fit_preprocessor(x, ClusteringConfig(pca_dim=16))
+    centroids = preprocessor.apply(x[:5])
+    cpu_labels, cpu_distances = assign(x, centroids, preprocessor, device="cpu")
+    gpu_labels, gpu_distances = assign(x, centroids, preprocessor, device="cuda")
+    assert (cpu_labels == gpu_labels).mean() > 0.999
+    np.testing.assert_allclose(cpu_distances, gpu_distances, atol=1e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ def prepared(tmp_path_factory) -> Path:
     manifest = folder / "manifest.csv"
     manifest.write_text("id,audio,split,arousal,dominance,valence\n" + "".join(
         f"{u.id},{u.audio},{u.split},{u.arousal},{u.dominance},{u.valence}\n" for u in chosen))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     config = load_config(PrepConfig, None, [f"sources=[{{kind: csv, path: {manifest}}}]",
                                             f"output={folder / 'prepared'}", "progress=false"])
     run_prep(config)
@@ -113,3 +114,82 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(prepared, 
     for split, scores in uninterrupted.scores.items():
         for attribute, value in scores.items():
             assert resumed.scores[split][attribute] == pytest.approx(value, abs=1e-5), (split, attribute)
+
+
+def _config(prepared: Path, tmp_path: Path, *overrides: str):
+    return load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
+        f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", f"storage_path={tmp_path / 'runs'}",
+        "model.num_clusters=4", "clustering.num_clusters=4", *overrides])
+
+
+@pytest.mark.parametrize("kind", ["cnn_regressor", "cnn_ae", "cnn_vae"])
+def test_baseline_trains_in_the_same_loop(prepared, tmp_path, kind):
+    result = run_training(_config(prepared, tmp_path, f"model_kind={kind}", "epochs=1", "tracking.enabled=false",
+                                  f"name={kind}"))
+
+    assert result.epochs_run == 1 and load_bundle(result.best_bundle).model_kind == kind
+    assert all(-1 <= v <= 1 for scores in result.scores.values() for v in scores.values())
+    assert result.metrics["stage2_chunks"] == 8 * 11  # 8 labelled train utterances, batch 4, nothing dropped
+    assert "kmeans_objective" not in result.metrics  # no clustering for the baselines
+    if kind == "cnn_regressor":
+        assert "stage1_loss" not in result.metrics
+    else:  # stage 1 trains on reconstruction (+ KL) of the unlabeled chunks: a positive loss
+        assert result.metrics["stage1_chunks"] == 8 * 11 and result.metrics["stage1_loss"] > 0
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_ddp_workers_train_without_a_reachable_mlflow(prepared, tmp_path):
+    dead_server = f"http://127.0.0.1:{_closed_port()}"
+    config = _config(prepared, tmp_path, "epochs=2", "patience=2", "scaling.num_workers=2",
+                     "scaling.cpus_per_worker=0.5", f"tracking.tracking_uri={dead_server}", "name=ddp")
+    with pytest.warns(RuntimeWarning, match=f"not tracked: MLflow at {dead_server}"):
+        result = run_training(config)
+
+    assert result.epochs_run == 2 and result.mlflow_run_id is None
+    assert load_bundle(result.best_bundle).model_kind == "deepemocluster"
+    assert len(list((tmp_path / "runs" / "ddp").glob("checkpoint*"))) == 2  # both epochs checkpointed
+    # Both ranks sent their embeddings: every train chunk has a pseudo-label; each rank trained on half.
+    assert sum(result.metrics[f"cluster_size_{k}"] for k in range(4)) == 8 * 11
+    assert result.metrics["stage2_chunks"] == 4 * 11
+
+
+def test_sweep_trains_each_point_concurrently_compares_them_and_resumes(prepared, tmp_path):
+    from cluster_train.sweep import load_sweep_config, plan_trials, run_sweep
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"""
+name: lr-sweep
+train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
+overrides: [model_kind=cnn_regressor, data.dataset={prepared / 'prepared'}, data.batch_size=4, epochs=1,
+            scaling.cpus_per_worker=0.5, storage_path={tmp_path / 'runs'}, tracking.tracking_uri={store}]
+grid:
+  optim.regressor.lr: [0.0005, 0.002]
+reference: optim.regressor.lr=0.0005
+subsets: 2
+max_concurrent: 2
+output: {tmp_path / 'sweeps'}
+""")
+    config = load_sweep_config(sweep_file)
+    result = run_sweep(config)
+
+    points = ["optim.regressor.lr=0.0005", "optim.regressor.lr=0.002"]
+    assert list(result.table["models"]) == points
+    assert result.table["models"][points[1]]["ccc"]["arousal"]["n"] == 2  # 2 subsets x 1 seed
+    assert all(Path(run["best_model"], "model.pt").is_file() and run["mlflow_run_id"] for run in result.runs)
+    experiment = MlflowClient(store).get_experiment_by_name("lr-sweep")
+    logged = MlflowClient(store).search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["optim.regressor.lr"] for r in logged) == ["0.0005", "0.002"]
+
+    again = run_sweep(config)  # everything trained already: nothing trains, the same table
+    assert all(run.get("reused") for run in again.runs)
+    assert [r["mlflow_run_id"] for r in again.runs] == [r["mlflow_run_id"] for r in result.runs]
+    assert again.table["models"] == result.table["models"]
+
+    with pytest.raises(ConfigError, match="trial optim.regressor.lr=0.0005 seed 0: config key 'optim.regressor.lrr'"):
+        plan_trials(load_sweep_config(sweep_file, ["grid={optim.regressor.lrr: [0.0005]}"]))

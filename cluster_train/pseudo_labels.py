@@ -1,0 +1,390 @@
+"""One epoch's pseudo-labels, whatever the K-means mode: the one interface the trainer calls.
+
+    labeler = build_labeler(config.clustering, service, rank, world_size, device)  # once per rank
+    result = labeler.label(epoch, keys, features, num_chunks)  # every rank, collectively
+    result.table.lookup(batch_keys)  # the label of any row, read on any rank
+
+Modes (`ClusteringConfig.mode`):
+  gather     every rank sends all its (keys, features) to the KMeansService actor, which clusters
+             the union: the reference, right for small data (N x d floats travel and sit in it).
+  sample     every rank sends a random sample of at most `sample_size / world_size` rows; the actor
+             fits PCA-whitening + faiss K-means on the union and sends back the preprocessor and the
+             K centroids; each rank assigns its own chunks. The actor's memory does not grow with N.
+  allreduce  no actor: PCA moments of the same sample (d x d) are all-reduced, then Lloyd
+             iterations among the ranks (SwAV's DeepCluster-v2): each rank assigns its chunks, the
+             K x d sums and K counts are all-reduced. Each rank preprocesses its features in place.
+In "sample" and "allreduce" only the labels are shared: each rank all-gathers (utterance key,
+C labels of one byte (K <= 256)), about 1.7 bytes per chunk at C = 11, into a `LabelTable`.
+
+Empty clusters: "gather" as `clustering.run_kmeans` (faiss splits during training, then the farthest
+half of the largest cluster); "allreduce" splits the largest centroid after any Lloyd step that
+leaves a cluster empty (faiss's rule, `split_empty_centroids`); both distributed modes finish with
+`_split_by_key`: a cluster still empty after the final assignment takes the members of the largest
+cluster whose hashed key has a set bit (the highest bit that splits it): half of it, on average,
+chosen the same way on every rank without moving any vector.
+
+Collectives go through torch.distributed when it is initialised with more than one rank (Ray
+Train initialises it: gloo on CPU, NCCL on GPU), else they are the identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import ray
+import torch
+
+from cluster_train.clustering import (
+    ClusteringConfig,
+    assign,
+    fit_preprocessor,
+    label_dtype,
+    lloyd_step,
+    moments,
+    preprocess_inplace,
+    preprocessor_from_moments,
+    split_empty_centroids,
+)
+from cluster_train.kmeans_service import UNKNOWN_LABEL, IncarnationChanged
+
+log = logging.getLogger(__name__)
+
+_HASH = np.uint64(0x9E3779B97F4A7C15)  # odd: key -> key * _HASH mod 2**64 is a bijection
+
+
+# --- the label table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """Pseudo-labels by chunk key, stored per group of `num_chunks` consecutive keys.
+
+    Chunk key = utterance key * C + chunk index (`data.chunk_keys`), so with `num_chunks = C` a row
+    holds an utterance's C labels (8 bytes of key + C label bytes); `num_chunks = 1` is one key a row.
+    """
+
+    group_keys: np.ndarray  # (G,) int64, sorted, unique
+    labels: np.ndarray  # (G, num_chunks) uint8 / uint16
+    num_chunks: int
+
+    @property
+    def num_points(self) -> int:
+        return self.labels.size
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """int64 labels of chunk `keys`; UNKNOWN_LABEL where the table has none."""
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        group, chunk = np.divmod(keys, self.num_chunks)
+        if len(self.group_keys) == 0:
+            return np.full(len(keys), UNKNOWN_LABEL, dtype=np.int64)
+        index = np.searchsorted(self.group_keys, group).clip(max=len(self.group_keys) - 1)
+        found = self.group_keys[index] == group
+        return np.where(found, self.labels[index, chunk].astype(np.int64), UNKNOWN_LABEL)
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted chunk keys, int64 labels) of every entry."""
+        offsets = np.arange(self.num_chunks, dtype=np.int64)
+        keys = (self.group_keys[:, None] * self.num_chunks + offsets[None, :]).ravel()
+        return keys, self.labels.ravel().astype(np.int64)
+
+    @staticmethod
+    def build(keys: np.ndarray, labels: np.ndarray, num_chunks: int, num_clusters: int) -> "LabelTable":
+        """From chunk keys and their labels (any order, duplicates keep the first); grouped by
+        `num_chunks` when every group is complete, else one key a row."""
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        keys, first = np.unique(keys, return_index=True)
+        labels = np.asarray(labels).ravel()[first].astype(label_dtype(num_clusters))
+        c = int(num_chunks)
+        if c > 1 and len(keys) % c == 0:
+            grid = keys.reshape(-1, c)
+            group = grid // c
+            if (grid % c == np.arange(c)).all() and (group == group[:, :1]).all():
+                return LabelTable(group[:, 0].copy(), labels.reshape(-1, c), c)
+        return LabelTable(keys, labels[:, None], 1)
+
+    @staticmethod
+    def merge(parts: list["LabelTable"]) -> "LabelTable":
+        """The union of the ranks' tables (a key on several ranks keeps the first rank's label)."""
+        parts = [p for p in parts if len(p.group_keys)] or parts[:1]
+        widths = {p.num_chunks for p in parts}
+        if len(widths) == 1:
+            group_keys = np.concatenate([p.group_keys for p in parts])
+            group_keys, first = np.unique(group_keys, return_index=True)
+            labels = np.concatenate([p.labels for p in parts])[first]
+            return LabelTable(group_keys, labels, widths.pop())
+        flats = [p.flat() for p in parts]
+        keys, first = np.unique(np.concatenate([k for k, _ in flats]), return_index=True)
+        labels = np.concatenate([v for _, v in flats])[first]
+        return LabelTable(keys, labels.astype(parts[0].labels.dtype)[:, None], 1)
+
+
+@dataclass
+class PseudoLabels:
+    """What one epoch's clustering gives every rank."""
+
+    table: LabelTable  # every clustered chunk, all ranks
+    summary: dict  # global: num_points, objective, cluster_sizes, reseeded, iterations, seconds, mode
+    timings: dict[str, float] = field(default_factory=dict)  # this rank's seconds by step
+
+
+# --- collectives ----------------------------------------------------------------------------------
+
+
+class Collective:
+    """The few collectives the modes need; the identity with one rank or no process group."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+        self.rank = self._dist.get_rank() if self._dist else 0
+        self.world_size = self._dist.get_world_size() if self._dist else 1
+        backend = self._dist.get_backend() if self._dist else "gloo"
+        self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """float64 element-wise sum over ranks."""
+        values = np.asarray(values, dtype=np.float64)
+        if self._dist is None:
+            return values.copy()
+        tensor = torch.from_numpy(values.copy()).to(self._device)
+        self._dist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+
+    def all_true(self, flag: bool) -> bool:
+        return bool(self.sum(np.array([0.0 if flag else 1.0]))[0] == 0)
+
+    def broadcast(self, value, src: int = 0):
+        if self._dist is None:
+            return value
+        holder = [value]
+        self._dist.broadcast_object_list(holder, src=src, device=self._device)
+        return holder[0]
+
+    def gather_all(self, value) -> list:
+        if self._dist is None:
+            return [value]
+        out = [None] * self.world_size
+        self._dist.all_gather_object(out, value)
+        return out
+
+
+# --- the modes ------------------------------------------------------------------------------------
+
+
+class PseudoLabeler(Protocol):
+    def label(self, epoch: int, keys: np.ndarray, features: np.ndarray, num_chunks: int) -> PseudoLabels:
+        """Cluster this epoch's chunks (every rank calls it with its own) and share the labels.
+        `features` may be overwritten ("allreduce" preprocesses it in place)."""
+
+
+def build_labeler(
+    config: ClusteringConfig, service=None, collective: Collective | None = None,
+    device: str | torch.device = "cpu",
+) -> PseudoLabeler:  # fmt: skip
+    """The labeler of `config.mode`; "gather" and "sample" need the KMeansService handle."""
+    collective = collective or Collective()
+    if config.mode == "allreduce":
+        return AllReduceLabeler(config, collective, device)
+    if service is None:
+        raise ValueError(f"clustering.mode={config.mode!r} needs the K-means service actor")
+    kind = GatherLabeler if config.mode == "gather" else SampleLabeler
+    return kind(config, service, collective, device)
+
+
+_ACTOR_ERRORS = tuple(
+    getattr(ray.exceptions, name)
+    for name in ("RayActorError", "ActorDiedError", "ActorUnavailableError")
+    if hasattr(ray.exceptions, name)
+) + (IncarnationChanged,)
+
+
+class _ActorLabeler:
+    """The actor modes: each attempt runs under the incarnation rank 0 read; if any rank saw the
+    actor die (or restart), every rank retries the whole clustering, up to `actor_restarts` times."""
+
+    def __init__(self, config: ClusteringConfig, service, collective: Collective, device) -> None:
+        self.config, self.service, self.collective, self.device = config, service, collective, device
+
+    def label(self, epoch: int, keys: np.ndarray, features: np.ndarray, num_chunks: int) -> PseudoLabels:
+        retries = self.config.actor_restarts if self.config.actor_restarts >= 0 else math.inf
+        attempt = 0
+        while True:
+            incarnation = self.collective.broadcast(self._incarnation() if self.collective.rank == 0 else None)
+            error: BaseException | None = None
+            try:
+                result = self._attempt(epoch, keys, features, num_chunks, incarnation)
+            except _ACTOR_ERRORS as caught:
+                error, result = caught, None
+            if self.collective.all_true(error is None):
+                result.summary["actor_attempts"] = attempt + 1
+                return result
+            attempt += 1
+            log.warning("epoch %d: the K-means actor failed (%s); clustering again (attempt %d)",
+                        epoch, error or "on another rank", attempt + 1)
+            if attempt > retries:
+                raise RuntimeError(f"epoch {epoch}: the K-means actor failed {attempt} times") from error
+
+    def _incarnation(self, timeout_s: float = 300.0) -> str:
+        """The actor's incarnation, waiting while it restarts."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(self.service.incarnation.remote(), timeout=60)
+            except _ACTOR_ERRORS + (ray.exceptions.GetTimeoutError,):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _attempt(self, epoch, keys, features, num_chunks, incarnation) -> PseudoLabels:
+        raise NotImplementedError
+
+
+class GatherLabeler(_ActorLabeler):
+    """Mode "gather": all vectors to the actor, the label table back."""
+
+    def _attempt(self, epoch, keys, features, num_chunks, incarnation) -> PseudoLabels:
+        started = time.perf_counter()
+        ray.get(self.service.submit.remote(epoch, self.collective.rank, keys, features, incarnation))
+        summary = ray.get(self.service.wait_result.remote(epoch, incarnation=incarnation))
+        table_keys, table_labels = ray.get(self.service.label_table.remote(epoch, incarnation=incarnation))
+        table = LabelTable.build(table_keys, table_labels, num_chunks, self.config.num_clusters)
+        summary = dict(summary) | {"mode": "gather"}
+        return PseudoLabels(table, summary, {"clustering": time.perf_counter() - started})
+
+
+def _local_sample(features: np.ndarray, config: ClusteringConfig, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """At most sample_size / world_size rows, uniformly without replacement, seeded by epoch and rank."""
+    size = min(len(features), math.ceil(config.sample_size / world_size))
+    rng = np.random.default_rng([config.seed, epoch, rank])
+    return np.ascontiguousarray(features[np.sort(rng.choice(len(features), size, replace=False))], dtype=np.float32)
+
+
+class SampleLabeler(_ActorLabeler):
+    """Mode "sample": a bounded sample to the actor, centroids back, local assignment."""
+
+    def _attempt(self, epoch, keys, features, num_chunks, incarnation) -> PseudoLabels:
+        timings, started = {}, time.perf_counter()
+        rank, world = self.collective.rank, self.collective.world_size
+        sample = _local_sample(features, self.config, epoch, rank, world)
+        ray.get(self.service.submit_sample.remote(epoch, rank, sample, incarnation))
+        fit = ray.get(self.service.wait_fit.remote(epoch, incarnation=incarnation))
+        timings["fit"] = time.perf_counter() - started
+        started = time.perf_counter()
+        labels, distances = assign(features, fit["centroids"], fit["preprocessor"], self.device)
+        timings["assign"] = time.perf_counter() - started
+        summary = {"mode": "sample", "epoch": epoch, "iterations": fit["iterations"],
+                   "sample_points": fit["num_points"], "sample_objective": fit["objective"]}
+        return _finish(self.collective, self.config, keys, labels, distances, num_chunks, summary, timings)
+
+
+class AllReduceLabeler:
+    """Mode "allreduce": Lloyd iterations among the ranks; only moments, sums and counts travel."""
+
+    def __init__(self, config: ClusteringConfig, collective: Collective, device) -> None:
+        self.config, self.collective, self.device = config, collective, device
+
+    def label(self, epoch: int, keys: np.ndarray, features: np.ndarray, num_chunks: int) -> PseudoLabels:
+        config, collective = self.config, self.collective
+        timings, started = {}, time.perf_counter()
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        sample = _local_sample(features, config, epoch, collective.rank, collective.world_size)
+        if config.pca_dim is None and not config.whiten:
+            preprocessor = fit_preprocessor(sample, config)
+        else:
+            summed = collective.sum(moments(sample) if len(sample) else _empty_moments(features.shape[1]))
+            preprocessor = collective.broadcast(preprocessor_from_moments(summed, config) if collective.rank == 0 else None)
+        y = preprocess_inplace(features, preprocessor, self.device)
+        timings["preprocess"] = time.perf_counter() - started
+        started = time.perf_counter()
+        centroids = self._initial_centroids(y, epoch)
+        splits = 0
+        for _ in range(config.iterations):
+            sums, counts = lloyd_step(y, centroids, self.device)
+            reduced = collective.sum(np.concatenate([sums.ravel(), counts]))
+            sums, counts = reduced[: sums.size].reshape(sums.shape), reduced[sums.size :]
+            filled = counts > 0
+            centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+            splits += split_empty_centroids(centroids, counts)
+        timings["lloyd"] = time.perf_counter() - started
+        started = time.perf_counter()
+        labels, distances = assign(y, centroids, None, self.device)
+        timings["assign"] = time.perf_counter() - started
+        summary = {"mode": "allreduce", "epoch": epoch, "iterations": config.iterations, "lloyd_splits": splits}
+        return _finish(collective, config, keys, labels, distances, num_chunks, summary, timings)
+
+    def _initial_centroids(self, y: np.ndarray, epoch: int) -> np.ndarray:
+        """K distinct rows of the union of up to K random rows per rank, the same on every rank."""
+        k = self.config.num_clusters
+        rng = np.random.default_rng([self.config.seed, epoch, self.collective.rank])
+        local = y[np.sort(rng.choice(len(y), min(k, len(y)), replace=False))] if len(y) else y[:0]
+        pool = np.concatenate(self.collective.gather_all(np.asarray(local)))
+        if len(pool) < k:
+            raise ValueError(f"K-means needs at least K = {k} points over all ranks, got {len(pool)}")
+        pick = np.random.default_rng([self.config.seed, epoch]).choice(len(pool), k, replace=False)
+        return np.ascontiguousarray(pool[pick], dtype=np.float32)
+
+
+def _empty_moments(d: int) -> np.ndarray:
+    return np.zeros(1 + d + d * d)
+
+
+def _finish(
+    collective: Collective, config: ClusteringConfig, keys: np.ndarray, labels: np.ndarray,
+    distances: np.ndarray, num_chunks: int, summary: dict, timings: dict,
+) -> PseudoLabels:  # fmt: skip
+    """Global sizes and objective, empty clusters repaired, labels shared: the distributed modes' end."""
+    k = config.num_clusters
+    keys = np.asarray(keys, dtype=np.int64).ravel()
+    reduced = collective.sum(np.concatenate([np.bincount(labels, minlength=k), [distances.sum(dtype=np.float64)]]))
+    counts, objective = reduced[:k], float(reduced[k])
+    reseeded = _split_by_key(collective, keys, labels, counts)
+    started = time.perf_counter()
+    parts = collective.gather_all(LabelTable.build(keys, labels, num_chunks, k))
+    table = LabelTable.merge(parts)
+    timings["share_labels"] = time.perf_counter() - started
+    summary |= {"num_points": int(counts.sum()), "objective": objective,
+                "cluster_sizes": counts.astype(np.int64), "reseeded": reseeded,
+                "seconds": sum(timings.values())}
+    return PseudoLabels(table, summary, timings)
+
+
+def _split_by_key(collective: Collective, keys: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> int:
+    """Give each globally empty cluster part of the largest one, chosen by a hash of the keys (see
+    the module docstring). In place on `labels` and `counts`; the number of clusters re-seeded."""
+    empty = np.flatnonzero(counts == 0)
+    hashed = keys.astype(np.uint64) * _HASH
+    for cluster in empty:
+        donor = int(np.argmax(counts))
+        members = labels == donor
+        for bit in range(63, -1, -1):
+            move = members & ((hashed >> np.uint64(bit)) & np.uint64(1)).astype(bool)
+            moved = int(collective.sum(np.array([move.sum()]))[0])
+            if 0 < moved < counts[donor]:
+                labels[move] = cluster
+                counts[cluster], counts[donor] = moved, counts[donor] - moved
+                break
+    return len(empty)
+
+
+# --- stage-1 sampling -----------------------------------------------------------------------------
+
+
+def uniform_over_clusters(labels: np.ndarray, cluster_sizes: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a resampled batch (same size, with replacement) in which each chunk is drawn with
+    probability proportional to 1 / (global size of its cluster): uniform over clusters in
+    expectation (DeepCluster's sampler, applied to the chunks a stage-1 batch holds). Chunks with no
+    label are never drawn; a batch with none is kept as it is."""
+    labels = np.asarray(labels)
+    sizes = np.asarray(cluster_sizes, dtype=np.float64)
+    known = (labels >= 0) & (labels < len(sizes))
+    weights = np.zeros(len(labels))
+    weights[known] = 1.0 / np.maximum(sizes[labels[known]], 1.0)
+    if not known.any():
+        return torch.arange(len(labels))
+    return torch.multinomial(torch.from_numpy(weights), len(labels), replacement=True, generator=generator)
