@@ -7,8 +7,8 @@ Workers are 2 Ray actors (1 CPU, 1 thread each) joined by a gloo process group, 
 workers are; each generates its own half of the rows (the driver never holds them). The reference
 runs in a separate process (`--reference`, 1 thread by default) on the same rows (the same blockwise
 generator), so peak memories are measured apart. Same clustering config everywhere: the project's
-defaults (K = 10, 20 iterations) with DeepCluster's PCA-256 whitening + L2 (the costliest
-preprocessing; the default is L2 only), so labels are comparable by NMI.
+defaults (K = 10, 20 iterations) and `--preprocessing` (default: the project's L2 only;
+`pca-whiten`: DeepCluster's PCA-256 whitening + L2, the costliest), so labels are comparable by NMI.
 Writes bench/results/kmeans.json: value = mode "sample" seconds at the largest size, baseline = the
 one-process reference at that size, ratio = ours / baseline.
 
@@ -38,9 +38,15 @@ from cluster_train.clustering import ClusteringConfig, nmi  # noqa: E402
 
 D, K, NUM_CHUNKS, BLOCK, KEY_BASE = 256, 10, 11, 65_536, 10**9
 SEED = 0
-# DeepCluster's preprocessing, the most expensive one (a 256 x 256 projection of every vector); the
-# project's default is L2 only (bench/results/clustering_ablation.json).
-PREPROCESSING = dict(pca_dim=256, whiten=True, l2_normalize=True)
+# --preprocessing: "default" is the project's (L2 only, bench/results/clustering_ablation.json);
+# "pca-whiten" is DeepCluster's, the most expensive (a 256 x 256 projection of every vector). The
+# choice travels in the environment so the Ray workers and the reference process apply the same.
+PREPROCESSING_CHOICES = {
+    "default": dict(pca_dim=None, whiten=False, l2_normalize=True),
+    "pca-whiten": dict(pca_dim=256, whiten=True, l2_normalize=True),
+}
+PREPROCESSING_NAME = os.environ.get("KMEANS_BENCH_PREPROCESSING", "default")
+PREPROCESSING = PREPROCESSING_CHOICES[PREPROCESSING_NAME]
 GATHER_MAX_ROWS = 1_100_000  # beyond this gather-to-one needs > 14 GB here (see details)
 
 
@@ -180,12 +186,17 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "kmeans.json"))
     # 1: on this shared 2-core machine 2 OpenMP threads ran faiss K-means 5x slower than 1 (busy cores)
     parser.add_argument("--reference-threads", type=int, default=1)
+    parser.add_argument("--preprocessing", choices=sorted(PREPROCESSING_CHOICES), default=PREPROCESSING_NAME)
     parser.add_argument("--reference", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--reference-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference:
         run_reference(args.reference, args.reference_out)
         return
+
+    if args.preprocessing != PREPROCESSING_NAME:  # re-run with the choice in the environment (see above)
+        os.environ["KMEANS_BENCH_PREPROCESSING"] = args.preprocessing
+        os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
 
     import ray
 
@@ -199,7 +210,8 @@ def main() -> None:
     pids = ray.get([r.setup.remote(i, 2, port) for i, r in enumerate(ranks)])
     details: dict = {"sizes": {}, "setup": {
         "workers": 2, "threads_per_worker": 1, "reference_threads": args.reference_threads, "d": D, "k": K, "iterations": 20,
-        "preprocessing": "PCA-256 whitening (eigen floor 1e-5) + L2", "sample_size": config_for("sample").sample_size,
+        "preprocessing": {"default": "L2 normalisation only (the project's default)",
+                          "pca-whiten": "PCA-256 whitening (eigen floor 1e-5) + L2"}[PREPROCESSING_NAME], "sample_size": config_for("sample").sample_size,
         "cpu": "2 cores (AMD EPYC), shared with other engineers' jobs: load average "
                f"{os.getloadavg()[0]:.1f} at the start", "machine_memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}}
     for size in args.sizes:
@@ -271,14 +283,15 @@ def _result(details: dict, args) -> dict:
     ours = largest.get("sample", {}).get("seconds")
     baseline = largest.get("reference", {}).get("seconds")
     return {
-        "name": f"pseudo-label step, mode sample, {max(details['sizes'], key=int)} x 256-d over 2 workers",
-        "value": ours, "unit": "s",
-        "baseline": f"faiss.Kmeans (same PCA-whitening + L2, all vectors) trained and assigned in one process, "
+        "name": Path(args.output).stem,
+        "value": ours, "unit": f"s per pseudo-label step, mode sample, {max(details['sizes'], key=int)} x 256-d over 2 workers",
+        "baseline": f"faiss.Kmeans (same preprocessing, {PREPROCESSING_NAME}, all vectors) trained and assigned in one process, "
                     f"{args.reference_threads} thread(s)",
         "baseline_value": baseline,
         "ratio": round(ours / baseline, 4) if ours and baseline else None,
         "command": "python bench/kmeans_bench.py " + " ".join(
-            ["--sizes", *map(str, args.sizes), "--modes", *args.modes, "--reference-threads", str(args.reference_threads)]),
+            ["--sizes", *map(str, args.sizes), "--modes", *args.modes, "--reference-threads", str(args.reference_threads),
+             "--preprocessing", PREPROCESSING_NAME, "--output", os.path.relpath(args.output, REPO)]),
         "details": details,
     }
 

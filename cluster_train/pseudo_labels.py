@@ -303,19 +303,26 @@ class AllReduceLabeler:
         timings["preprocess"] = time.perf_counter() - started
         started = time.perf_counter()
         centroids = self._initial_centroids(y, epoch)
-        splits = 0
-        for _ in range(config.iterations):
+        splits, iterations = 0, 0
+        while iterations < config.iterations:
+            iterations += 1
+            previous = centroids.copy()
             sums, counts = lloyd_step(y, centroids, self.device)
             reduced = collective.sum(np.concatenate([sums.ravel(), counts]))
             sums, counts = reduced[: sums.size].reshape(sums.shape), reduced[sums.size :]
             filled = counts > 0
             centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
-            splits += split_empty_centroids(centroids, counts)
+            split = split_empty_centroids(centroids, counts)
+            splits += split
+            # Converged: the same assignment again gives bit-identical centroids (the same on every
+            # rank, they all hold the reduced sums), so the remaining iterations would change nothing.
+            if not split and np.array_equal(previous, centroids):
+                break
         timings["lloyd"] = time.perf_counter() - started
         started = time.perf_counter()
         labels, distances = assign(y, centroids, None, self.device)
         timings["assign"] = time.perf_counter() - started
-        summary = {"mode": "allreduce", "epoch": epoch, "iterations": config.iterations, "lloyd_splits": splits}
+        summary = {"mode": "allreduce", "epoch": epoch, "iterations": iterations, "lloyd_splits": splits}
         return _finish(collective, config, keys, labels, distances, num_chunks, summary, timings)
 
     def _initial_centroids(self, y: np.ndarray, epoch: int) -> np.ndarray:

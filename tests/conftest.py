@@ -21,3 +21,27 @@ def sample_files() -> list[Path]:
     files = sorted(SAMPLE_DIR.glob("Actor_*/*.flac"))
     assert files, f"no sample FLACs under {SAMPLE_DIR}"
     return files
+
+
+def train_sample_manifest(folder: Path) -> Path:
+    """A CSV manifest of 24 sample utterances (8 per split, with their emotion category), for
+    end-to-end training tests."""
+    from data_prep.importers import import_ravdess
+
+    rows = import_ravdess(str(SAMPLE_DIR))
+    chosen = [u for split in ("train", "development", "test") for u in [r for r in rows if r.split == split][::15][:8]]
+    manifest = folder / "manifest.csv"
+    manifest.write_text("id,audio,split,arousal,dominance,valence,category\n" + "".join(
+        f"{u.id},{u.audio},{u.split},{u.arousal},{u.dominance},{u.valence},{u.category}\n" for u in chosen))
+    return manifest
+
+
+def prepare_train_sample(folder: Path) -> Path:
+    """`train_sample_manifest` prepared with the real pipeline into `folder`/prepared; Ray must be running."""
+    from data_prep.config import PrepConfig, load_config
+    from data_prep.pipeline import run_prep
+
+    manifest = train_sample_manifest(folder)
+    run_prep(load_config(PrepConfig, None, [f"sources=[{{kind: csv, path: {manifest}}}]",
+                                            f"output={folder / 'prepared'}", "progress=false"]))
+    return folder / "prepared"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from data_prep.importers import import_ravdess
+from conftest import train_sample_manifest
 from mlflow_server import free_port, mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,11 +58,7 @@ def submit(cluster, *command: str) -> subprocess.CompletedProcess:
 
 
 def test_prep_then_train_submitted_to_a_cluster_track_to_an_mlflow_server(cluster, tmp_path):
-    rows = import_ravdess(str(REPO / "data" / "ravdess_sample"))
-    chosen = [u for split in ("train", "development", "test") for u in [r for r in rows if r.split == split][::15][:8]]
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("id,audio,split,arousal,dominance,valence\n" + "".join(
-        f"{u.id},{u.audio},{u.split},{u.arousal},{u.dominance},{u.valence}\n" for u in chosen))
+    manifest = train_sample_manifest(tmp_path)
     prepared = tmp_path / "prepared"
 
     prep = submit(cluster, "python", "jobs/prep.py", "--config", "configs/prep/ravdess_sample.yaml",

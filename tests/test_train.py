@@ -19,26 +19,17 @@ from mlflow import MlflowClient
 from cluster_train.checkpoint import load_bundle, resolve_bundle
 from cluster_train.config import load_train_config
 from cluster_train.launch import run_training
-from data_prep.config import ConfigError, PrepConfig, load_config
-from data_prep.importers import import_ravdess
-from data_prep.pipeline import run_prep
+from conftest import prepare_train_sample
+from data_prep.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    """24 sample utterances (8 per split) prepared with the real pipeline."""
     folder = tmp_path_factory.mktemp("train")
-    rows = import_ravdess(str(REPO / "data" / "ravdess_sample"))
-    chosen = [u for split in ("train", "development", "test") for u in [r for r in rows if r.split == split][::15][:8]]
-    manifest = folder / "manifest.csv"
-    manifest.write_text("id,audio,split,arousal,dominance,valence\n" + "".join(
-        f"{u.id},{u.audio},{u.split},{u.arousal},{u.dominance},{u.valence}\n" for u in chosen))
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    config = load_config(PrepConfig, None, [f"sources=[{{kind: csv, path: {manifest}}}]",
-                                            f"output={folder / 'prepared'}", "progress=false"])
-    run_prep(config)
+    prepare_train_sample(folder)
     yield folder
     ray.shutdown()
 
