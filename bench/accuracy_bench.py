@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=1, help="training runs per model (the paper: 5)")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--max-concurrent", type=int, default=1, help="trials training at once")
     parser.add_argument("--storage", default=str(REPO / "outputs/bench/accuracy"), help="trained models, reused")
     parser.add_argument("--output", default=str(REPO / "bench/results/accuracy_ravdess.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more training config overrides")
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         overrides=[f"data.dataset={dataset.location}", f"epochs={args.epochs}", "tracking.enabled=false",
                    f"storage_path={args.storage}", *args.overrides],
         grid={"model_kind": list(args.models)}, seeds=list(range(args.seeds)),
-        reference=f"model_kind={REFERENCE}", split=args.split, output=str(Path(args.storage) / "tables"))
+        reference=f"model_kind={REFERENCE}", split=args.split, max_concurrent=args.max_concurrent, output=str(Path(args.storage) / "tables"))
     import ray
 
     ray.init(address="local", logging_level="WARNING", include_dashboard=False)

@@ -146,6 +146,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             pending.append(index)
     if pending and not ray.is_initialized():
         ray.init(logging_level="WARNING")
+    if pending and config.max_concurrent > 1 and trials[0].config.tracking.enabled:
+        from cluster_train.tracking import RunTracker
+
+        RunTracker(trials[0].config.tracking).prepare_experiment()
     if config.max_concurrent == 1:
         for index in pending:
             runs[index] = _train(trials[index].config)

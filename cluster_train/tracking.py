@@ -108,6 +108,16 @@ class RunTracker:
 
         return self._call("start the run", start, needs_run=False)
 
+    def prepare_experiment(self) -> str | None:
+        """Create the store and the experiment now; its id. Call it once before runs start in
+        parallel: concurrent first uses of a new sqlite store or experiment race each other."""
+
+        def prepare(client: MlflowClient) -> str:
+            experiment = client.get_experiment_by_name(self.config.experiment)
+            return experiment.experiment_id if experiment else client.create_experiment(self.config.experiment)
+
+        return self._call("create the experiment", prepare, needs_run=False)
+
     def _reopen(self, client: MlflowClient, run_id: str) -> mlflow.entities.Run | None:
         try:
             run = client.get_run(run_id)

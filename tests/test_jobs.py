@@ -27,28 +27,36 @@ RAY = str(Path(sys.executable).with_name("ray"))
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A head node on 127.0.0.1, its dashboard (job server) on a free port; stopped with its process group."""
-    dashboard = free_port()
+    dashboard, gcs_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # `python` in a job: this venv's, as activated
     log = tmp_path_factory.mktemp("ray") / "head.log"
     with open(log, "wb") as out:
         head = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
              "--num-cpus=2", "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, env=env).returncode:
+    deadline = time.monotonic() + 180
+    # Ready when a trivial job runs: the job server answers before its agent takes submissions.
+    probe = [RAY, "job", "submit", "--address", address, "--", "python", "-c", "print('ready')"]
+    while subprocess.run(probe, capture_output=True, env=env, timeout=120).returncode:
         if head.poll() is not None or time.monotonic() > deadline:
             os.killpg(head.pid, signal.SIGKILL)
             pytest.fail(f"ray head did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
+        time.sleep(2)
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the node's processes on SIGTERM
     try:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    # Unlike `ray stop`, a stopped `--block` head leaves itself as the machine's "current cluster":
+    # a later bare ray.init() (the jobs' own, run by other tests) would try to join the dead node.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 def submit(cluster, *command: str) -> subprocess.CompletedProcess:

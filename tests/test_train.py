@@ -34,14 +34,47 @@ def prepared(tmp_path_factory) -> Path:
     ray.shutdown()
 
 
-def test_deepemocluster_trains_tracks_and_scores(prepared, tmp_path):
+def _kill_actor_in_epoch(name: str, epoch: int, seen: dict) -> None:
+    """Once the K-means actor holds a round for `epoch` (a sample arrived: the worker waits on it),
+    kill it; Ray restarts it and the worker clusters that epoch again."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            actor = ray.get_actor(name)
+            seen.setdefault("incarnation", ray.get(actor.incarnation.remote()))
+            progress = ray.get(actor.progress.remote())
+        except (ValueError, ray.exceptions.RayActorError):
+            time.sleep(0.1)
+            continue
+        if progress["epoch"] is not None and progress["epoch"] >= epoch:
+            seen["progress"] = progress
+            ray.kill(actor, no_restart=False)
+            break
+        time.sleep(0.02)
+    while time.monotonic() < deadline and "progress" in seen:  # calls fail while Ray restarts it
+        try:
+            seen["new_incarnation"] = ray.get(actor.incarnation.remote(), timeout=60)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.2)
+
+
+def test_deepemocluster_trains_tracks_and_scores_through_a_killed_kmeans_actor(prepared, tmp_path):
+    """Mode "sample" (the actor fits centroids on samples, the worker assigns); the actor is killed
+    in epoch 0, comes back, the epoch's clustering is redone and training finishes, all in MLflow."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
         f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", "epochs=2", "patience=2",
         f"storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={store}", "name=smoke",
-        "model.num_clusters=4", "clustering.num_clusters=4"])
+        "model.num_clusters=4", "clustering.num_clusters=4", "clustering.mode=sample", "clustering.sample_size=64"])
+    seen: dict = {}
+    watcher = threading.Thread(target=_kill_actor_in_epoch, args=("kmeans-smoke", 0, seen))
+    watcher.start()
     result = run_training(config)
+    watcher.join()
 
+    assert "progress" in seen, "the actor was never killed"
+    assert seen["new_incarnation"] != seen["incarnation"]  # it died and came back empty
     assert result.epochs_run == 2
     assert set(result.scores) == {"development", "test"}
     assert all(-1 <= v <= 1 for scores in result.scores.values() for v in scores.values())
@@ -53,11 +86,22 @@ def test_deepemocluster_trains_tracks_and_scores(prepared, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["model_kind"] == "deepemocluster" and run.data.params["data.batch_size"] == "4"
     assert {"git_commit", "dataset_hash"} <= set(run.data.tags)
-    for metric in ("dev_loss", "stage1_loss", "stage2_loss", "kmeans_objective", "cluster_size_0"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1], metric
-    sizes = [run.data.metrics[f"cluster_size_{k}"] for k in range(4)]
-    assert sum(sizes) == 8 * 11  # every train chunk (8 utterances x 11 chunks) got a pseudo-label
-    assert "test_final_ccc_arousal" in run.data.metrics
+
+    def steps(metric: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+
+    for metric in ("dev_loss", "stage1_loss", "stage2_loss", "kmeans_objective", "cluster_size_0",
+                   "cluster_nmi_category", "cluster_purity_category", "cluster_arousal_mean_high",
+                   "kmeans_actor_attempts", "seconds_data_loading"):
+        assert steps(metric) == [0, 1], metric
+    assert steps("cluster_nmi_previous") == [1]  # the change of labels since the epoch before
+    metrics = run.data.metrics
+    assert sum(metrics[f"cluster_size_{k}"] for k in range(4)) == 8 * 11  # every train chunk (8 x 11) labelled
+    assert 0 <= metrics["cluster_nmi_category"] <= 1 and 0 < metrics["cluster_purity_category"] <= 1
+    assert metrics["cluster_arousal_mean_high"] >= metrics["cluster_arousal_mean_low"]
+    figures = [f.path for f in client.list_artifacts(run.info.run_id, "clusters")]
+    assert figures == [f"clusters/arousal_epoch_{e:03d}.png" for e in range(2)]  # the paper's Fig. 3
+    assert "test_final_ccc_arousal" in metrics
     mlflow.set_tracking_uri(store)  # how a user points model URIs at a store
     try:
         logged = resolve_bundle(f"runs:/{result.mlflow_run_id}/best_model")
@@ -113,21 +157,6 @@ def _config(prepared: Path, tmp_path: Path, *overrides: str):
         "model.num_clusters=4", "clustering.num_clusters=4", *overrides])
 
 
-@pytest.mark.parametrize("kind", ["cnn_regressor", "cnn_ae", "cnn_vae"])
-def test_baseline_trains_in_the_same_loop(prepared, tmp_path, kind):
-    result = run_training(_config(prepared, tmp_path, f"model_kind={kind}", "epochs=1", "tracking.enabled=false",
-                                  f"name={kind}"))
-
-    assert result.epochs_run == 1 and load_bundle(result.best_bundle).model_kind == kind
-    assert all(-1 <= v <= 1 for scores in result.scores.values() for v in scores.values())
-    assert result.metrics["stage2_chunks"] == 8 * 11  # 8 labelled train utterances, batch 4, nothing dropped
-    assert "kmeans_objective" not in result.metrics  # no clustering for the baselines
-    if kind == "cnn_regressor":
-        assert "stage1_loss" not in result.metrics
-    else:  # stage 1 trains on reconstruction (+ KL) of the unlabeled chunks: a positive loss
-        assert result.metrics["stage1_chunks"] == 8 * 11 and result.metrics["stage1_loss"] > 0
-
-
 def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -136,51 +165,64 @@ def _closed_port() -> int:
 
 def test_two_ddp_workers_train_without_a_reachable_mlflow(prepared, tmp_path):
     dead_server = f"http://127.0.0.1:{_closed_port()}"
-    config = _config(prepared, tmp_path, "epochs=2", "patience=2", "scaling.num_workers=2",
+    config = _config(prepared, tmp_path, "epochs=1", "scaling.num_workers=2",
                      "scaling.cpus_per_worker=0.5", f"tracking.tracking_uri={dead_server}", "name=ddp")
     with pytest.warns(RuntimeWarning, match=f"not tracked: MLflow at {dead_server}"):
         result = run_training(config)
 
-    assert result.epochs_run == 2 and result.mlflow_run_id is None
+    assert result.epochs_run == 1 and result.mlflow_run_id is None
     assert load_bundle(result.best_bundle).model_kind == "deepemocluster"
-    assert len(list((tmp_path / "runs" / "ddp").glob("checkpoint*"))) == 2  # both epochs checkpointed
+    assert len([p for p in (tmp_path / "runs" / "ddp").glob("checkpoint_*") if p.is_dir()]) == 1  # checkpointed
     # Both ranks sent their embeddings: every train chunk has a pseudo-label; each rank trained on half.
     assert sum(result.metrics[f"cluster_size_{k}"] for k in range(4)) == 8 * 11
     assert result.metrics["stage2_chunks"] == 4 * 11
 
 
-def test_sweep_trains_each_point_concurrently_compares_them_and_resumes(prepared, tmp_path):
+def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resumes(prepared, tmp_path):
+    """The paper's three baselines in the same loop, as a sweep: all 3 trials at once, MLflow, the table."""
     from cluster_train.sweep import load_sweep_config, plan_trials, run_sweep
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(f"""
-name: lr-sweep
+name: baselines
 train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
-overrides: [model_kind=cnn_regressor, data.dataset={prepared / 'prepared'}, data.batch_size=4, epochs=1,
-            scaling.cpus_per_worker=0.5, storage_path={tmp_path / 'runs'}, tracking.tracking_uri={store}]
+overrides: [data.dataset={prepared / 'prepared'}, data.batch_size=4, epochs=1, model.num_clusters=4,
+            clustering.num_clusters=4, scaling.cpus_per_worker=0.5, storage_path={tmp_path / 'runs'},
+            tracking.tracking_uri={store}]
 grid:
-  optim.regressor.lr: [0.0005, 0.002]
-reference: optim.regressor.lr=0.0005
+  model_kind: [cnn_regressor, cnn_ae, cnn_vae]
+reference: model_kind=cnn_regressor
 subsets: 2
-max_concurrent: 2
+max_concurrent: 3
 output: {tmp_path / 'sweeps'}
 """)
     config = load_sweep_config(sweep_file)
     result = run_sweep(config)
 
-    points = ["optim.regressor.lr=0.0005", "optim.regressor.lr=0.002"]
+    points = ["model_kind=cnn_regressor", "model_kind=cnn_ae", "model_kind=cnn_vae"]
     assert list(result.table["models"]) == points
     assert result.table["models"][points[1]]["ccc"]["arousal"]["n"] == 2  # 2 subsets x 1 seed
-    assert all(Path(run["best_model"], "model.pt").is_file() and run["mlflow_run_id"] for run in result.runs)
-    experiment = MlflowClient(store).get_experiment_by_name("lr-sweep")
+    for run in result.runs:
+        kind = run["point"].split("=")[1]
+        assert load_bundle(run["best_model"]).model_kind == kind and run["mlflow_run_id"]
+        metrics = run["last_epoch"]
+        assert metrics["stage2_chunks"] == 8 * 11  # 8 labelled train utterances, batch 4, nothing dropped
+        assert "kmeans_objective" not in metrics  # no clustering for the baselines
+        if kind == "cnn_regressor":
+            assert "stage1_loss" not in metrics
+        else:  # stage 1 trains on reconstruction (+ KL) of the unlabeled chunks: a positive loss
+            assert metrics["stage1_chunks"] == 8 * 11 and metrics["stage1_loss"] > 0
+    experiment = MlflowClient(store).get_experiment_by_name("baselines")
     logged = MlflowClient(store).search_runs([experiment.experiment_id])
-    assert sorted(r.data.params["optim.regressor.lr"] for r in logged) == ["0.0005", "0.002"]
+    assert sorted(r.data.params["model_kind"] for r in logged) == sorted(k.split("=")[1] for k in points)
 
     again = run_sweep(config)  # everything trained already: nothing trains, the same table
     assert all(run.get("reused") for run in again.runs)
     assert [r["mlflow_run_id"] for r in again.runs] == [r["mlflow_run_id"] for r in result.runs]
     assert again.table["models"] == result.table["models"]
 
-    with pytest.raises(ConfigError, match="trial optim.regressor.lr=0.0005 seed 0: config key 'optim.regressor.lrr'"):
-        plan_trials(load_sweep_config(sweep_file, ["grid={optim.regressor.lrr: [0.0005]}"]))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(sweep_file.read_text().replace("epochs=1,", "epochs=1, optim.regressor.lrr=1,"))
+    with pytest.raises(ConfigError, match="trial model_kind=cnn_regressor seed 0: config key 'optim.regressor.lrr'"):
+        plan_trials(load_sweep_config(typo))  # before any trial trains
