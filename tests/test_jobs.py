@@ -99,4 +99,4 @@ def test_a_failing_job_gives_its_error_and_status_to_the_submitter(cluster, tmp_
                     f"data.dataset={missing}")
     output = failed.stdout + failed.stderr
     assert failed.returncode != 0, output[-3000:]  # the job's failure reaches the submitter's exit status
-    assert "failed" in output.lower(), output[-3000:]
+    assert f"error: {missing}: no dataset.json" in output and "failed" in output, output[-3000:]  # the job's own error line
