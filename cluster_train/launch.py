@@ -30,12 +30,20 @@ class TrainResult:
     metrics: dict  # what the last epoch reported: losses, development CCC, seconds per step
 
 
+def pin_local_paths(config: TrainConfig) -> TrainConfig:
+    """Local dataset and storage paths made absolute and the MLflow store resolved, here: Ray
+    workers (and a sweep's trials, run as Ray tasks) work in other folders."""
+    def resolve(path: str) -> str:
+        return path if "://" in path else str(Path(path).resolve())
+
+    config.tracking.tracking_uri = config.tracking.resolved_uri()
+    return dataclasses.replace(config, storage_path=resolve(config.storage_path),
+                               data=dataclasses.replace(config.data, dataset=resolve(config.data.dataset)))
+
+
 def run_training(config: TrainConfig, config_text: str | None = None) -> TrainResult:
     started = time.perf_counter()
-    if "://" not in config.data.dataset:  # workers run in other folders
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset=str(Path(config.data.dataset).resolve())))
-    # Workers run in other folders: pin the local store the driver means.
-    config.tracking.tracking_uri = config.tracking.resolved_uri()
+    config = pin_local_paths(config)
     dataset = PreparedDataset(config.data.dataset)  # a missing or unfinished dataset fails here
     dataset.normalizer()  # fails here, not on a worker, when the dataset has no statistics
     scaler = LabelScaler.fit(dataset.read_table(config.data.labeled_splits, list(ATTRIBUTES)), config.model.attributes)
@@ -63,7 +71,6 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
 
     tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
             "params": to_flat_dict(config)}
-    storage = config.storage_path if "://" in config.storage_path else str(Path(config.storage_path).resolve())
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service, "tags": tags},
@@ -74,7 +81,7 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=config.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

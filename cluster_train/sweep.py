@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from omegaconf import MISSING
 
 from cluster_train.config import TrainConfig, load_train_config
+from cluster_train.launch import pin_local_paths
 from data_prep.config import ConfigError, load_config, require
 
 
@@ -97,16 +98,6 @@ def plan_trials(config: SweepConfig) -> list[Trial]:
     return trials
 
 
-def _absolute(config: TrainConfig) -> TrainConfig:
-    """Local paths made absolute here: a trial run as a Ray task works in another folder."""
-    def resolve(path: str) -> str:
-        return path if "://" in path else str(Path(path).resolve())
-
-    config.tracking.tracking_uri = config.tracking.resolved_uri()
-    return dataclasses.replace(config, storage_path=resolve(config.storage_path),
-                               data=dataclasses.replace(config.data, dataset=resolve(config.data.dataset)))
-
-
 RUN_FILE = "run.json"  # beside a trial's best_model/: what its training reported
 
 
@@ -136,7 +127,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     from cluster_train.evaluation import compare_models, predict_split
     from data_prep.dataset import PreparedDataset
 
-    trials = [dataclasses.replace(t, config=_absolute(t.config)) for t in plan_trials(config)]
+    trials = [dataclasses.replace(t, config=pin_local_paths(t.config)) for t in plan_trials(config)]
     dataset = PreparedDataset(trials[0].config.data.dataset)  # a missing dataset fails before training
     runs: list[dict | None] = [None] * len(trials)
     pending = []
