@@ -185,7 +185,7 @@ def label_dtype(num_clusters: int) -> np.dtype:
 
 
 def assign(
-    x: np.ndarray, centroids: np.ndarray, preprocessor: Preprocessor | None = None,
+    x: np.ndarray | torch.Tensor, centroids: np.ndarray, preprocessor: Preprocessor | None = None,
     device: str | torch.device = "cpu", out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(labels, squared distances) of the rows of `x` to their nearest centroid, block by block.
@@ -205,6 +205,17 @@ def assign(
         labels[start : start + len(y)] = label.cpu().numpy()
         distances[start : start + len(y)] = distance.cpu().numpy()
     return labels, distances
+
+
+def resident(y: np.ndarray, device: str | torch.device, max_fraction: float = 0.5) -> np.ndarray | torch.Tensor:
+    """`y` copied onto a CUDA `device` once when it takes at most `max_fraction` of the free device
+    memory, else `y` itself. Lloyd iterations read every row each time: from host memory the copies
+    cost more than the arithmetic (one H100, 5.5M x 256: 20 s with host blocks, see
+    bench/results/gpu_check.json). `assign` and `lloyd_step` take either."""
+    device = torch.device(device)
+    if device.type != "cuda" or y.nbytes > max_fraction * torch.cuda.mem_get_info(device)[0]:
+        return y
+    return torch.from_numpy(np.ascontiguousarray(y)).to(device)
 
 
 def preprocess_inplace(x: np.ndarray, preprocessor: Preprocessor, device: str | torch.device = "cpu") -> np.ndarray:
@@ -227,7 +238,7 @@ def preprocess_inplace(x: np.ndarray, preprocessor: Preprocessor, device: str | 
 
 
 def lloyd_step(
-    y: np.ndarray, centroids: np.ndarray, device: str | torch.device = "cpu"
+    y: np.ndarray | torch.Tensor, centroids: np.ndarray, device: str | torch.device = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
     """One local Lloyd pass over preprocessed `y`: per-cluster sums (K, d) float64 and counts (K,),
     for the ranks to all-reduce. (One read of `y`: no distances, only the nearest centroid.)"""

@@ -48,6 +48,7 @@ from cluster_train.clustering import (
     moments,
     preprocess_inplace,
     preprocessor_from_moments,
+    resident,
     split_empty_centroids,
 )
 from cluster_train.kmeans_service import UNKNOWN_LABEL, IncarnationChanged
@@ -300,6 +301,7 @@ class AllReduceLabeler:
             summed = collective.sum(moments(sample) if len(sample) else _empty_moments(features.shape[1]))
             preprocessor = collective.broadcast(preprocessor_from_moments(summed, config) if collective.rank == 0 else None)
         y = preprocess_inplace(features, preprocessor, self.device)
+        on_device = resident(y, self.device)
         timings["preprocess"] = time.perf_counter() - started
         started = time.perf_counter()
         centroids = self._initial_centroids(y, epoch)
@@ -307,7 +309,7 @@ class AllReduceLabeler:
         while iterations < config.iterations:
             iterations += 1
             previous = centroids.copy()
-            sums, counts = lloyd_step(y, centroids, self.device)
+            sums, counts = lloyd_step(on_device, centroids, self.device)
             reduced = collective.sum(np.concatenate([sums.ravel(), counts]))
             sums, counts = reduced[: sums.size].reshape(sums.shape), reduced[sums.size :]
             filled = counts > 0
@@ -320,7 +322,8 @@ class AllReduceLabeler:
                 break
         timings["lloyd"] = time.perf_counter() - started
         started = time.perf_counter()
-        labels, distances = assign(y, centroids, None, self.device)
+        labels, distances = assign(on_device, centroids, None, self.device)
+        del on_device
         timings["assign"] = time.perf_counter() - started
         summary = {"mode": "allreduce", "epoch": epoch, "iterations": iterations, "lloyd_splits": splits}
         return _finish(collective, config, keys, labels, distances, num_chunks, summary, timings)

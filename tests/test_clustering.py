@@ -162,3 +162,22 @@ def test_gpu_blockwise_assignment_matches_cpu() -> None:
     gpu_labels, gpu_distances = assign(x, centroids, preprocessor, device="cuda")
     assert (cpu_labels == gpu_labels).mean() > 0.999
     np.testing.assert_allclose(cpu_distances, gpu_distances, atol=1e-3)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="torch sees no CUDA device")
+def test_gpu_lloyd_on_resident_rows_matches_host_rows() -> None:
+    import torch
+
+    from cluster_train.clustering import assign, lloyd_step, resident
+
+    x, _ = blobs(40_000, 6, d=32, seed=13)
+    y = fit_preprocessor(x, ClusteringConfig()).apply(x)
+    on_device = resident(y, "cuda")
+    assert isinstance(on_device, torch.Tensor) and on_device.is_cuda
+    assert resident(y, "cpu") is y  # the CPU path keeps the host array
+    centroids = y[:6].copy()
+    host_sums, host_counts = lloyd_step(y, centroids, "cuda")
+    sums, counts = lloyd_step(on_device, centroids, "cuda")
+    np.testing.assert_array_equal(counts, host_counts)
+    np.testing.assert_allclose(sums, host_sums, rtol=1e-4)  # float32 atomics: the order of adds varies
+    assert (assign(on_device, centroids, None, "cuda")[0] == assign(y, centroids, None, "cpu")[0]).mean() > 0.999
