@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from bench.accuracy_bench import prepared_dataset  # noqa: E402
 from cluster_train.clustering import fit_clusters  # noqa: E402
 from cluster_train.config import TrainConfig, load_train_config  # noqa: E402
-from cluster_train.data import ROW_COLUMNS, ChunkBatches  # noqa: E402
+from cluster_train.data import ROW_COLUMNS, ChunkBatches, InMemoryRows  # noqa: E402
 from cluster_train.kmeans_service import lookup_labels  # noqa: E402
 from cluster_train.labels import LabelScaler  # noqa: E402
 from cluster_train.losses import ccc, ccc_loss, cluster_ce, sentence_mean  # noqa: E402
@@ -44,30 +44,13 @@ from data_prep.manifest import ATTRIBUTES  # noqa: E402
 STEPS = ("data_loading", "embedding", "clustering", "stage1", "stage2", "validation", "checkpoint")
 
 
-class TableRows:
-    """An in-memory Arrow table behind the `iter_batches` call `ChunkBatches` makes on a Ray shard."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def iter_batches(self, batch_size, batch_format, drop_last, local_shuffle_buffer_size=None, local_shuffle_seed=None):
-        order = np.arange(self.table.num_rows)
-        if local_shuffle_seed is not None:
-            order = np.random.default_rng(local_shuffle_seed).permutation(order)
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        for start in range(0, stop, batch_size):
-            rows = self.table.take(order[start:start + batch_size])
-            yield {name: rows[name].to_numpy() if name != "chunks" else rows[name].combine_chunks().to_numpy_ndarray()
-                   for name in rows.column_names}
-
-
 def plain_loop(config: TrainConfig, dataset: PreparedDataset, threads: int) -> dict:
     """The paper's epoch in one process: the same model, losses, optimizers and batches, no Ray."""
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
-    train = TableRows(dataset.read_table(config.data.labeled_splits, ROW_COLUMNS))
-    development = TableRows(dataset.read_table([config.data.development_split], ROW_COLUMNS))
+    train = InMemoryRows.from_arrow(dataset.read_table(config.data.labeled_splits, ROW_COLUMNS))
+    development = InMemoryRows.from_arrow(dataset.read_table([config.data.development_split], ROW_COLUMNS))
     read_seconds = time.perf_counter() - started
     scaler = LabelScaler.fit(dataset.read_table(config.data.labeled_splits, list(ATTRIBUTES)), config.model.attributes)
     batches = ChunkBatches(dataset.normalizer(), scaler, torch.device("cpu"))
@@ -129,7 +112,7 @@ def ray_train(train_config: str, overrides: list[str], workers: int) -> dict:
     """The real job with `workers` Ray Train workers; the last epoch's throughput and time split."""
     from cluster_train.launch import run_training
 
-    cpus = 1.0 if workers == 1 else 0.75  # two workers on 2 cores leave room for Ray Data's reads
+    cpus = 1.0 if workers == 1 else 0.5  # reads need one free CPU (launch.warn_if_reads_starve)
     config = load_train_config(REPO / train_config, [*overrides, f"scaling.num_workers={workers}",
                                                      f"scaling.cpus_per_worker={cpus}", f"name=bench-{workers}w"])
     result = run_training(config)

@@ -5,7 +5,8 @@ The driver builds four datasets from one prepared dataset (`build_datasets`):
     unlabeled    stage 1 rows: unlabeled audio (+ labelled audio, by default), sharded
     cluster      what K-means embeds every epoch: labeled + unlabeled rows, sharded
     development  early stopping; every worker reads all of it
-Workers turn rows into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`.
+Workers turn rows into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`; on data
+small enough (`DataConfig.cache_max_mb`) they read each shard once and keep it (`ShardCache`).
 A pseudo-label is keyed by utterance and chunk (`chunk_keys`), never by worker.
 """
 
@@ -84,6 +85,59 @@ def as_float(values: np.ndarray) -> np.ndarray:
     if values.dtype == object:
         return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
     return values.astype(np.float32)
+
+
+class InMemoryRows:
+    """Rows held as numpy columns, served through the `iter_batches` call `ChunkBatches` makes on a
+    Ray DataIterator. Rows are in id order; a shuffle seed permutes them all (not a local buffer)."""
+
+    def __init__(self, columns: dict[str, np.ndarray]):
+        order = np.argsort(columns["id"].astype(str), kind="stable")
+        self.columns = {name: values[order] for name, values in columns.items()}
+        self.num_rows = len(order)
+
+    @classmethod
+    def from_arrow(cls, table) -> "InMemoryRows":
+        return cls({name: table[name].combine_chunks().to_numpy_ndarray() if name == "chunks"
+                    else table[name].to_numpy(zero_copy_only=False) for name in table.column_names})
+
+    @classmethod
+    def read(cls, iterator, read_batch_size: int = 1024) -> "InMemoryRows":
+        parts = list(iterator.iter_batches(batch_size=read_batch_size, batch_format="numpy"))
+        names = parts[0].keys() if parts else ROW_COLUMNS
+        return cls({name: np.concatenate([np.asarray(part[name]) for part in parts]) if parts else np.empty(0)
+                    for name in names})
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False,
+                     local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None):
+        order = np.arange(self.num_rows)
+        if local_shuffle_seed is not None:
+            order = np.random.default_rng(local_shuffle_seed).permutation(self.num_rows)
+        stop = self.num_rows - self.num_rows % batch_size if drop_last else self.num_rows
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size]
+            yield {name: values[index] for name, values in self.columns.items()}
+
+
+class ShardCache:
+    """A worker's dataset shards, read whole on first use and kept (see `DataConfig.cache_max_mb`).
+
+    Order does not depend on whether a shard was cached before (a resumed run reads it anew and
+    gets the same batches): rows are sorted by id, then shuffled with the pass's seed."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self._rows = enabled, {}
+
+    def __call__(self, name: str, shard):
+        if not self.enabled:
+            return shard
+        if name not in self._rows:
+            self._rows[name] = InMemoryRows.read(shard)
+        return self._rows[name]
+
+
+def cache_shards(dataset: PreparedDataset, config: DataConfig) -> bool:
+    return dataset.chunk_bytes() <= config.cache_max_mb * 1e6
 
 
 @dataclass

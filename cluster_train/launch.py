@@ -41,6 +41,23 @@ def pin_local_paths(config: TrainConfig) -> TrainConfig:
                                data=dataclasses.replace(config.data, dataset=resolve(config.data.dataset)))
 
 
+def warn_if_reads_starve(cpus_taken: float, what: str) -> None:
+    """Warn when training leaves Ray Data's reads less than one free CPU on the running cluster.
+
+    Seen here (Ray 2.60, 2 CPUs): with 1.5 CPUs held by training workers the dataset reads never
+    start and the run waits forever; with 1.0 held they run. A warning, not an error: an
+    autoscaling cluster adds the CPUs once the workers ask for them.
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if total - cpus_taken < 1.0:
+        warnings.warn(
+            f"{what} take {cpus_taken:g} of this Ray cluster's {total:g} CPUs: Ray Data's reads need one "
+            f"free CPU and the run will wait until one appears (an autoscaling cluster adds it; else "
+            f"lower scaling.num_workers x scaling.cpus_per_worker)", RuntimeWarning, stacklevel=3)
+
+
 def run_training(config: TrainConfig, config_text: str | None = None) -> TrainResult:
     started = time.perf_counter()
     config = pin_local_paths(config)
@@ -54,7 +71,7 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cluster_train.data import SPLIT_DATASETS, build_datasets
+    from cluster_train.data import SPLIT_DATASETS, build_datasets, cache_shards
     from cluster_train.kmeans_service import get_or_create_service
     from cluster_train.trainer import BEST_DIR, train_func
 
@@ -63,6 +80,9 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same seed, same run
     context.enable_progress_bars = False  # one bar per worker and epoch would bury the log
+    if not config.scaling.use_gpu:
+        warn_if_reads_starve(config.scaling.num_workers * config.scaling.cpus_per_worker,
+                             f"{config.scaling.num_workers} training worker(s)")
     datasets = build_datasets(dataset, config.data, config.seed)
     service = None
     if config.clusters and config.clustering.mode != "allreduce":  # "allreduce" clusters inside the workers
@@ -73,7 +93,8 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
             "params": to_flat_dict(config)}
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service, "tags": tags},
+        train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service, "tags": tags,
+                           "cache_shards": cache_shards(dataset, config.data)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,

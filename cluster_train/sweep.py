@@ -25,7 +25,7 @@ from omegaconf import MISSING
 
 from cluster_train.config import TrainConfig, load_train_config
 from cluster_train.launch import pin_local_paths
-from data_prep.config import ConfigError, load_config, require
+from data_prep.config import ConfigError, load_config, require, to_flat_dict
 
 
 @dataclass(kw_only=True)
@@ -101,12 +101,27 @@ def plan_trials(config: SweepConfig) -> list[Trial]:
 RUN_FILE = "run.json"  # beside a trial's best_model/: what its training reported
 
 
+def _config_record(config: TrainConfig) -> dict:
+    return json.loads(json.dumps(to_flat_dict(config), default=str))
+
+
 def _trained(config: TrainConfig) -> dict | None:
-    """The record of a trial trained before (its best model and run.json exist), else None."""
+    """The record of a trial trained before (its best model and run.json exist), else None.
+
+    A trial trained with another config is an error naming the keys that differ: reusing it would
+    mix configs in one table, retraining would overwrite a model someone may need. (Records written
+    before run.json kept the config cannot be checked and are reused.)"""
     folder = Path(config.storage_path) / str(config.name)
     if not (folder / "best_model" / "model.pt").is_file() or not (folder / RUN_FILE).is_file():
         return None
-    return json.loads((folder / RUN_FILE).read_text()) | {"reused": True}
+    run = json.loads((folder / RUN_FILE).read_text())
+    before, now = run.pop("config", None), _config_record(config)
+    # Keys the record lacks were added to the code later; their defaults keep the old behaviour.
+    keys = sorted(k for k in (before or {}) if before[k] != now.get(k))
+    if keys:
+        raise ConfigError(f"trial {config.name} was trained in {folder} with another config "
+                          f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
+    return run | {"reused": True}
 
 
 def _train(config: TrainConfig) -> dict:
@@ -115,8 +130,10 @@ def _train(config: TrainConfig) -> dict:
     result = run_training(config)
     run = {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
-           "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+           "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+           "config": _config_record(config)}
     (Path(config.storage_path) / str(config.name) / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+    del run["config"]
     return run
 
 
@@ -137,6 +154,13 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             pending.append(index)
     if pending and not ray.is_initialized():
         ray.init(logging_level="WARNING")
+    if pending and config.max_concurrent > 1:
+        from cluster_train.launch import warn_if_reads_starve
+
+        scaling = trials[0].config.scaling
+        if not scaling.use_gpu:
+            warn_if_reads_starve(min(config.max_concurrent, len(pending)) * scaling.num_workers * scaling.cpus_per_worker,
+                                 f"{min(config.max_concurrent, len(pending))} concurrent trials' workers")
     if pending and config.max_concurrent > 1 and trials[0].config.tracking.enabled:
         from cluster_train.tracking import RunTracker
 

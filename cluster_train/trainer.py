@@ -23,7 +23,7 @@ import torch
 
 from cluster_train.checkpoint import load_bundle, save_bundle
 from cluster_train.config import OptimizerConfig, TrainConfig
-from cluster_train.data import Batch, ChunkBatches
+from cluster_train.data import Batch, ChunkBatches, ShardCache
 from cluster_train.labels import LabelScaler
 from cluster_train.diagnostics import ClusterDiagnostics
 from cluster_train.pseudo_labels import Collective, LabelTable, build_labeler, uniform_over_clusters
@@ -58,7 +58,7 @@ def optimizer_config(group: str, config: TrainConfig) -> OptimizerConfig:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, label_scaler: dict, service, tags: dict):
+    def __init__(self, config: TrainConfig, label_scaler: dict, service, tags: dict, cache_shards: bool = False):
         context = ray.train.get_context()
         self.config, self.rank = config, context.get_world_rank()
         self.device = ray.train.torch.get_device()
@@ -77,6 +77,7 @@ class Trainer:
             for group, params in self.module.param_groups().items()
         }
         self.batches = ChunkBatches(self.normalizer, self.scaler, self.device)
+        self.shards = ShardCache(cache_shards)  # name -> this rank's rows: Ray Data's, or kept in memory
         self.service = service  # the KMeansService actor handle: None for the baselines and mode "allreduce"
         # Pseudo-labels, whatever clustering.mode (pseudo_labels.py); diagnostics on rank 0 only.
         self.labeler = build_labeler(config.clustering, service, Collective(), self.device) if config.clusters else None
@@ -138,7 +139,7 @@ class Trainer:
 
     def _pseudo_labels(self, epoch: int, timings: dict) -> tuple[LabelTable, dict]:
         started = time.perf_counter()
-        keys, features = self._embed(ray.train.get_dataset_shard("cluster"))
+        keys, features = self._embed(self.shards("cluster", ray.train.get_dataset_shard("cluster")))
         timings["embedding"] = time.perf_counter() - started
         started = time.perf_counter()
         result = self.labeler.label(epoch, keys, features, self.num_chunks)
@@ -177,7 +178,7 @@ class Trainer:
         self.model.train()
         groups = [g for g in self.optimizers if stage == 2 or g != "regressor"]
         total, steps, chunks = 0.0, 0, 0
-        shard = ray.train.get_dataset_shard(shard_name)
+        shard = self.shards(shard_name, ray.train.get_dataset_shard(shard_name))
         for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=self.config.seed + epoch):
             for group in groups:
                 self.optimizers[group].zero_grad(set_to_none=True)
@@ -219,7 +220,7 @@ class Trainer:
         """Sentence-level CCC on the development split (every worker reads all of it)."""
         self.module.eval()
         predictions, targets = [], []
-        shard = ray.train.get_dataset_shard("development")
+        shard = self.shards("development", ray.train.get_dataset_shard("development"))
         for batch in self.batches(shard, self.config.data.batch_size, drop_last=False):
             predictions.append(sentence_mean(self.module(batch.chunks)["prediction"], batch.num_chunks))
             targets.append(batch.targets)
@@ -266,4 +267,5 @@ class Trainer:
 
 def train_func(loop_config: dict) -> None:
     """What each Ray Train worker runs."""
-    Trainer(loop_config["config"], loop_config["label_scaler"], loop_config["service"], dict(loop_config["tags"])).fit()
+    Trainer(loop_config["config"], loop_config["label_scaler"], loop_config["service"], dict(loop_config["tags"]),
+            loop_config.get("cache_shards", False)).fit()

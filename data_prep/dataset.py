@@ -44,6 +44,14 @@ class PreparedDataset:
             raise DatasetError(f"{self.location}: no normalisation statistics (no frames in {stats['splits']})")
         return Normalizer(np.asarray(stats["mean"]), np.asarray(stats["std"]), clip)
 
+    def chunk_bytes(self) -> int:
+        """Bytes of every utterance's chunks in memory (all splits), from dataset.json alone."""
+        settings = self.settings
+        chunks, features = settings["chunks"], settings["features"]
+        utterances = sum(int(shard["utterances"]) for shard in self.info["shards"])
+        itemsize = np.dtype(settings["storage_dtype"]).itemsize
+        return utterances * chunks["num_chunks"] * chunks["chunk_frames"] * features["n_mels"] * itemsize
+
     def shard_uris(self) -> list[str]:
         return [self.folder.uri(shard["file"]) for shard in self.info["shards"]]
 

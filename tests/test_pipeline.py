@@ -172,7 +172,7 @@ def test_manifest_error_stops_before_any_work(tmp_path):
 
 
 def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path, ray_cluster):
-    rows = good_rows(48)
+    rows = good_rows(24)
     manifest = write_csv(tmp_path / "manifest.csv", rows)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "data_prep", f"sources=[{{kind: csv, path: {manifest}}}]",

@@ -1,13 +1,18 @@
-"""Training end to end: real prepared audio, real Ray Train, real faiss, a real MLflow store."""
+"""Training end to end: real prepared audio, real Ray Train, real faiss, a real MLflow store.
+
+One prepared sample (24 utterances) and one Ray session serve every test; a killed training
+worker and a killed K-means actor each happen in their own run."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -28,19 +33,32 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("train")
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")  # Ray starts slowly on a busy machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     prepare_train_sample(folder)
     yield folder
     ray.shutdown()
 
 
-def test_deepemocluster_trains_tracks_and_scores(prepared, tmp_path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
+def _small_run(prepared: Path, runs: Path, name: str, *overrides: str):
+    """The small DeepEmoCluster run of these tests: 24 utterances, batch 4, K = 4, 2 epochs unless overridden."""
+    return load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
         f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", "epochs=2", "patience=2",
-        f"storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={store}", "name=smoke",
-        "model.num_clusters=4", "clustering.num_clusters=4"])
-    result = run_training(config)
+        f"storage_path={runs}", f"name={name}", "model.num_clusters=4", "clustering.num_clusters=4",
+        "scaling.max_failures=1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tracked_run(prepared, tmp_path_factory):
+    """One uninterrupted run tracked to a sqlite store: the e2e test reads it, the resume test
+    compares a killed-and-resumed run of the same config with it."""
+    folder = tmp_path_factory.mktemp("tracked")
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    return run_training(_small_run(prepared, folder / "runs", "smoke", f"tracking.tracking_uri={store}")), store
+
+
+def test_deepemocluster_trains_tracks_and_scores(tracked_run):
+    result, store = tracked_run
 
     assert result.epochs_run == 2
     assert set(result.scores) == {"development", "test"}
@@ -86,18 +104,12 @@ def _kill_worker_after_first_checkpoint(run_folder: Path, killed: list) -> None:
             killed.append(process.pid)
 
 
-def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(prepared, tmp_path):
-    def config(name: str):
-        return load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
-            f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", "epochs=2", "patience=2",
-            f"storage_path={tmp_path / 'runs'}", "tracking.enabled=false", f"name={name}",
-            "model.num_clusters=4", "clustering.num_clusters=4", "scaling.max_failures=1"])
-
-    uninterrupted = run_training(config("whole"))
+def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(prepared, tracked_run, tmp_path):
+    uninterrupted, _ = tracked_run  # the same config, not killed (tracking changes no computation)
     killed: list[int] = []
     watcher = threading.Thread(target=_kill_worker_after_first_checkpoint, args=(tmp_path / "runs" / "resumed", killed))
     watcher.start()
-    resumed = run_training(config("resumed"))
+    resumed = run_training(_small_run(prepared, tmp_path / "runs", "resumed", "tracking.enabled=false"))
     watcher.join()
 
     assert killed, "no training worker was found to kill"
@@ -107,10 +119,96 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(prepared, 
             assert resumed.scores[split][attribute] == pytest.approx(value, abs=1e-5), (split, attribute)
 
 
-def _config(prepared: Path, tmp_path: Path, *overrides: str):
-    return load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
-        f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", f"storage_path={tmp_path / 'runs'}",
-        "model.num_clusters=4", "clustering.num_clusters=4", *overrides])
+def _kill_actor_in_epoch(name: str, epoch: int, seen: dict) -> None:
+    """Once the actor holds a round for `epoch` (a sample arrived: the worker waits on it), kill it;
+    Ray restarts it and the worker clusters that epoch again."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            actor = ray.get_actor(name)
+            seen.setdefault("incarnation", ray.get(actor.incarnation.remote()))
+            progress = ray.get(actor.progress.remote())
+        except (ValueError, ray.exceptions.RayActorError):
+            time.sleep(0.1)
+            continue
+        if progress["epoch"] is not None and progress["epoch"] >= epoch:
+            seen["progress"] = progress
+            ray.kill(actor, no_restart=False)
+            break
+        time.sleep(0.02)
+    while time.monotonic() < deadline and "progress" in seen:  # calls fail while Ray restarts it
+        try:
+            seen["new_incarnation"] = ray.get(actor.incarnation.remote(), timeout=60)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.2)
+
+
+def test_killed_kmeans_actor_comes_back_and_training_finishes(prepared, tmp_path):
+    """Mode "sample" (the actor fits centroids on samples, the worker assigns); the per-epoch
+    cluster diagnostics reach MLflow."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = _small_run(prepared, tmp_path / "runs", "actor-killed", f"tracking.tracking_uri={store}",
+                         "clustering.mode=sample", "clustering.sample_size=64")
+    seen: dict = {}
+    watcher = threading.Thread(target=_kill_actor_in_epoch, args=("kmeans-actor-killed", 0, seen))
+    watcher.start()
+    result = run_training(config)
+    watcher.join()
+
+    assert "progress" in seen, "the actor was never killed"
+    assert seen["new_incarnation"] != seen["incarnation"]  # it died and came back empty
+    assert result.epochs_run == 2
+
+    client = MlflowClient(store)
+    run_id = result.mlflow_run_id
+
+    def steps(metric: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+    for metric in ("kmeans_objective", "stage1_loss", "cluster_nmi_category", "cluster_purity_category",
+                   "cluster_arousal_mean_high", "kmeans_actor_attempts"):
+        assert steps(metric) == [0, 1], metric
+    assert steps("cluster_nmi_previous") == [1]  # the change of labels since the epoch before
+    metrics = client.get_run(run_id).data.metrics
+    assert sum(metrics[f"cluster_size_{k}"] for k in range(4)) == 8 * 11  # every train chunk labelled
+    assert 0 <= metrics["cluster_nmi_category"] <= 1 and 0 < metrics["cluster_purity_category"] <= 1
+    assert metrics["cluster_arousal_mean_high"] >= metrics["cluster_arousal_mean_low"]
+    figures = [f.path for f in client.list_artifacts(run_id, "clusters")]
+    assert figures == [f"clusters/arousal_epoch_{e:03d}.png" for e in range(2)]
+
+
+def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepared):
+    """The in-memory shard cache: every row once, id order, a seed's permutation, drop_last."""
+    from cluster_train.data import ROW_COLUMNS, InMemoryRows, ShardCache
+    from data_prep.dataset import PreparedDataset
+
+    dataset = PreparedDataset(str(prepared / "prepared"))
+    rows = InMemoryRows.read(dataset.ray_dataset(["train"], ROW_COLUMNS).iterator())
+    assert rows.num_rows == 8 and list(rows.columns["id"]) == sorted(rows.columns["id"])
+    assert rows.columns["chunks"].shape == (8, 11, 62, 128)
+    again = InMemoryRows.from_arrow(dataset.read_table(["train"], ROW_COLUMNS))  # another reader, same rows
+    first = [b["id"].tolist() for b in rows.iter_batches(3, drop_last=True, local_shuffle_seed=5)]
+    assert first == [b["id"].tolist() for b in again.iter_batches(3, drop_last=True, local_shuffle_seed=5)]
+    assert len(first) == 2 and len({i for ids in first for i in ids}) == 6
+    assert first != [b["id"].tolist() for b in rows.iter_batches(3, drop_last=True, local_shuffle_seed=6)]
+    cache = ShardCache(enabled=True)
+    held = cache("train", dataset.ray_dataset(["train"], ROW_COLUMNS).iterator())
+    assert cache("train", None) is held  # read once, then kept
+    streamed = dataset.ray_dataset(["train"], ROW_COLUMNS).iterator()
+    assert ShardCache(enabled=False)("train", streamed) is streamed
+
+
+def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
+    """2 workers x 0.75 CPU on 2 CPUs: Ray Data's reads never started and the run hung (seen with
+    bench/train_bench.py); x 0.5 runs (the DDP test below)."""
+    from cluster_train.launch import warn_if_reads_starve
+
+    with pytest.warns(RuntimeWarning, match="2 training worker.* take 1.5 of this Ray cluster's 2 CPUs"):
+        warn_if_reads_starve(1.5, "2 training worker(s)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_reads_starve(1.0, "2 training worker(s)")
 
 
 def _closed_port() -> int:
@@ -121,8 +219,8 @@ def _closed_port() -> int:
 
 def test_two_ddp_workers_train_without_a_reachable_mlflow(prepared, tmp_path):
     dead_server = f"http://127.0.0.1:{_closed_port()}"
-    config = _config(prepared, tmp_path, "epochs=1", "scaling.num_workers=2",
-                     "scaling.cpus_per_worker=0.5", f"tracking.tracking_uri={dead_server}", "name=ddp")
+    config = _small_run(prepared, tmp_path / "runs", "ddp", "epochs=1", "scaling.num_workers=2",
+                        "scaling.cpus_per_worker=0.5", f"tracking.tracking_uri={dead_server}")
     with pytest.warns(RuntimeWarning, match=f"not tracked: MLflow at {dead_server}"):
         result = run_training(config)
 
@@ -177,6 +275,11 @@ output: {tmp_path / 'sweeps'}
     assert all(run.get("reused") for run in again.runs)
     assert [r["mlflow_run_id"] for r in again.runs] == [r["mlflow_run_id"] for r in result.runs]
     assert again.table["models"] == result.table["models"]
+
+    changed = tmp_path / "changed.yaml"  # the same trials with another batch size: not silently reused
+    changed.write_text(sweep_file.read_text().replace("data.batch_size=4", "data.batch_size=2"))
+    with pytest.raises(ConfigError, match="trial baselines-model_kind_cnn_regressor-seed0 .* differs in data.batch_size"):
+        run_sweep(load_sweep_config(changed))
 
     typo = tmp_path / "typo.yaml"
     typo.write_text(sweep_file.read_text().replace("epochs=1,", "epochs=1, optim.regressor.lrr=1,"))
