@@ -278,7 +278,7 @@ output: {tmp_path / 'sweeps'}
 
     changed = tmp_path / "changed.yaml"  # the same trials with another batch size: not silently reused
     changed.write_text(sweep_file.read_text().replace("data.batch_size=4", "data.batch_size=2"))
-    with pytest.raises(ConfigError, match="trial baselines-model_kind_cnn_regressor-seed0 .* differs in data.batch_size"):
+    with pytest.raises(ConfigError, match=r"trial baselines-model_kind_cnn_regressor-seed0 .*differs in data\.batch_size"):
         run_sweep(load_sweep_config(changed))
 
     typo = tmp_path / "typo.yaml"
