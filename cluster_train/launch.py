@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster_train.config import TrainConfig
+from cluster_train.config import ScalingConfig, TrainConfig
 from cluster_train.labels import LabelScaler
 from data_prep.config import to_flat_dict, to_yaml
 from data_prep.dataset import PreparedDataset
@@ -41,8 +41,9 @@ def pin_local_paths(config: TrainConfig) -> TrainConfig:
                                data=dataclasses.replace(config.data, dataset=resolve(config.data.dataset)))
 
 
-def warn_if_reads_starve(cpus_taken: float, what: str) -> None:
-    """Warn when training leaves Ray Data's reads less than one free CPU on the running cluster.
+def warn_if_reads_starve(scaling: ScalingConfig, runs: int = 1) -> None:
+    """Warn when `runs` concurrent CPU trainings with `scaling` leave Ray Data's reads less than one
+    free CPU on the running cluster.
 
     Seen here (Ray 2.60, 2 CPUs): with 1.5 CPUs held by training workers the dataset reads never
     start and the run waits forever; with 1.0 held they run. A warning, not an error: an
@@ -50,6 +51,10 @@ def warn_if_reads_starve(cpus_taken: float, what: str) -> None:
     """
     import ray
 
+    if scaling.use_gpu:
+        return
+    cpus_taken = runs * scaling.num_workers * scaling.cpus_per_worker
+    what = f"{scaling.num_workers} training worker(s)" + (f" x {runs} concurrent runs" if runs > 1 else "")
     total = float(ray.cluster_resources().get("CPU", 0.0))
     if total - cpus_taken < 1.0:
         warnings.warn(
@@ -80,9 +85,7 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same seed, same run
     context.enable_progress_bars = False  # one bar per worker and epoch would bury the log
-    if not config.scaling.use_gpu:
-        warn_if_reads_starve(config.scaling.num_workers * config.scaling.cpus_per_worker,
-                             f"{config.scaling.num_workers} training worker(s)")
+    warn_if_reads_starve(config.scaling)
     datasets = build_datasets(dataset, config.data, config.seed)
     service = None
     if config.clusters and config.clustering.mode != "allreduce":  # "allreduce" clusters inside the workers

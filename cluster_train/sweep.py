@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from omegaconf import MISSING
 
 from cluster_train.config import TrainConfig, load_train_config
-from cluster_train.launch import pin_local_paths
+from cluster_train.launch import pin_local_paths, warn_if_reads_starve
 from data_prep.config import ConfigError, load_config, require, to_flat_dict
 
 
@@ -130,10 +130,9 @@ def _train(config: TrainConfig) -> dict:
     result = run_training(config)
     run = {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
-           "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-           "config": _config_record(config)}
-    (Path(config.storage_path) / str(config.name) / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
-    del run["config"]
+           "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+    record = run | {"config": _config_record(config)}  # read back by `_trained`, not part of the table
+    (Path(config.storage_path) / str(config.name) / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return run
 
 
@@ -155,16 +154,11 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     if pending and not ray.is_initialized():
         ray.init(logging_level="WARNING")
     if pending and config.max_concurrent > 1:
-        from cluster_train.launch import warn_if_reads_starve
+        warn_if_reads_starve(trials[0].config.scaling, runs=min(config.max_concurrent, len(pending)))
+        if trials[0].config.tracking.enabled:
+            from cluster_train.tracking import RunTracker
 
-        scaling = trials[0].config.scaling
-        if not scaling.use_gpu:
-            warn_if_reads_starve(min(config.max_concurrent, len(pending)) * scaling.num_workers * scaling.cpus_per_worker,
-                                 f"{min(config.max_concurrent, len(pending))} concurrent trials' workers")
-    if pending and config.max_concurrent > 1 and trials[0].config.tracking.enabled:
-        from cluster_train.tracking import RunTracker
-
-        RunTracker(trials[0].config.tracking).prepare_experiment()
+            RunTracker(trials[0].config.tracking).prepare_experiment()
     if config.max_concurrent == 1:
         for index in pending:
             runs[index] = _train(trials[index].config)

@@ -202,13 +202,16 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
 def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
     """2 workers x 0.75 CPU on 2 CPUs: Ray Data's reads never started and the run hung (seen with
     bench/train_bench.py); x 0.5 runs (the DDP test below)."""
+    from cluster_train.config import ScalingConfig
     from cluster_train.launch import warn_if_reads_starve
 
     with pytest.warns(RuntimeWarning, match="2 training worker.* take 1.5 of this Ray cluster's 2 CPUs"):
-        warn_if_reads_starve(1.5, "2 training worker(s)")
+        warn_if_reads_starve(ScalingConfig(num_workers=2, cpus_per_worker=0.75))
+    with pytest.warns(RuntimeWarning, match="1 training worker.* x 3 concurrent runs take 1.5 of this Ray cluster's 2 CPUs"):
+        warn_if_reads_starve(ScalingConfig(num_workers=1, cpus_per_worker=0.5), runs=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warn_if_reads_starve(1.0, "2 training worker(s)")
+        warn_if_reads_starve(ScalingConfig(num_workers=2, cpus_per_worker=0.5))
 
 
 def _closed_port() -> int:
