@@ -13,7 +13,9 @@ import math
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -298,6 +300,19 @@ def use_faiss_gpu(config: ClusteringConfig) -> bool:
     return config.use_gpu is not False and gpus > 0
 
 
+@contextmanager
+def faiss_omp_threads(threads: int) -> Iterator[None]:
+    """faiss's OpenMP threads for a block, the caller's count restored after it. faiss and torch
+    share one OpenMP runtime, so a count left set changes torch's too: a training loop set to 1
+    thread ran on all CPUs after its first K-means (bench/train_bench.py measured it)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def run_kmeans(x: np.ndarray, config: ClusteringConfig, epoch: int) -> KMeansResult:
     """faiss K-means on every row of `x` (float32, (N, d)) with seed `config.seed + epoch`."""
     started = time.perf_counter()
@@ -307,16 +322,16 @@ def run_kmeans(x: np.ndarray, config: ClusteringConfig, epoch: int) -> KMeansRes
         raise ValueError(f"K-means needs an (N, d) array with N >= K = {k}, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("K-means input holds NaN or inf")
-    faiss.omp_set_num_threads(faiss_threads(config))
     # faiss subsamples when N > K * max_points_per_centroid; ceil(N / K) makes that never true.
     mppc = config.max_points_per_centroid or max(math.ceil(len(x) / k), 1)
     seed = config.seed + epoch
-    kmeans = faiss.Kmeans(
-        x.shape[1], k, niter=config.iterations, seed=seed, max_points_per_centroid=mppc,
-        gpu=use_faiss_gpu(config), verbose=False,
-    )  # fmt: skip
-    kmeans.train(x)
-    distances, labels = kmeans.assign(x)
+    with faiss_omp_threads(faiss_threads(config)):
+        kmeans = faiss.Kmeans(
+            x.shape[1], k, niter=config.iterations, seed=seed, max_points_per_centroid=mppc,
+            gpu=use_faiss_gpu(config), verbose=False,
+        )  # fmt: skip
+        kmeans.train(x)
+        distances, labels = kmeans.assign(x)
     centroids = np.array(kmeans.centroids, dtype=np.float32)
     assignments = labels.astype(np.int64)
     distances = distances.astype(np.float32)

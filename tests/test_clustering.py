@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ from cluster_train.clustering import (
     run_kmeans,
 )
 from data_prep.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def blobs(n_per: int, k: int, d: int = 16, spread: float = 0.3, seed: int = 0):
@@ -130,6 +135,23 @@ def test_empty_clusters_are_reseeded() -> None:
     assert result.objective == pytest.approx(0.0, abs=1e-6)  # moved copies sit on their centroid
     for cluster in range(5):  # a cluster never mixes two distinct points
         assert len(np.unique(x[result.assignments == cluster], axis=0)) == 1
+
+
+def test_kmeans_leaves_the_callers_thread_count() -> None:
+    # faiss and torch share one OpenMP runtime once torch has loaded and used it (as in a training
+    # process): K-means on 2 threads left a 1-thread training loop on 2 threads. A fresh process,
+    # because whether they share it depends on what the process loaded and ran before.
+    script = """
+import numpy as np, torch
+torch.set_num_threads(1)
+torch.nn.Conv2d(8, 8, 3)(torch.randn(4, 8, 32, 32)).sum().backward()  # starts the OpenMP runtime
+print(torch.get_num_threads())
+from cluster_train.clustering import ClusteringConfig, run_kmeans
+run_kmeans(np.random.default_rng(0).random((500, 8), np.float32), ClusteringConfig(num_clusters=4, threads=2), epoch=0)
+print(torch.get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
 
 
 def test_too_few_points_is_an_error() -> None:
