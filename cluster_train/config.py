@@ -94,7 +94,7 @@ class TrainConfig:
     patience: int = 5  # epochs without a better development loss before stopping
     cluster_weight: float = 1.0  # lambda of (1 - CCC) + lambda * CE
     reconstruction_weight: float = 1.0  # CNN-AE / CNN-VAE
-    kl_weight: float = 1.0  # CNN-VAE
+    kl_weight: float = 1.0  # CNN-VAE: on the KL per reconstructed element (losses.vae_kl)
     seed: int = 0
     name: str | None = None  # run name; None: <model_kind>-<time>
     storage_path: str = "outputs/runs"  # checkpoints; shared storage (s3://...) on a multi-node cluster

@@ -86,9 +86,15 @@ def reconstruction_loss(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.
     return F.mse_loss(reconstruction, x)
 
 
-def vae_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, mean over the batch."""
-    return (-0.5 * (1.0 + logvar - mu**2 - logvar.exp())).sum(dim=1).mean()
+def vae_kl(mu: torch.Tensor, logvar: torch.Tensor, elements: int = 1) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, mean over the batch, per
+    reconstructed element: divided by `elements`, the values one row reconstructs.
+
+    `reconstruction_loss` is a mean over elements; beside it, the KL summed over the latent weighed
+    62 x 128 = 7,936 times what the ELBO gives it, and the latent (which the VAE regresses on)
+    collapsed to the prior: test CCC near 0 (bench/results/accuracy_ravdess.json, 2026-11-27).
+    """
+    return (-0.5 * (1.0 + logvar - mu**2 - logvar.exp())).sum(dim=1).mean() / elements
 
 
 def sentence_mean(chunk_pred: torch.Tensor, num_chunks: int) -> torch.Tensor:

@@ -201,7 +201,7 @@ class Trainer:
         if kind in ("cnn_ae", "cnn_vae"):
             loss = loss + config.reconstruction_weight * reconstruction_loss(out["reconstruction"], batch.chunks)
         if kind == "cnn_vae":
-            loss = loss + config.kl_weight * vae_kl(out["mu"], out["logvar"])
+            loss = loss + config.kl_weight * vae_kl(out["mu"], out["logvar"], elements=batch.chunks[0].numel())
         return loss
 
     def _lookup(self, table: LabelTable, keys: np.ndarray) -> torch.Tensor:

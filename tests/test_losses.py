@@ -130,6 +130,8 @@ def test_reconstruction_and_kl() -> None:
     assert vae_kl(torch.zeros(4, 8), torch.zeros(4, 8)).item() == 0.0
     # KL(N(1, 1) || N(0, 1)) = 0.5 per dimension
     torch.testing.assert_close(vae_kl(torch.ones(4, 8), torch.zeros(4, 8)), torch.tensor(4.0))
+    # per reconstructed element, on the scale of the mean-squared reconstruction error
+    torch.testing.assert_close(vae_kl(torch.ones(4, 8), torch.zeros(4, 8), elements=62 * 128), torch.tensor(4.0 / 7936))
 
 
 def test_sentence_mean() -> None:
