@@ -6,8 +6,8 @@ All sides train DeepEmoCluster (same model, optimizers, batch size and prepared 
 epochs of the paper's loop: embed every training chunk -> K-means -> stage 1 -> stage 2 ->
 development CCC. The plain loop reads the Parquet shards with pyarrow into memory and runs in a
 child process with no Ray at all, at the niceness Ray gives its workers (15; also once at 0, for
-the record); the Ray Train runs are the real job (`run_training`: Ray Data shards,
-K-means actor, checkpoints; MLflow off). Throughput = chunks trained in stages 1 + 2 per second of
+the record), and records torch's thread count at its end. The Ray Train runs are the real job
+(`run_training`: Ray Data shards, K-means actor, checkpoints; MLflow off). Throughput = chunks trained in stages 1 + 2 per second of
 those stages, in the last epoch (the first carries one-off start-up). Each run's time is also split
 per step. Writes bench/results/train.json: value = Ray Train with 1 worker, baseline = the plain
 loop on the same single thread, same run.
@@ -107,7 +107,9 @@ def plain_loop(config: TrainConfig, dataset: PreparedDataset, threads: int) -> d
         epochs.append({"seconds": {k: round(v, 2) for k, v in seconds.items()}, "stage_chunks": chunks,
                        "chunks_per_second": chunks / (seconds["stage1"] + seconds["stage2"]),
                        "dev_ccc": [round(float(v), 4) for v in dev_ccc]})
-    return {"threads": threads, "epochs": epochs, "chunks_per_second": epochs[-1]["chunks_per_second"]}
+    # torch's count at the end: K-means (faiss) once left it at all CPUs (clustering.faiss_omp_threads)
+    return {"threads": threads, "threads_at_end": torch.get_num_threads(), "epochs": epochs,
+            "chunks_per_second": epochs[-1]["chunks_per_second"]}
 
 
 def plain_loop_at(niceness: int, config: TrainConfig, dataset: PreparedDataset, threads: int) -> dict:
