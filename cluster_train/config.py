@@ -33,10 +33,11 @@ class DataConfig:
     # train as unlabeled audio: the scarce-label setting the method is for.
     label_fraction: float = 1.0
     batch_size: int = 64  # sentences per step (each C chunks)
-    # Workers keep their rows in memory after the first read when the prepared dataset's chunks
-    # take at most this many MB (all splits; a worker then holds up to ~3x its share plus the
-    # development split): later passes skip Ray Data's per-pass start-up, several seconds each,
-    # which dominates an epoch on small data. 0: stream every pass (what MSP-Podcast scale needs).
+    # When the prepared dataset's chunks take at most this many MB (all splits), the driver reads
+    # them and hands Ray Data tables (no file listing per dataset), and workers keep their rows in
+    # memory after the first read (a worker then holds up to ~3x its share plus the development
+    # split): later passes skip Ray Data's per-pass start-up, several seconds each, which dominates
+    # an epoch on small data. 0: stream from the shards every pass (what MSP-Podcast scale needs).
     cache_max_mb: float = 512
 
     def __post_init__(self) -> None:

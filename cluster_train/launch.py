@@ -86,7 +86,8 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     context.execution_options.preserve_order = True  # same seed, same run
     context.enable_progress_bars = False  # one bar per worker and epoch would bury the log
     warn_if_reads_starve(config.scaling)
-    datasets = build_datasets(dataset, config.data, config.seed)
+    in_memory = cache_shards(dataset, config.data)
+    datasets = build_datasets(dataset, config.data, config.seed, in_memory=in_memory)
     service = None
     if config.clusters and config.clustering.mode != "allreduce":  # "allreduce" clusters inside the workers
         # restarted up to clustering.actor_restarts times if it dies; the workers then cluster again
@@ -97,7 +98,7 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service, "tags": tags,
-                           "cache_shards": cache_shards(dataset, config.data)},
+                           "cache_shards": in_memory},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import psutil
 import pytest
 import ray
@@ -194,8 +195,10 @@ def test_killed_kmeans_actor_comes_back_and_two_ddp_workers_finish(prepared, tmp
 
 
 def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepared):
-    """The in-memory shard cache: every row once, id order, a seed's permutation, drop_last."""
-    from cluster_train.data import ROW_COLUMNS, InMemoryRows, ShardCache
+    """The in-memory shard cache: every row once, id order, a seed's permutation, drop_last; and
+    small data handed to Ray Data from the driver (`build_datasets(in_memory=True)`)."""
+    from cluster_train.config import DataConfig
+    from cluster_train.data import ROW_COLUMNS, InMemoryRows, ShardCache, build_datasets, kept_label_ids
     from data_prep.dataset import PreparedDataset
 
     dataset = PreparedDataset(str(prepared / "prepared"))
@@ -212,6 +215,18 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
     assert cache("train", None) is held  # read once, then kept
     streamed = dataset.ray_dataset(["train"], ROW_COLUMNS).iterator()
     assert ShardCache(enabled=False)("train", streamed) is streamed
+
+    # Such small data reaches Ray Data as tables the driver read: the same rows as from the shards.
+    config = DataConfig(dataset=str(prepared / "prepared"), label_fraction=0.5, labeled_as_unlabeled=False)
+    held = {name: InMemoryRows.read(rows_of.iterator())
+            for name, rows_of in build_datasets(dataset, config, seed=0, in_memory=True).items()}
+    assert list(held["cluster"].columns["id"]) == list(rows.columns["id"])  # no "unlabeled" split here
+    assert held["cluster"].columns["chunks"].dtype == rows.columns["chunks"].dtype
+    np.testing.assert_array_equal(held["cluster"].columns["chunks"], rows.columns["chunks"])
+    kept = kept_label_ids(dataset, config, seed=0)
+    assert len(kept) == 4 and list(held["labeled"].columns["id"]) == kept
+    assert sorted(held["unlabeled"].columns["id"]) == sorted(set(rows.columns["id"]) - set(kept))
+    assert held["development"].num_rows == 8
 
 
 def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
