@@ -7,9 +7,9 @@ epochs of the paper's loop: embed every training chunk -> K-means -> stage 1 -> 
 development CCC. The plain loop reads the Parquet shards with pyarrow into memory and runs in a
 child process with no Ray at all, at the niceness Ray gives its workers (15; also once at 0, for
 the record), and records torch's thread count at its end. The Ray Train runs are the real job
-(`run_training`: Ray Data shards, K-means actor, checkpoints; MLflow off). Throughput = chunks trained in stages 1 + 2 per second of
-those stages, in the last epoch (the first carries one-off start-up). Each run's time is also split
-per step. Writes bench/results/train.json: value = Ray Train with 1 worker, baseline = the plain
+(`run_training`: Ray Data shards, K-means actor, checkpoints; MLflow off). Throughput = chunks
+trained in stages 1 + 2 per second of those stages, in the last epoch (the first carries one-off
+start-up). Each run's time is also split per step. Writes bench/results/train.json: value = Ray Train with 1 worker, baseline = the plain
 loop on the same single thread, same run.
 """
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -106,7 +107,6 @@ class _TableRows:
         self.table = table
 
     def __call__(self, splits: list[str], ids: list[str] | None = None, keep: bool = True):
-        import pyarrow as pa
         import ray.data
 
         rows = self.table.filter(pc.is_in(self.table["split"], value_set=pa.array(splits, self.table["split"].type)))

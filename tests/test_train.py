@@ -231,7 +231,7 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
 
 def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
     """2 workers x 0.75 CPU on 2 CPUs: Ray Data's reads never started and the run hung (seen with
-    bench/train_bench.py); x 0.5 runs (the DDP test below)."""
+    bench/train_bench.py); x 0.5 runs (the K-means-actor kill test above)."""
     from cluster_train.config import ScalingConfig
     from cluster_train.launch import warn_if_reads_starve
 
