@@ -49,8 +49,8 @@ VARIANTS = {
     "l2_uniform": ["clustering.pca_dim=null", "clustering.whiten=false", "clustering.l2_normalize=true",
                    "clustering.stage1_sampler=uniform"],
 }
-PER_EPOCH = ["cluster_nmi_category", "cluster_purity_category", "cluster_nmi_previous", "cluster_size_min",
-             "stage1_loss", "dev_ccc_arousal", "dev_ccc_dominance", "dev_ccc_valence", "clusters_reseeded"]
+PER_EPOCH = ["cluster/nmi_category", "cluster/purity_category", "cluster/nmi_previous", "cluster/size_min",
+             "train/stage1_loss", "dev/ccc_arousal", "dev/ccc_dominance", "dev/ccc_valence", "cluster/reseeded"]
 
 
 PREPROCESSING = {
@@ -86,7 +86,7 @@ def preprocessing_part(data: str, encoder: str | None, seeds: int = 10) -> dict:
             features = torch.cat([model.embed(x[i : i + 128]) for i in range(0, len(x), 128)]).numpy()
         out[name] = {}
         for variant, settings in PREPROCESSING.items():
-            runs = [fit_clusters(features, ClusteringConfig(num_clusters=10, threads=1, **settings), epoch=e)[1]
+            runs = [fit_clusters(features, ClusteringConfig(num_clusters=10, threads=1, **settings), seed=e)[1]
                     for e in range(seeds)]
             labels = [r.assignments for r in runs]
             pairwise = [nmi(labels[i], labels[j]) for i in range(seeds) for j in range(i + 1, seeds)]

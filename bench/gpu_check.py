@@ -66,7 +66,7 @@ def faiss_reference(x: np.ndarray) -> tuple[np.ndarray, float]:
     config = ClusteringConfig(num_clusters=K, use_gpu=False, **PREPROCESSING)
     started = time.perf_counter()
     y = preprocess_inplace(x, fit_preprocessor(x, config))
-    result = run_kmeans(y, config, epoch=0)
+    result = run_kmeans(y, config, seed=0)
     return result.assignments.astype(np.uint8), time.perf_counter() - started
 
 

@@ -164,7 +164,7 @@ def run_reference(size: int, out: str) -> None:
     started = time.perf_counter()
     preprocessor = fit_preprocessor(x, config)
     y = preprocess_inplace(x, preprocessor)  # in place: one N x d array, as the workers hold
-    result = run_kmeans(y, config, epoch=0)
+    result = run_kmeans(y, config, seed=0)
     seconds = time.perf_counter() - started
     np.save(out + ".labels.npy", result.assignments.astype(np.uint8))
     np.save(out + ".truth.npy", truth)

@@ -38,6 +38,7 @@ from cluster_train.kmeans_service import lookup_labels  # noqa: E402
 from cluster_train.labels import LabelScaler  # noqa: E402
 from cluster_train.losses import ccc, ccc_loss, cluster_ce, sentence_mean  # noqa: E402
 from cluster_train.models import build_model  # noqa: E402
+from cluster_train.seeding import derive  # noqa: E402
 from cluster_train.trainer import build_optimizer, optimizer_config  # noqa: E402
 from data_prep.dataset import PreparedDataset  # noqa: E402
 from data_prep.manifest import ATTRIBUTES  # noqa: E402
@@ -74,7 +75,7 @@ def plain_loop(config: TrainConfig, dataset: PreparedDataset, threads: int) -> d
         started = time.perf_counter()
         keys = np.concatenate(keys)
         order = np.argsort(keys)
-        _, result = fit_clusters(np.concatenate(features)[order], config.clustering, epoch)
+        _, result = fit_clusters(np.concatenate(features)[order], config.clustering, derive(config.seed, "kmeans", epoch))
         table = (keys[order], result.assignments)
         top = model.cluster_head.reset_top(config.model.num_clusters, torch.Generator().manual_seed(epoch))
         optimizers["cluster_top"] = build_optimizer(list(top.parameters()), config.optim.cluster_top)
@@ -132,11 +133,11 @@ def ray_train(train_config: str, overrides: list[str], workers: int) -> dict:
                                                      f"scaling.cpus_per_worker={cpus}", f"name=bench-{workers}w"])
     result = run_training(config)
     metrics = result.metrics
-    chunks = workers * (metrics["stage1_chunks"] + metrics["stage2_chunks"])  # equal shards: rank 0's x workers
-    seconds = {step: round(metrics.get(f"seconds_{step}", 0.0), 2) for step in STEPS if f"seconds_{step}" in metrics}
+    chunks = workers * (metrics["train/stage1_chunks"] + metrics["train/stage2_chunks"])  # equal shards: rank 0's x workers
+    seconds = {step: round(metrics.get(f"time/{step}", 0.0), 2) for step in STEPS if f"time/{step}" in metrics}
     return {"workers": workers, "cpus_per_worker": cpus, "threads_per_worker": max(1, int(cpus)),
             "epochs_run": result.epochs_run, "run_seconds": round(result.seconds, 1), "stage_chunks": chunks,
-            "chunks_per_second": chunks / (metrics["seconds_stage1"] + metrics["seconds_stage2"]),
+            "chunks_per_second": chunks / (metrics["time/stage1"] + metrics["time/stage2"]),
             "last_epoch_seconds": seconds, "dev_ccc": result.scores[config.data.development_split]}
 
 

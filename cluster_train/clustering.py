@@ -56,7 +56,6 @@ class ClusteringConfig:
     # faiss trains on at most 256 points per centroid by default and silently drops the rest
     # (K = 10: 2,560 points). None trains on every point; an int restores faiss's subsampling.
     max_points_per_centroid: int | None = None
-    seed: int = 0  # K-means uses seed + epoch: a new initialisation every epoch, reproducible
     use_gpu: bool | str = "auto"  # "auto": GPU when faiss sees one; False: always CPU
     threads: int | None = None  # faiss OpenMP threads; None: the CPUs this process may use
     mode: str = "gather"  # one of MODES
@@ -313,8 +312,9 @@ def faiss_omp_threads(threads: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def run_kmeans(x: np.ndarray, config: ClusteringConfig, epoch: int) -> KMeansResult:
-    """faiss K-means on every row of `x` (float32, (N, d)) with seed `config.seed + epoch`."""
+def run_kmeans(x: np.ndarray, config: ClusteringConfig, seed: int) -> KMeansResult:
+    """faiss K-means on every row of `x` (float32, (N, d)); `seed` picks the initialisation (a
+    training run gives each epoch its own, `seeding.derive(run seed, "kmeans", epoch)`)."""
     started = time.perf_counter()
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = config.num_clusters
@@ -324,7 +324,6 @@ def run_kmeans(x: np.ndarray, config: ClusteringConfig, epoch: int) -> KMeansRes
         raise ValueError("K-means input holds NaN or inf")
     # faiss subsamples when N > K * max_points_per_centroid; ceil(N / K) makes that never true.
     mppc = config.max_points_per_centroid or max(math.ceil(len(x) / k), 1)
-    seed = config.seed + epoch
     with faiss_omp_threads(faiss_threads(config)):
         kmeans = faiss.Kmeans(
             x.shape[1], k, niter=config.iterations, seed=seed, max_points_per_centroid=mppc,
@@ -374,12 +373,10 @@ def _reseed_empty(
     return len(empty)
 
 
-def fit_clusters(
-    x: np.ndarray, config: ClusteringConfig, epoch: int
-) -> tuple[Preprocessor, KMeansResult]:
-    """The whole per-epoch step: fit the preprocessor on `x`, apply it, run K-means."""
+def fit_clusters(x: np.ndarray, config: ClusteringConfig, seed: int) -> tuple[Preprocessor, KMeansResult]:
+    """The whole per-epoch step: fit the preprocessor on `x`, apply it, run K-means with `seed`."""
     preprocessor = fit_preprocessor(x, config)
-    return preprocessor, run_kmeans(preprocessor.apply(x), config, epoch)
+    return preprocessor, run_kmeans(preprocessor.apply(x), config, seed)
 
 
 def _contingency(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@ The driver builds four datasets from one prepared dataset (`build_datasets`):
     unlabeled    stage 1 rows: unlabeled audio (+ labelled audio, by default), sharded
     cluster      what K-means embeds every epoch: labeled + unlabeled rows, sharded
     development  early stopping; every worker reads all of it
+    precise_bn   a fixed sample of training utterances the BatchNorm statistics are recomputed on
+                 (`precise_bn.py`); every worker reads all of it and keeps it in memory
 Workers turn rows into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`. On data
 small enough (`DataConfig.cache_max_mb`) the driver reads the rows itself and hands Ray Data tables,
 and workers read each shard once and keep it (`ShardCache`); larger data streams from the shards.
@@ -25,6 +27,7 @@ import torch
 
 from cluster_train.config import DataConfig
 from cluster_train.labels import LabelScaler
+from cluster_train.seeding import derive
 from data_prep.dataset import PreparedDataset
 from data_prep.manifest import ATTRIBUTES
 from data_prep.stats import Normalizer
@@ -52,12 +55,29 @@ def kept_label_ids(dataset: PreparedDataset, config: DataConfig, seed: int) -> l
     ids = sorted(table.filter(labelled)["id"].to_pylist())
     if config.label_fraction >= 1:
         return ids
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive(seed, "label_subset"))
     count = max(1, round(config.label_fraction * len(ids)))
     return sorted(np.asarray(ids, dtype=object)[rng.permutation(len(ids))[:count]].tolist())
 
 
-def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_memory: bool = False) -> dict:
+def precise_bn_table(dataset: PreparedDataset, splits: list[str], utterances: int, seed: int) -> pa.Table:
+    """`utterances` rows of `splits` drawn at random (seeded), read from as few shards as hold them:
+    at MSP-Podcast scale a handful of shards, not the corpus. Sorted by id."""
+    rng = np.random.default_rng(derive(seed, "precise_bn"))
+    parts, rows = [], 0
+    for shard in rng.permutation(len(dataset.info["shards"])):
+        parts.append(dataset.read_table(splits, ROW_COLUMNS, shards=[int(shard)]))
+        rows += parts[-1].num_rows
+        if rows >= utterances:
+            break
+    table = pa.concat_tables(parts)
+    chosen = np.sort(rng.choice(table.num_rows, min(utterances, table.num_rows), replace=False))
+    table = table.take(chosen)
+    return table.take(pc.sort_indices(table, [("id", "ascending")]))
+
+
+def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_memory: bool = False,
+                   precise_bn_utterances: int = 0) -> dict:
     """The Ray Datasets of one run (see the module docstring), built on the driver.
 
     `in_memory` (data within `cache_max_mb`, see `cache_shards`): the driver reads the rows once with
@@ -75,13 +95,19 @@ def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_m
         rows = _TableRows(table)
     else:
         rows = _ParquetRows(dataset)
-    return {
+    datasets = {
         "labeled": rows(list(config.labeled_splits), ids=labelled),
         "unlabeled": (rows(unlabeled_splits) if config.labeled_as_unlabeled
                       else rows(unlabeled_splits + list(config.labeled_splits), ids=labelled, keep=False)),
         "cluster": rows(cluster_splits),
         "development": rows([config.development_split]).materialize(),  # read once, every epoch
     }
+    if precise_bn_utterances > 0:
+        import ray.data
+
+        table = precise_bn_table(dataset, cluster_splits, precise_bn_utterances, seed)
+        datasets["precise_bn"] = ray.data.from_arrow(table).materialize()
+    return datasets
 
 
 class _ParquetRows:

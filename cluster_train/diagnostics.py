@@ -52,12 +52,12 @@ class ClusterDiagnostics:
         if cluster_sizes is not None:
             sizes = np.asarray(cluster_sizes, dtype=np.float64)
             share = sizes / max(sizes.sum(), 1)
-            metrics["cluster_size_entropy"] = float(-(share[share > 0] * np.log(share[share > 0])).sum())
+            metrics["cluster/size_entropy"] = float(-(share[share > 0] * np.log(share[share > 0])).sum())
         if self.previous is not None:
             before = self.previous.lookup(keys)
             both = before >= 0
             if both.any():
-                metrics["cluster_nmi_previous"] = nmi(before[both], labels[both])
+                metrics["cluster/nmi_previous"] = nmi(before[both], labels[both])
         self.previous = table
         row = self._rows(keys // self.num_chunks)
         known = row >= 0
@@ -65,8 +65,8 @@ class ClusterDiagnostics:
         category[known] = self.categories[row[known]]
         has_category = np.array([c is not None for c in category], dtype=bool)
         if has_category.any():
-            metrics["cluster_nmi_category"] = nmi(labels[has_category], category[has_category].astype(str))
-            metrics["cluster_purity_category"] = purity(labels[has_category], category[has_category].astype(str))
+            metrics["cluster/nmi_category"] = nmi(labels[has_category], category[has_category].astype(str))
+            metrics["cluster/purity_category"] = purity(labels[has_category], category[has_category].astype(str))
         arousal = np.full(len(keys), np.nan, dtype=np.float32)
         arousal[known] = self.arousal[row[known]]
         figure = None
@@ -74,7 +74,7 @@ class ClusterDiagnostics:
         if labelled.any():
             high, low, means = _extreme_clusters(labels[labelled], arousal[labelled])
             if high is not None:
-                metrics["cluster_arousal_mean_high"], metrics["cluster_arousal_mean_low"] = means[high], means[low]
+                metrics["cluster/arousal_mean_high"], metrics["cluster/arousal_mean_low"] = means[high], means[low]
                 figure = arousal_figure(labels[labelled], arousal[labelled], high, low)
         return metrics, figure
 

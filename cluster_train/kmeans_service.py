@@ -41,6 +41,7 @@ import numpy as np
 import ray
 
 from cluster_train.clustering import ClusteringConfig, KMeansResult, Preprocessor, fit_clusters
+from cluster_train.seeding import derive
 
 UNKNOWN_LABEL = -100  # a key not clustered this epoch (cross-entropy's default ignore_index)
 
@@ -70,17 +71,17 @@ class _Round:
 
 @ray.remote(num_cpus=0)
 class KMeansService:
-    def __init__(self, config: ClusteringConfig, world_size: int) -> None:
+    def __init__(self, config: ClusteringConfig, world_size: int, seed: int = 0) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        self._config, self._world_size = config, world_size
+        self._config, self._world_size, self._seed = config, world_size, seed  # seed: the run's
         self._round: _Round | None = None
         self._version = 0  # clusterings completed by this actor
         self._state: dict = {"epoch": None, "version": 0}
         self._incarnation = uuid.uuid4().hex  # new on every (re)start: what a restart lost
 
     def describe(self) -> dict:
-        return {"config": dataclasses.asdict(self._config), "world_size": self._world_size}
+        return {"config": dataclasses.asdict(self._config), "world_size": self._world_size, "seed": self._seed}
 
     def incarnation(self) -> str:
         return self._incarnation
@@ -179,7 +180,8 @@ class KMeansService:
             parts = [round_.parts[rank] for rank in range(self._world_size)]
             round_.parts = {}
             run = _cluster_union if round_.kind == "gather" else _fit_sample
-            keys, labels, preprocessor, result = await asyncio.to_thread(run, parts, self._config, round_.epoch)
+            seed = derive(self._seed, "kmeans", round_.epoch)
+            keys, labels, preprocessor, result = await asyncio.to_thread(run, parts, self._config, seed)
             round_.keys, round_.labels, round_.result = keys, labels, result
             round_.preprocessor = preprocessor
             self._version += 1
@@ -217,7 +219,7 @@ class KMeansService:
 
 
 def _cluster_union(
-    parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, epoch: int
+    parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray, Preprocessor, KMeansResult]:
     """Cluster the union of the ranks' parts, one point per key, in ascending key order."""
     dims = {emb.shape[1] for _, emb in parts}
@@ -226,19 +228,19 @@ def _cluster_union(
     all_keys = np.concatenate([keys for keys, _ in parts])
     keys, first = np.unique(all_keys, return_index=True)  # sorted; first occurrence in rank order
     embeddings = np.concatenate([emb for _, emb in parts])[first]
-    preprocessor, result = fit_clusters(embeddings, config, epoch)
+    preprocessor, result = fit_clusters(embeddings, config, seed)
     return keys, result.assignments, preprocessor, result
 
 
 def _fit_sample(
-    parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, epoch: int
+    parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, seed: int
 ) -> tuple[None, None, Preprocessor, KMeansResult]:
     """"sample" mode: fit the preprocessor and K-means on the ranks' samples, in rank order."""
     dims = {sample.shape[1] for _, sample in parts}
     if len(dims) != 1:
         raise ValueError(f"ranks sent samples of different widths: {sorted(dims)}")
     sample = np.concatenate([sample for _, sample in parts])
-    preprocessor, result = fit_clusters(sample, config, epoch)
+    preprocessor, result = fit_clusters(sample, config, seed)
     return None, None, preprocessor, result
 
 
@@ -272,7 +274,7 @@ def lookup_labels(table_keys: np.ndarray, table_labels: np.ndarray, keys: np.nda
 
 
 def get_or_create_service(
-    name: str, config: ClusteringConfig, world_size: int, namespace: str | None = None,
+    name: str, config: ClusteringConfig, world_size: int, seed: int = 0, namespace: str | None = None,
     *, detached: bool = False, num_gpus: float | None = None, max_restarts: int | None = None,
 ) -> ray.actor.ActorHandle:  # fmt: skip
     """The named KMeansService, created if missing; workers find it with `ray.get_actor(name)`.
@@ -280,7 +282,8 @@ def get_or_create_service(
     Call it on the driver: a non-detached actor lives as long as the job that created it (a
     detached one outlives it and must be killed by hand). `num_gpus=None` asks for one GPU when
     the cluster has any and `config.use_gpu` is not False. An existing actor of that name must
-    have the same config and world size, else ValueError (a stale actor from another run).
+    have the same config, world size and seed, else ValueError (a stale actor from another run).
+    `seed`: the training run's; epoch e clusters with `seeding.derive(seed, "kmeans", e)`.
     `max_restarts`: None takes `config.actor_restarts`.
     """
     if num_gpus is None:
@@ -290,9 +293,9 @@ def get_or_create_service(
         name=name, namespace=namespace, get_if_exists=True, num_gpus=num_gpus,
         lifetime="detached" if detached else None,
         max_restarts=config.actor_restarts if max_restarts is None else max_restarts,
-    ).remote(config, world_size)  # fmt: skip
+    ).remote(config, world_size, seed)  # fmt: skip
     found = ray.get(service.describe.remote())
-    wanted = {"config": dataclasses.asdict(config), "world_size": world_size}
+    wanted = {"config": dataclasses.asdict(config), "world_size": world_size, "seed": seed}
     if found != wanted:
         raise ValueError(f"actor {name!r} exists with {found}, not {wanted}")
     return service

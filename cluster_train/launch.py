@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster_train.config import ScalingConfig, TrainConfig
+from cluster_train.console import quiet_process, ray_env, ray_train_log_level
 from cluster_train.labels import LabelScaler
-from data_prep.config import to_flat_dict, to_yaml
+from data_prep.config import to_flat_dict
 from data_prep.dataset import PreparedDataset
 from data_prep.manifest import ATTRIBUTES
 
@@ -63,15 +64,32 @@ def warn_if_reads_starve(scaling: ScalingConfig, runs: int = 1) -> None:
             f"lower scaling.num_workers x scaling.cpus_per_worker)", RuntimeWarning, stacklevel=3)
 
 
-def run_training(config: TrainConfig, config_text: str | None = None) -> TrainResult:
+def fit_label_scaler(dataset: PreparedDataset, config: TrainConfig) -> LabelScaler:
+    """Label statistics of the labels the run keeps (`data.label_fraction`): hidden labels stay hidden."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cluster_train.data import kept_label_ids
+
+    table = dataset.read_table(config.data.labeled_splits, ["id", *ATTRIBUTES])
+    kept = pa.array(kept_label_ids(dataset, config.data, config.seed), table["id"].type)
+    return LabelScaler.fit(table.filter(pc.is_in(table["id"], value_set=kept)), config.model.attributes, split=None)
+
+
+def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
+    """Train `config` on Ray Train (a local Ray is started when none is running), score the best
+    model on the development and test splits, finish its MLflow run. `verbose`: keep Ray Train's
+    and MLflow's own console output (`console.py`)."""
     started = time.perf_counter()
-    config = pin_local_paths(config)
+    name = config.name or f"{config.model_kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = pin_local_paths(dataclasses.replace(
+        config, name=name, tracking=dataclasses.replace(config.tracking, run_name=config.tracking.run_name or name)))
     dataset = PreparedDataset(config.data.dataset)  # a missing or unfinished dataset fails here
     dataset.normalizer()  # fails here, not on a worker, when the dataset has no statistics
-    scaler = LabelScaler.fit(dataset.read_table(config.data.labeled_splits, list(ATTRIBUTES)), config.model.attributes)
-    name = config.name or f"{config.model_kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    scaler = fit_label_scaler(dataset, config)
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() waits on it
+    quiet_process(verbose)
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -81,39 +99,47 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     from cluster_train.trainer import BEST_DIR, train_func
 
     if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
+        ray.init(logging_level="WARNING", runtime_env={"env_vars": ray_env(verbose)})
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same seed, same run
     context.enable_progress_bars = False  # one bar per worker and epoch would bury the log
+    context.print_on_execution_start = verbose  # an execution plan per dataset and epoch, likewise
     warn_if_reads_starve(config.scaling)
     in_memory = cache_shards(dataset, config.data)
-    datasets = build_datasets(dataset, config.data, config.seed, in_memory=in_memory)
+    datasets = build_datasets(dataset, config.data, config.seed, in_memory=in_memory,
+                              precise_bn_utterances=config.precise_bn.utterances)
     service = None
     if config.clusters and config.clustering.mode != "allreduce":  # "allreduce" clusters inside the workers
         # restarted up to clustering.actor_restarts times if it dies; the workers then cluster again
-        service = get_or_create_service(f"kmeans-{name}", config.clustering, config.scaling.num_workers)
-
-    tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
-            "params": to_flat_dict(config)}
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service, "tags": tags,
-                           "cache_shards": in_memory},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=config.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=SPLIT_DATASETS),
-    )
-    result = trainer.fit()
+        service = get_or_create_service(f"kmeans-{name}", config.clustering, config.scaling.num_workers,
+                                        seed=config.seed)
+    try:
+        tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
+                "recipe": config.recipe}
+        trainer = TorchTrainer(
+            train_func,
+            train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service,
+                               "params": to_flat_dict(config), "tags": tags, "cache_shards": in_memory,
+                               "verbose": verbose},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.scaling.num_workers,
+                use_gpu=config.scaling.use_gpu,
+                resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=config.storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level(verbose)),
+            ),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=SPLIT_DATASETS),
+        )
+        result = trainer.fit()
+    finally:
+        if service is not None:
+            ray.kill(service)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} ended without a checkpoint: {result.error}")
 
@@ -125,16 +151,16 @@ def run_training(config: TrainConfig, config_text: str | None = None) -> TrainRe
     if config.tracking.enabled and run_id is None:
         warnings.warn(f"run {name} is not tracked: MLflow at {config.tracking.tracking_uri} failed on the "
                       f"training worker (its log has the error); the best model is in {output}", RuntimeWarning)
-    scores = finish_run(config, str(output), dataset, run_id, config_text)
-    if service is not None:
-        ray.kill(service)
+    scores = finish_run(config, str(output), dataset, run_id)
     return TrainResult(name, str(output), run_id, scores, int(result.metrics["epoch"]) + 1,
                        time.perf_counter() - started, dict(result.metrics))
 
 
-def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset, run_id: str | None,
-               config_text: str | None) -> dict[str, dict[str, float]]:
-    """Score the best model on development and test; log scores, model and config to the run."""
+def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,
+               run_id: str | None) -> dict[str, dict[str, float]]:
+    """Score the best model on development and test (`evaluation.py`: a second path beside the
+    training loop's validation); log the scores (`dev/final_ccc_*`, `<test split>/ccc_*`) and the
+    model to the run."""
     from cluster_train.checkpoint import load_bundle, log_bundle
     from cluster_train.evaluation import evaluate_split
     from cluster_train.tracking import RunTracker
@@ -145,9 +171,8 @@ def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset, r
     tracker = RunTracker(config.tracking, active=run_id is not None)
     if run_id is not None and tracker.start({}, {}, run_id=run_id):
         for split, values in scores.items():
-            prefix = "dev" if split == config.data.development_split else split
-            tracker.log_metrics({f"{prefix}_final_ccc_{k}": v for k, v in values.items() if isinstance(v, float)}, step=0)
-        tracker.log_text(config_text or to_yaml(config), "config.yaml")
+            key = "dev/final_ccc" if split == config.data.development_split else f"{split}/ccc"
+            tracker.log_metrics({f"{key}_{k}": v for k, v in values.items() if isinstance(v, float)}, step=0)
         model_uri = tracker.log_model(bundle.model, name="best_model",
                           extra={"normalizer": {"mean": bundle.normalizer.mean.tolist(), "std": bundle.normalizer.std.tolist(),
                                                 "clip": bundle.normalizer.clip},

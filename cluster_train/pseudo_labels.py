@@ -1,6 +1,6 @@
 """One epoch's pseudo-labels, whatever the K-means mode: the one interface the trainer calls.
 
-    labeler = build_labeler(config.clustering, service, rank, world_size, device)  # once per rank
+    labeler = build_labeler(config.clustering, service, collective, device, seed)  # once per rank
     result = labeler.label(epoch, keys, features, num_chunks)  # every rank, collectively
     result.table.lookup(batch_keys)  # the label of any row, read on any rank
 
@@ -52,6 +52,7 @@ from cluster_train.clustering import (
     split_empty_centroids,
 )
 from cluster_train.kmeans_service import UNKNOWN_LABEL, IncarnationChanged
+from cluster_train.seeding import derive
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +187,17 @@ class PseudoLabeler(Protocol):
 
 def build_labeler(
     config: ClusteringConfig, service=None, collective: Collective | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", seed: int = 0,
 ) -> PseudoLabeler:  # fmt: skip
-    """The labeler of `config.mode`; "gather" and "sample" need the KMeansService handle."""
+    """The labeler of `config.mode`; "gather" and "sample" need the KMeansService handle (made
+    with the same `seed`, the training run's: every random draw of the clustering derives from it)."""
     collective = collective or Collective()
     if config.mode == "allreduce":
-        return AllReduceLabeler(config, collective, device)
+        return AllReduceLabeler(config, collective, device, seed)
     if service is None:
         raise ValueError(f"clustering.mode={config.mode!r} needs the K-means service actor")
     kind = GatherLabeler if config.mode == "gather" else SampleLabeler
-    return kind(config, service, collective, device)
+    return kind(config, service, collective, device, seed)
 
 
 _ACTOR_ERRORS = tuple(
@@ -209,8 +211,9 @@ class _ActorLabeler:
     """The actor modes: each attempt runs under the incarnation rank 0 read; if any rank saw the
     actor die (or restart), every rank retries the whole clustering, up to `actor_restarts` times."""
 
-    def __init__(self, config: ClusteringConfig, service, collective: Collective, device) -> None:
+    def __init__(self, config: ClusteringConfig, service, collective: Collective, device, seed: int = 0) -> None:
         self.config, self.service, self.collective, self.device = config, service, collective, device
+        self.seed = seed
 
     def label(self, epoch: int, keys: np.ndarray, features: np.ndarray, num_chunks: int) -> PseudoLabels:
         retries = self.config.actor_restarts if self.config.actor_restarts >= 0 else math.inf
@@ -259,10 +262,12 @@ class GatherLabeler(_ActorLabeler):
         return PseudoLabels(table, summary, {"clustering": time.perf_counter() - started})
 
 
-def _local_sample(features: np.ndarray, config: ClusteringConfig, epoch: int, rank: int, world_size: int) -> np.ndarray:
+def _local_sample(
+    features: np.ndarray, config: ClusteringConfig, seed: int, epoch: int, rank: int, world_size: int,
+) -> np.ndarray:  # fmt: skip
     """At most sample_size / world_size rows, uniformly without replacement, seeded by epoch and rank."""
     size = min(len(features), math.ceil(config.sample_size / world_size))
-    rng = np.random.default_rng([config.seed, epoch, rank])
+    rng = np.random.default_rng(derive(seed, "kmeans_sample", epoch, rank))
     return np.ascontiguousarray(features[np.sort(rng.choice(len(features), size, replace=False))], dtype=np.float32)
 
 
@@ -272,7 +277,7 @@ class SampleLabeler(_ActorLabeler):
     def _attempt(self, epoch, keys, features, num_chunks, incarnation) -> PseudoLabels:
         timings, started = {}, time.perf_counter()
         rank, world = self.collective.rank, self.collective.world_size
-        sample = _local_sample(features, self.config, epoch, rank, world)
+        sample = _local_sample(features, self.config, self.seed, epoch, rank, world)
         ray.get(self.service.submit_sample.remote(epoch, rank, sample, incarnation))
         fit = ray.get(self.service.wait_fit.remote(epoch, incarnation=incarnation))
         timings["fit"] = time.perf_counter() - started
@@ -287,14 +292,14 @@ class SampleLabeler(_ActorLabeler):
 class AllReduceLabeler:
     """Mode "allreduce": Lloyd iterations among the ranks; only moments, sums and counts travel."""
 
-    def __init__(self, config: ClusteringConfig, collective: Collective, device) -> None:
-        self.config, self.collective, self.device = config, collective, device
+    def __init__(self, config: ClusteringConfig, collective: Collective, device, seed: int = 0) -> None:
+        self.config, self.collective, self.device, self.seed = config, collective, device, seed
 
     def label(self, epoch: int, keys: np.ndarray, features: np.ndarray, num_chunks: int) -> PseudoLabels:
         config, collective = self.config, self.collective
         timings, started = {}, time.perf_counter()
         features = np.ascontiguousarray(features, dtype=np.float32)
-        sample = _local_sample(features, config, epoch, collective.rank, collective.world_size)
+        sample = _local_sample(features, config, self.seed, epoch, collective.rank, collective.world_size)
         if config.pca_dim is None and not config.whiten:
             preprocessor = fit_preprocessor(sample, config)
         else:
@@ -331,12 +336,12 @@ class AllReduceLabeler:
     def _initial_centroids(self, y: np.ndarray, epoch: int) -> np.ndarray:
         """K distinct rows of the union of up to K random rows per rank, the same on every rank."""
         k = self.config.num_clusters
-        rng = np.random.default_rng([self.config.seed, epoch, self.collective.rank])
+        rng = np.random.default_rng(derive(self.seed, "kmeans_init", epoch, self.collective.rank))
         local = y[np.sort(rng.choice(len(y), min(k, len(y)), replace=False))] if len(y) else y[:0]
         pool = np.concatenate(self.collective.gather_all(np.asarray(local)))
         if len(pool) < k:
             raise ValueError(f"K-means needs at least K = {k} points over all ranks, got {len(pool)}")
-        pick = np.random.default_rng([self.config.seed, epoch]).choice(len(pool), k, replace=False)
+        pick = np.random.default_rng(derive(self.seed, "kmeans", epoch)).choice(len(pool), k, replace=False)
         return np.ascontiguousarray(pool[pick], dtype=np.float32)
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -35,7 +36,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,17 +46,37 @@ T = TypeVar("T")
 FAIL_FAST_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+# Opens a new experiment in the MLflow UI's model-training view (the default here was the GenAI view).
+EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
+ARTIFACTS_BESIDE_STORE = "mlartifacts"  # a local sqlite store's artifact folder, as `mlflow server`'s
+RAY_SESSION_FOLDER = re.compile(r"/session_\d{4}-\d{2}-\d{2}_")  # e.g. /tmp/ray/session_2026-11-29_03-39-22_...
+
+
 @dataclass(kw_only=True)
 class TrackingConfig:
     enabled: bool = True
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "deepemocluster"
-    run_name: str | None = None
+    run_name: str | None = None  # None: the training run's name
+    # Where a new experiment keeps its artifacts. None: <store folder>/mlartifacts for a local sqlite
+    # store, the server's own artifact root for an http(s) store. (Left to MLflow, an experiment
+    # created from a Ray worker took the worker's folder inside Ray's session folder: lost with it.)
+    artifact_location: str | None = None
 
     def resolved_uri(self) -> str:
         """The store to use; resolve it on the driver when workers may run in another directory."""
         default = f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # MLflow 3's file store is deprecated
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+
+    def resolved_artifact_location(self) -> str | None:
+        """The artifact location a new experiment gets (None: the server decides)."""
+        if self.artifact_location is not None:
+            return self.artifact_location
+        uri = self.resolved_uri()
+        if uri.startswith("sqlite:///"):
+            database = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+            return (database.parent / ARTIFACTS_BESIDE_STORE).as_uri()
+        return None
 
 
 class RunTracker:
@@ -91,10 +112,7 @@ class RunTracker:
         def start(client: MlflowClient) -> str:
             run = self._reopen(client, run_id) if run_id else None
             if run is None:
-                experiment = client.get_experiment_by_name(self.config.experiment)
-                exp_id = experiment.experiment_id if experiment else None
-                exp_id = exp_id or client.create_experiment(self.config.experiment)
-                run = client.create_run(exp_id, run_name=self.config.run_name)
+                run = client.create_run(self._experiment(client), run_name=self.config.run_name)
             self._run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
             values = {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
             changed = sorted(k for k, v in run.data.params.items() if values.get(k, v) != v)
@@ -111,12 +129,20 @@ class RunTracker:
     def prepare_experiment(self) -> str | None:
         """Create the store and the experiment now; its id. Call it once before runs start in
         parallel: concurrent first uses of a new sqlite store or experiment race each other."""
+        return self._call("create the experiment", self._experiment, needs_run=False)
 
-        def prepare(client: MlflowClient) -> str:
-            experiment = client.get_experiment_by_name(self.config.experiment)
-            return experiment.experiment_id if experiment else client.create_experiment(self.config.experiment)
-
-        return self._call("create the experiment", prepare, needs_run=False)
+    def _experiment(self, client: MlflowClient) -> str:
+        """The id of the configured experiment, created with its artifact location and the
+        model-training view when new."""
+        experiment = client.get_experiment_by_name(self.config.experiment)
+        if experiment is None:
+            return client.create_experiment(self.config.experiment, self.config.resolved_artifact_location(),
+                                            tags=EXPERIMENT_KIND_TAG)
+        if RAY_SESSION_FOLDER.search(experiment.artifact_location or ""):
+            logger.warning("MLflow experiment %r keeps its artifacts in %s, inside a Ray session folder that "
+                           "Ray deletes: log to a new experiment (tracking.experiment=...) to keep them",
+                           self.config.experiment, experiment.artifact_location)
+        return experiment.experiment_id
 
     def _reopen(self, client: MlflowClient, run_id: str) -> mlflow.entities.Run | None:
         try:
@@ -139,6 +165,15 @@ class RunTracker:
             client.log_batch(self._run_id, metrics=batch)
 
         self._call("log metrics", log)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
+        """Record a dataset as an input of the run (the UI's runs table shows it)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local" if "://" not in source else
+                          source.split("://", 1)[0], source=json.dumps({"uri": source}))
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+        self._call("log the dataset", lambda c: c.log_inputs(self._run_id, datasets=inputs))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call("log a text", lambda c: c.log_text(self._run_id, text, artifact_file))
@@ -194,6 +229,12 @@ class RunTracker:
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
             )
         return info.model_uri
+
+    def fail(self, error: BaseException) -> None:
+        """End the run as FAILED, with the error as its `error` tag."""
+        message = f"{type(error).__name__}: {error}"[:MAX_TAG_VAL_LENGTH]
+        self._call("tag the error", lambda c: c.set_tag(self._run_id, "error", message))
+        self.end("FAILED")
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with `status` ("FINISHED", "FAILED", "KILLED"); the tracker goes inert."""

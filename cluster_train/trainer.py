@@ -5,6 +5,11 @@ pseudo-labels -> stage 1 on unlabeled rows (encoder + cluster head) -> stage 2 o
 (all heads) -> development loss -> checkpoint through `ray.train.report`. The paper's baselines run
 in the same loop: the CNN-regressor skips stage 1, the CNN-AE / CNN-VAE train stage 1 on
 reconstruction (+ KL) instead of pseudo-labels.
+
+Before anything runs in eval mode (the embedding pass, validation, hence every saved model) the
+BatchNorm statistics are recomputed for the current weights (`precise_bn.py`), the same on every
+rank. Every random stream derives from `config.seed` (`seeding.py`). Metrics carry the prefixes the
+MLflow UI groups into sections: `train/`, `dev/`, `cluster/`, `time/`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +29,17 @@ import torch
 
 from cluster_train.checkpoint import load_bundle, save_bundle
 from cluster_train.config import OptimizerConfig, TrainConfig
-from cluster_train.data import Batch, ChunkBatches, ShardCache
-from cluster_train.labels import LabelScaler
+from cluster_train.console import epoch_line, print_line, quiet_process
+from cluster_train.data import Batch, ChunkBatches, InMemoryRows, ShardCache
 from cluster_train.diagnostics import ClusterDiagnostics
-from cluster_train.pseudo_labels import Collective, LabelTable, build_labeler, uniform_over_clusters
+from cluster_train.labels import LabelScaler
 from cluster_train.losses import ccc, ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
 from cluster_train.models import build_model
+from cluster_train.precise_bn import recompute_batchnorm
+from cluster_train.pseudo_labels import Collective, LabelTable, build_labeler, uniform_over_clusters
+from cluster_train.seeding import derive
 from cluster_train.tracking import RunTracker
+from data_prep.config import to_yaml
 from data_prep.dataset import PreparedDataset
 
 STATE_FILE = "trainer_state.pt"
@@ -58,12 +68,13 @@ def optimizer_config(group: str, config: TrainConfig) -> OptimizerConfig:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, label_scaler: dict, service, tags: dict, cache_shards: bool = False):
+    def __init__(self, config: TrainConfig, label_scaler: dict, service, params: dict, tags: dict,
+                 cache_shards: bool = False):
         context = ray.train.get_context()
         self.config, self.rank = config, context.get_world_rank()
         self.device = ray.train.torch.get_device()
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-        torch.manual_seed(config.seed)
+        torch.manual_seed(derive(config.seed, "model_init"))
         dataset = PreparedDataset(config.data.dataset)
         self.normalizer, self.scaler = dataset.normalizer(), LabelScaler.from_dict(label_scaler)
         self.dataset_settings = dataset.settings  # saved with the best model: prediction recomputes its chunks
@@ -79,8 +90,14 @@ class Trainer:
         self.batches = ChunkBatches(self.normalizer, self.scaler, self.device)
         self.shards = ShardCache(cache_shards)  # name -> this rank's rows: Ray Data's, or kept in memory
         self.service = service  # the KMeansService actor handle: None for the baselines and mode "allreduce"
+        self.collective = Collective()
         # Pseudo-labels, whatever clustering.mode (pseudo_labels.py); diagnostics on rank 0 only.
-        self.labeler = build_labeler(config.clustering, service, Collective(), self.device) if config.clusters else None
+        self.labeler = (build_labeler(config.clustering, service, self.collective, self.device, seed=config.seed)
+                        if config.clusters else None)
+        # The fixed utterances BatchNorm statistics are recomputed on; every rank holds all of them.
+        self.bn_rows = (InMemoryRows.read(ray.train.get_dataset_shard("precise_bn"))
+                        if config.precise_bn.utterances else None)
+        self.bn_current = False  # recomputed since the weights last changed
         self.num_chunks = int(dataset.settings["chunks"]["num_chunks"])
         cluster_splits = sorted({*config.data.unlabeled_splits, *config.data.labeled_splits})
         self.diagnostics = (ClusterDiagnostics.from_dataset(dataset, cluster_splits, self.num_chunks)
@@ -92,24 +109,35 @@ class Trainer:
         self._restore(ray.train.get_checkpoint())
         self.tracker = RunTracker(config.tracking, active=self.rank == 0)
         if self.rank == 0:
-            self.state.run_id = self.tracker.start(tags.pop("params"), tags, run_id=self.state.run_id)
+            new_run = self.state.run_id is None
+            self.state.run_id = self.tracker.start(params, tags, run_id=self.state.run_id)
+            if new_run:  # what this run trains with, overrides merged, before the first epoch
+                self.tracker.log_text(to_yaml(config), "config.yaml")
+                self.tracker.log_dataset("/".join(dataset.location.rstrip("/").split("/")[-2:]),
+                                         dataset.dataset_hash, dataset.location)
 
     # --- one epoch --------------------------------------------------------------------------------
 
     def fit(self) -> None:
         for epoch in range(self.state.epoch, self.config.epochs):
-            torch.manual_seed(self.config.seed * 100_003 + epoch * 101 + self.rank)  # resume-exact dropout
+            started = time.perf_counter()
+            torch.manual_seed(derive(self.config.seed, "dropout", epoch, self.rank))  # resume-exact dropout
             metrics = self.run_epoch(epoch)
-            improved = metrics["dev_loss"] < self.state.best_dev_loss
+            improved = metrics["dev/loss"] < self.state.best_dev_loss
             if improved:
-                self.state.best_dev_loss, self.state.best_epoch, self.state.bad_epochs = metrics["dev_loss"], epoch, 0
+                self.state.best_dev_loss, self.state.best_epoch, self.state.bad_epochs = metrics["dev/loss"], epoch, 0
                 self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             else:
                 self.state.bad_epochs += 1
             self.state.epoch = epoch + 1
-            started = time.perf_counter()
-            self._report(metrics | {"best_dev_loss": self.state.best_dev_loss, "best_epoch": self.state.best_epoch})
-            self.tracker.log_metrics({"seconds_checkpoint": time.perf_counter() - started}, step=epoch)
+            metrics |= {"dev/best_loss": self.state.best_dev_loss, "dev/best_epoch": self.state.best_epoch}
+            checkpointing = time.perf_counter()
+            self._report(metrics)
+            done = time.perf_counter()
+            self.tracker.log_metrics({"time/checkpoint": done - checkpointing, "time/epoch": done - started}, step=epoch)
+            if self.rank == 0:
+                line = epoch_line(metrics | {"time/epoch": done - started}, self.config.epochs, self.scaler.attributes)
+                print_line(line)
             if self.state.bad_epochs >= self.config.patience:
                 break
 
@@ -119,23 +147,42 @@ class Trainer:
         loading_before = self.batches.loading_seconds
         pseudo = None
         if self.labeler is not None:
+            self._refresh_batchnorm(timings)
             pseudo, cluster_metrics = self._pseudo_labels(epoch, timings)
             metrics |= cluster_metrics
         if self.config.model_kind != "cnn_regressor":
             started = time.perf_counter()
-            metrics["stage1_loss"], metrics["stage1_chunks"] = self._stage(1, "unlabeled", epoch, pseudo)
+            metrics["train/stage1_loss"], metrics["train/stage1_chunks"] = self._stage(1, "unlabeled", epoch, pseudo)
             timings["stage1"] = time.perf_counter() - started
         started = time.perf_counter()
-        metrics["stage2_loss"], metrics["stage2_chunks"] = self._stage(2, "labeled", epoch, pseudo)
+        metrics["train/stage2_loss"], metrics["train/stage2_chunks"] = self._stage(2, "labeled", epoch, pseudo)
         timings["stage2"] = time.perf_counter() - started
+        self._refresh_batchnorm(timings)
         started = time.perf_counter()
         metrics |= self.validate()
         timings["validation"] = time.perf_counter() - started
         # Part of the stage times above: waiting on Ray Data and building batches.
         timings["data_loading"] = self.batches.loading_seconds - loading_before
-        metrics |= {f"seconds_{name}": value for name, value in timings.items()}
-        self.tracker.log_metrics(metrics, step=epoch)
+        metrics |= {f"time/{name}": value for name, value in timings.items()}
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         return metrics
+
+    def _refresh_batchnorm(self, timings: dict) -> None:
+        """BatchNorm statistics for the current weights (`precise_bn.py`), unless already current;
+        rank r takes batches r, r + W, ... of the fixed utterances and the sums are all-reduced."""
+        if self.bn_rows is None or self.bn_current:
+            return
+        started = time.perf_counter()
+        world, rank = self.collective.world_size, self.collective.rank
+
+        def own_batches() -> Iterator[torch.Tensor]:
+            for index, batch in enumerate(self.batches(self.bn_rows, self.config.data.batch_size, drop_last=False)):
+                if index % world == rank:
+                    yield batch.chunks
+
+        recompute_batchnorm(self.module, own_batches(), reduce=self.collective.sum)
+        self.bn_current = True
+        timings["precise_bn"] = timings.get("precise_bn", 0.0) + time.perf_counter() - started
 
     def _pseudo_labels(self, epoch: int, timings: dict) -> tuple[LabelTable, dict]:
         started = time.perf_counter()
@@ -145,16 +192,16 @@ class Trainer:
         result = self.labeler.label(epoch, keys, features, self.num_chunks)
         timings["clustering"] = time.perf_counter() - started
         # Labels permute between clusterings: a new top layer, the same on every rank.
-        generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+        generator = torch.Generator().manual_seed(derive(self.config.seed, "cluster_top", epoch))
         top = self.module.cluster_head.reset_top(self.config.model.num_clusters, generator=generator)
         self.optimizers["cluster_top"] = build_optimizer(list(top.parameters()), self.config.optim.cluster_top)
         summary = result.summary
         sizes = self.cluster_sizes = np.asarray(summary["cluster_sizes"])
-        self.sampler_generator.manual_seed(self.config.seed * 1_000_003 + epoch * 1009 + self.rank)
-        metrics = {"kmeans_objective": float(summary["objective"]), "cluster_size_min": float(sizes.min()),
-                   "cluster_size_max": float(sizes.max()), "clusters_reseeded": float(summary["reseeded"]),
-                   "kmeans_actor_attempts": float(summary.get("actor_attempts", 1))}
-        metrics |= {f"cluster_size_{k}": float(n) for k, n in enumerate(sizes)}
+        self.sampler_generator.manual_seed(derive(self.config.seed, "stage1_sampler", epoch, self.rank))
+        metrics = {"cluster/kmeans_objective": float(summary["objective"]), "cluster/size_min": float(sizes.min()),
+                   "cluster/size_max": float(sizes.max()), "cluster/reseeded": float(summary["reseeded"]),
+                   "cluster/actor_attempts": float(summary.get("actor_attempts", 1))}
+        metrics |= {f"cluster/size_{k}": float(n) for k, n in enumerate(sizes)}
         if self.diagnostics is not None:
             diagnostics, figure = self.diagnostics.epoch(result.table, sizes)
             metrics |= diagnostics
@@ -176,10 +223,12 @@ class Trainer:
     def _stage(self, stage: int, shard_name: str, epoch: int, pseudo) -> tuple[float, int]:
         """Mean loss of one pass over this rank's shard, and the chunks it trained on."""
         self.model.train()
+        self.bn_current = False  # on every rank alike, whether or not its shard held a batch
         groups = [g for g in self.optimizers if stage == 2 or g != "regressor"]
         total, steps, chunks = 0.0, 0, 0
         shard = self.shards(shard_name, ray.train.get_dataset_shard(shard_name))
-        for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=self.config.seed + epoch):
+        shuffle = derive(self.config.seed, f"shuffle_stage{stage}", epoch)
+        for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=shuffle):
             for group in groups:
                 self.optimizers[group].zero_grad(set_to_none=True)
             batch = self._stage1_sample(stage, batch, pseudo)
@@ -225,8 +274,8 @@ class Trainer:
             predictions.append(sentence_mean(self.module(batch.chunks)["prediction"], batch.num_chunks))
             targets.append(batch.targets)
         values = ccc(torch.cat(predictions), torch.cat(targets))
-        metrics = {f"dev_ccc_{a}": float(v) for a, v in zip(self.scaler.attributes, values)}
-        return metrics | {"dev_loss": float((1 - values).sum())}
+        metrics = {f"dev/ccc_{a}": float(v) for a, v in zip(self.scaler.attributes, values)}
+        return metrics | {"dev/loss": float((1 - values).sum())}
 
     # --- checkpoint ---------------------------------------------------------------------------------
 
@@ -258,6 +307,7 @@ class Trainer:
             saved = torch.load(Path(folder) / STATE_FILE, map_location=self.device, weights_only=True)
             self.best_weights = load_bundle(str(Path(folder) / BEST_DIR)).model.state_dict()
         self.module.load_state_dict(saved["model"])
+        self.bn_current = True  # saved after validation, with the statistics recomputed for these weights
         if "cluster_top" in self.optimizers:  # re-created every epoch; skip a stale state
             saved["optimizers"].pop("cluster_top", None)
         for name, state in saved["optimizers"].items():
@@ -266,6 +316,13 @@ class Trainer:
 
 
 def train_func(loop_config: dict) -> None:
-    """What each Ray Train worker runs."""
-    Trainer(loop_config["config"], loop_config["label_scaler"], loop_config["service"], dict(loop_config["tags"]),
-            loop_config.get("cache_shards", False)).fit()
+    """What each Ray Train worker runs. A run that fails is marked FAILED in MLflow (a restarted
+    worker group re-opens it)."""
+    quiet_process(loop_config.get("verbose", False))
+    trainer = Trainer(loop_config["config"], loop_config["label_scaler"], loop_config["service"],
+                      dict(loop_config["params"]), dict(loop_config["tags"]), loop_config.get("cache_shards", False))
+    try:
+        trainer.fit()
+    except BaseException as error:
+        trainer.tracker.fail(error)
+        raise

@@ -31,11 +31,18 @@ def require_choice(value: object, key: str, choices: Sequence[object]) -> None:
     require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Merge `schema` defaults <- YAML file <- dotted overrides and return a validated `schema`."""
+def load_config(
+    schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+    base_files: Sequence[str | Path] = (),
+) -> T:  # fmt: skip
+    """Merge `schema` defaults <- `base_files` (e.g. a recipe) <- YAML file <- dotted overrides and
+    return a validated `schema`."""
     layers = [OmegaConf.structured(schema)]
     where = "defaults"
     try:
+        for base in base_files:
+            where = str(base)
+            layers.append(OmegaConf.load(base))
         if path is not None:
             where = str(path)
             layers.append(OmegaConf.load(path))

@@ -55,13 +55,16 @@ class PreparedDataset:
     def shard_uris(self) -> list[str]:
         return [self.folder.uri(shard["file"]) for shard in self.info["shards"]]
 
-    def _arrow_dataset(self) -> pads.Dataset:
-        paths = [self.folder.path(shard["file"]) for shard in self.info["shards"]]
+    def _arrow_dataset(self, shards: Sequence[int] | None = None) -> pads.Dataset:
+        listed = self.info["shards"]
+        paths = [self.folder.path(listed[i]["file"]) for i in (range(len(listed)) if shards is None else shards)]
         return pads.dataset(paths, format="parquet", filesystem=self.folder.fs)
 
-    def read_table(self, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-        """Rows of the given splits (all when None) as one Arrow table: for small data and tests."""
-        dataset = self._arrow_dataset()
+    def read_table(self, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None,
+                   shards: Sequence[int] | None = None) -> pa.Table:
+        """Rows of the given splits (all when None) as one Arrow table: for small data, tests, and
+        a few `shards` (indices into dataset.json's shard list; None: all)."""
+        dataset = self._arrow_dataset(shards)
         where = None if splits is None else pads.field("split").isin(list(splits))
         return dataset.to_table(columns=list(columns) if columns else None, filter=where)
 

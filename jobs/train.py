@@ -18,13 +18,15 @@ from data_prep.dataset import DatasetError  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train DeepEmoCluster or a baseline on Ray Train.")
     parser.add_argument("--config", help="YAML file of TrainConfig settings (cluster_train/config.py)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep Ray Train's per-worker report lines and MLflow's logs and progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
         config = load_train_config(args.config, args.overrides)
         from cluster_train.launch import run_training
 
-        result = run_training(config, Path(args.config).read_text() if args.config else None)
+        result = run_training(config, verbose=args.verbose)
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ def test_config_validation() -> None:
 def test_blobs_recovered() -> None:
     x, truth = blobs(200, 5, seed=3)
     config = ClusteringConfig(num_clusters=5, pca_dim=8)
-    preprocessor, result = fit_clusters(x, config, epoch=0)
+    preprocessor, result = fit_clusters(x, config, seed=0)
     assert nmi(result.assignments, truth) > 0.95
     assert result.assignments.dtype == np.int64 and result.assignments.shape == (len(x),)
     assert result.centroids.shape == (5, 8) and result.centroids.dtype == np.float32
@@ -81,13 +81,13 @@ def test_all_points_used_no_subsampling() -> None:
     k = 4
     x, _ = blobs(400, k, d=8, spread=1.0, seed=5)
     assert len(x) > 256 * k  # faiss's default would train on 1,024 of these 1,600 points
-    full = run_kmeans(x, ClusteringConfig(num_clusters=k, iterations=10), epoch=0)
+    full = run_kmeans(x, ClusteringConfig(num_clusters=k, iterations=10), seed=0)
     means = np.stack([x[full.assignments == c].mean(axis=0) for c in range(k)])
     np.testing.assert_allclose(full.centroids, means, atol=1e-4)  # every point moved the centroids
     objective = ((x - full.centroids[full.assignments]) ** 2).sum()
     assert full.objective == pytest.approx(objective, rel=1e-4)
     # faiss's default subsampling (256 per centroid) trains on a sample: the means drift.
-    sampled = run_kmeans(x, ClusteringConfig(num_clusters=k, max_points_per_centroid=256), 0)
+    sampled = run_kmeans(x, ClusteringConfig(num_clusters=k, max_points_per_centroid=256), seed=0)
     sampled_means = np.stack([x[sampled.assignments == c].mean(axis=0) for c in range(k)])
     assert np.abs(sampled.centroids - sampled_means).max() > 1e-3
 
@@ -114,13 +114,13 @@ def test_whitening_gives_unit_covariance() -> None:
     assert abs(y.mean(axis=0)).max() < 1e-3
 
 
-def test_same_seed_and_epoch_reproduce_other_epoch_changes_seed() -> None:
+def test_same_seed_reproduces_another_seed_changes_the_clustering() -> None:
     x = np.random.default_rng(0).uniform(size=(2000, 2)).astype(np.float32)  # no true clusters
-    config = ClusteringConfig(num_clusters=8, seed=7)
-    first, again = run_kmeans(x, config, epoch=3), run_kmeans(x, config, epoch=3)
+    config = ClusteringConfig(num_clusters=8)
+    first, again = run_kmeans(x, config, seed=10), run_kmeans(x, config, seed=10)
     np.testing.assert_array_equal(first.assignments, again.assignments)
     np.testing.assert_array_equal(first.centroids, again.centroids)
-    other = run_kmeans(x, config, epoch=4)
+    other = run_kmeans(x, config, seed=11)
     assert (first.seed, other.seed) == (10, 11)
     assert not np.array_equal(first.assignments, other.assignments)
 
@@ -128,7 +128,7 @@ def test_same_seed_and_epoch_reproduce_other_epoch_changes_seed() -> None:
 def test_empty_clusters_are_reseeded() -> None:
     # 3 distinct points (30 copies each), K = 5: faiss cannot fill 2 clusters, the repair does.
     x = np.repeat(np.eye(3, 8, dtype=np.float32), 30, axis=0)
-    result = run_kmeans(x, ClusteringConfig(num_clusters=5), epoch=0)
+    result = run_kmeans(x, ClusteringConfig(num_clusters=5), seed=0)
     assert result.reseeded >= 2  # K - 3 at least; more when two initial centroids coincide
     assert (result.cluster_sizes > 0).all() and result.cluster_sizes.sum() == len(x)
     assert set(result.assignments.tolist()) == set(range(5))
@@ -147,7 +147,7 @@ torch.set_num_threads(1)
 torch.nn.Conv2d(8, 8, 3)(torch.randn(4, 8, 32, 32)).sum().backward()  # starts the OpenMP runtime
 print(torch.get_num_threads())
 from cluster_train.clustering import ClusteringConfig, run_kmeans
-run_kmeans(np.random.default_rng(0).random((500, 8), np.float32), ClusteringConfig(num_clusters=4, threads=2), epoch=0)
+run_kmeans(np.random.default_rng(0).random((500, 8), np.float32), ClusteringConfig(num_clusters=4, threads=2), seed=0)
 print(torch.get_num_threads())
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
@@ -156,7 +156,7 @@ print(torch.get_num_threads())
 
 def test_too_few_points_is_an_error() -> None:
     with pytest.raises(ValueError, match="N >= K"):
-        run_kmeans(np.zeros((3, 4), np.float32), ClusteringConfig(num_clusters=5), 0)
+        run_kmeans(np.zeros((3, 4), np.float32), ClusteringConfig(num_clusters=5), seed=0)
 
 
 # --- GPU path: runs only where faiss / torch see a GPU (bench/gpu_check.sh on a GPU machine) -------
@@ -167,8 +167,8 @@ faiss_gpus = __import__("faiss").get_num_gpus() if hasattr(__import__("faiss"), 
 @pytest.mark.skipif(faiss_gpus == 0, reason="faiss sees no GPU (faiss-cpu or no device): the GPU path needs one")
 def test_gpu_kmeans_agrees_with_cpu() -> None:
     x, truth = blobs(2000, 8, d=32, seed=11)
-    cpu = run_kmeans(x, ClusteringConfig(num_clusters=8, use_gpu=False), epoch=0)
-    gpu = run_kmeans(x, ClusteringConfig(num_clusters=8, use_gpu=True), epoch=0)
+    cpu = run_kmeans(x, ClusteringConfig(num_clusters=8, use_gpu=False), seed=0)
+    gpu = run_kmeans(x, ClusteringConfig(num_clusters=8, use_gpu=True), seed=0)
     assert nmi(gpu.assignments, cpu.assignments) > 0.99 and nmi(gpu.assignments, truth) > 0.99
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-3)
 

@@ -29,15 +29,15 @@ def table(keys: np.ndarray, per_utterance: list[int]) -> LabelTable:
 def test_diagnostics_against_categories_arousal_and_the_previous_epoch() -> None:
     diag, keys = diagnostics()
     metrics, figure = diag.epoch(table(keys, [0, 0, 1, 1, 2, 2]), np.array([6, 6, 6]))
-    assert "cluster_nmi_previous" not in metrics  # no earlier epoch
+    assert "cluster/nmi_previous" not in metrics  # no earlier epoch
     # clusters: {angry, angry}, {calm, calm}, {sad} (+ one utterance without a category)
-    assert metrics["cluster_purity_category"] == pytest.approx(1.0)
-    assert metrics["cluster_nmi_category"] == pytest.approx(1.0)
-    assert metrics["cluster_arousal_mean_high"] == pytest.approx(6.25)  # cluster 0
-    assert metrics["cluster_arousal_mean_low"] == pytest.approx(2.25)  # cluster 1
-    assert metrics["cluster_size_entropy"] == pytest.approx(np.log(3))
+    assert metrics["cluster/purity_category"] == pytest.approx(1.0)
+    assert metrics["cluster/nmi_category"] == pytest.approx(1.0)
+    assert metrics["cluster/arousal_mean_high"] == pytest.approx(6.25)  # cluster 0
+    assert metrics["cluster/arousal_mean_low"] == pytest.approx(2.25)  # cluster 1
+    assert metrics["cluster/size_entropy"] == pytest.approx(np.log(3))
     assert figure is not None and len(figure.axes[0].patches) > 0
     same, _ = diag.epoch(table(keys, [2, 2, 0, 0, 1, 1]), None)  # renamed clusters: no change
-    assert same["cluster_nmi_previous"] == pytest.approx(1.0)
+    assert same["cluster/nmi_previous"] == pytest.approx(1.0)
     mixed, _ = diag.epoch(table(keys, [0, 1, 0, 1, 0, 1]), None)
-    assert mixed["cluster_nmi_previous"] < 0.5 and mixed["cluster_purity_category"] < 1.0
+    assert mixed["cluster/nmi_previous"] < 0.5 and mixed["cluster/purity_category"] < 1.0

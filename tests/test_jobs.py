@@ -87,7 +87,7 @@ def test_prep_then_train_submitted_to_a_cluster_track_to_an_mlflow_server(cluste
         experiment = client.get_experiment_by_name("deepemocluster")
         [run] = client.search_runs([experiment.experiment_id])
         assert run.info.status == "FINISHED" and run.data.params["name"] == "submitted"
-        assert {"dev_loss", "stage1_loss", "kmeans_objective", "test_final_ccc_arousal"} <= set(run.data.metrics)
+        assert {"dev/loss", "train/stage1_loss", "cluster/kmeans_objective", "test/ccc_arousal"} <= set(run.data.metrics)
         assert [m.name for m in client.search_logged_models([experiment.experiment_id])] == ["best_model"]
     assert (tmp_path / "runs" / "submitted" / "best_model" / "model.pt").is_file()
     assert not (REPO / "runs").exists()  # outputs went where the config said, not into the working dir

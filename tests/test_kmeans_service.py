@@ -11,6 +11,7 @@ import ray
 
 from cluster_train.clustering import ClusteringConfig, fit_clusters, nmi
 from cluster_train.kmeans_service import UNKNOWN_LABEL, get_or_create_service
+from cluster_train.seeding import derive
 
 CONFIG = ClusteringConfig(num_clusters=4, pca_dim=8, threads=1)
 
@@ -51,7 +52,7 @@ def test_two_ranks_get_one_global_clustering(service) -> None:
     got = ray.get([worker.remote(service, 0, r, keys[s], x[s]) for r, s in enumerate(halves)])
     # the reference: one clustering of the union in ascending key order
     order = np.argsort(keys)
-    _, expected = fit_clusters(x[order], CONFIG, epoch=0)
+    _, expected = fit_clusters(x[order], CONFIG, seed=derive(0, "kmeans", 0))  # the service's seed 0, epoch 0
     by_key = dict(zip(keys[order].tolist(), expected.assignments.tolist()))
     for rank, s in enumerate(halves):
         assert got[rank].dtype == np.int64
@@ -77,7 +78,7 @@ def test_resubmission_replaces_the_rank(service) -> None:
     summary = ray.get(service.wait_result.remote(1, timeout_s=60.0))
     assert summary["num_points"] == 400
     order = np.argsort(keys)
-    _, expected = fit_clusters(x[order], CONFIG, epoch=1)
+    _, expected = fit_clusters(x[order], CONFIG, seed=derive(0, "kmeans", 1))
     labels = ray.get(service.labels.remote(1, keys[order]))
     np.testing.assert_array_equal(labels, expected.assignments)
     # after clustering, a full resubmission (worker group restarted) re-clusters: a new version

@@ -63,6 +63,38 @@ def test_resolved_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert TrackingConfig(tracking_uri="sqlite:////x.db").resolved_uri() == "sqlite:////x.db"
 
 
+def test_artifacts_go_beside_a_local_store_whatever_the_working_folder(
+    uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray worker runs in a folder inside Ray's session folder; the experiment it creates keeps
+    its artifacts beside the store, and opens in the UI's model-training view."""
+    worker_folder = tmp_path / "session_2026-11-29_03-39-22_167798_3055" / "worker"
+    worker_folder.mkdir(parents=True)
+    monkeypatch.chdir(worker_folder)
+    run = tracker(uri)
+    run_id = run.start({}, {})
+    run.log_text("x", "note.txt")
+    run.end()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (tmp_path / "mlartifacts" / run_id / "artifacts" / "note.txt").read_text() == "x"
+    assert not list(worker_folder.iterdir())
+    assert TrackingConfig(tracking_uri="http://127.0.0.1:5000").resolved_artifact_location() is None  # the server's
+    assert TrackingConfig(artifact_location="s3://b/a").resolved_artifact_location() == "s3://b/a"
+
+
+def test_a_failed_run_ends_failed_with_its_error(uri: str) -> None:
+    run = tracker(uri)
+    run_id = run.start({}, {})
+    run.fail(RuntimeError("epoch 3: the K-means actor failed 4 times"))
+    info = MlflowClient(uri).get_run(run_id)
+    assert info.info.status == "FAILED"
+    assert info.data.tags["error"] == "RuntimeError: epoch 3: the K-means actor failed 4 times"
+    assert not run.enabled
+
+
 def test_params_tags_metrics_and_artifacts_read_back(uri: str, tmp_path: Path) -> None:
     run = tracker(uri, run_name="smoke")
     params = {"lr": 1e-3, "channels": [32, 64], "note": None, "long": "x" * 10_000}

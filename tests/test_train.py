@@ -6,6 +6,7 @@ worker and a killed K-means actor each happen in their own run."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 import ray
+import torch
 from mlflow import MlflowClient
 
 from cluster_train.checkpoint import load_bundle, resolve_bundle
@@ -64,7 +66,7 @@ def tracked_run(prepared, tmp_path_factory):
     return run_training(_small_run(prepared, folder / "runs", "smoke", f"tracking.tracking_uri={store}")), store
 
 
-def test_deepemocluster_trains_tracks_and_scores(tracked_run):
+def test_deepemocluster_trains_tracks_and_scores(prepared, tracked_run):
     result, store = tracked_run
 
     assert result.epochs_run == 2
@@ -75,20 +77,53 @@ def test_deepemocluster_trains_tracks_and_scores(tracked_run):
 
     client = MlflowClient(store)
     run = client.get_run(result.mlflow_run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_name == "smoke"  # the project's run name
     assert run.data.params["model_kind"] == "deepemocluster" and run.data.params["data.batch_size"] == "4"
     assert {"git_commit", "dataset_hash"} <= set(run.data.tags)
-    for metric in ("dev_loss", "stage1_loss", "stage2_loss", "kmeans_objective", "cluster_size_0"):
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
+    config_file = client.download_artifacts(run.info.run_id, "config.yaml")
+    assert "batch_size: 4" in Path(config_file).read_text()  # the merged config, overrides included
+    [logged] = run.inputs.dataset_inputs
+    assert logged.dataset.digest == run.data.tags["dataset_hash"][:36] and logged.dataset.name == f"{prepared.name}/prepared"
+    for metric in ("dev/loss", "train/stage1_loss", "train/stage2_loss", "cluster/kmeans_objective", "cluster/size_0"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1], metric
-    sizes = [run.data.metrics[f"cluster_size_{k}"] for k in range(4)]
+    sizes = [run.data.metrics[f"cluster/size_{k}"] for k in range(4)]
     assert sum(sizes) == 8 * 11  # every train chunk (8 utterances x 11 chunks) got a pseudo-label
-    assert "test_final_ccc_arousal" in run.data.metrics
+    assert "test/ccc_arousal" in run.data.metrics
     mlflow.set_tracking_uri(store)  # how a user points model URIs at a store
     try:
         logged = resolve_bundle(f"runs:/{result.mlflow_run_id}/best_model")
     finally:
         mlflow.set_tracking_uri(None)
     assert logged.model_kind == "deepemocluster"
+
+
+def test_saved_model_has_batchnorm_statistics_of_its_weights(prepared, tracked_run):
+    """The saved model in eval mode predicts what its weights predict with BatchNorm statistics
+    recomputed independently (torch's update_bn, one batch of every train utterance). With
+    BatchNorm's running averages alone (precise_bn.utterances=0) this run's saved model predicted a
+    near constant on development (sd 6e-5 against 0.06 recomputed; mean difference 0.14)."""
+    from torch.optim.swa_utils import update_bn
+
+    from cluster_train.evaluation import predict_split, score
+    from data_prep.dataset import PreparedDataset
+
+    result, _ = tracked_run
+    dataset = PreparedDataset(str(prepared / "prepared"))
+    bundle = load_bundle(result.best_bundle)
+    saved = predict_split(bundle, dataset, "development")
+    train = dataset.read_table(["train"], ["chunks"])["chunks"].combine_chunks().to_numpy_ndarray()
+    update_bn([bundle.normalizer.torch(torch.tensor(train).float()).flatten(0, 1)], bundle.model)
+    bundle.model.eval()
+    recomputed = predict_split(bundle, dataset, "development")
+    spread = recomputed.prediction.std(axis=0)
+    assert (spread > 1e-3).all()  # the model's predictions vary: there is something to compare
+    np.testing.assert_allclose(saved.prediction, recomputed.prediction, rtol=0, atol=0.05 * spread.min())
+    ours, theirs = score(saved.prediction, saved.labels), score(recomputed.prediction, recomputed.labels)
+    for attribute, value in ours.items():
+        assert value == pytest.approx(theirs[attribute], abs=0.02), attribute
+    assert ours == pytest.approx(result.scores["development"], abs=1e-6)  # what training reported
 
 
 def test_config_mistake_fails_before_ray_starts(tmp_path):
@@ -174,7 +209,7 @@ def test_killed_kmeans_actor_comes_back_and_two_ddp_workers_finish(prepared, tmp
     assert "new_incarnation" in seen, "the actor did not come back"  # a new, empty incarnation
     assert result.epochs_run == 2
     assert load_bundle(result.best_bundle).model_kind == "deepemocluster"
-    assert result.metrics["stage2_chunks"] == 4 * 11  # each rank trained on half of the 8 train utterances
+    assert result.metrics["train/stage2_chunks"] == 4 * 11  # each rank trained on half of the 8 train utterances
 
     client = MlflowClient(store)
     run_id = result.mlflow_run_id
@@ -182,14 +217,14 @@ def test_killed_kmeans_actor_comes_back_and_two_ddp_workers_finish(prepared, tmp
     def steps(metric: str) -> list[int]:
         return sorted(m.step for m in client.get_metric_history(run_id, metric))
 
-    for metric in ("kmeans_objective", "stage1_loss", "cluster_nmi_category", "cluster_purity_category",
-                   "cluster_arousal_mean_high", "kmeans_actor_attempts"):
+    for metric in ("cluster/kmeans_objective", "train/stage1_loss", "cluster/nmi_category", "cluster/purity_category",
+                   "cluster/arousal_mean_high", "cluster/actor_attempts"):
         assert steps(metric) == [0, 1], metric
-    assert steps("cluster_nmi_previous") == [1]  # the change of labels since the epoch before
+    assert steps("cluster/nmi_previous") == [1]  # the change of labels since the epoch before
     metrics = client.get_run(run_id).data.metrics
-    assert sum(metrics[f"cluster_size_{k}"] for k in range(4)) == 8 * 11  # both ranks' chunks, every one labelled
-    assert 0 <= metrics["cluster_nmi_category"] <= 1 and 0 < metrics["cluster_purity_category"] <= 1
-    assert metrics["cluster_arousal_mean_high"] >= metrics["cluster_arousal_mean_low"]
+    assert sum(metrics[f"cluster/size_{k}"] for k in range(4)) == 8 * 11  # both ranks' chunks, every one labelled
+    assert 0 <= metrics["cluster/nmi_category"] <= 1 and 0 < metrics["cluster/purity_category"] <= 1
+    assert metrics["cluster/arousal_mean_high"] >= metrics["cluster/arousal_mean_low"]
     figures = [f.path for f in client.list_artifacts(run_id, "clusters")]
     assert figures == [f"clusters/arousal_epoch_{e:03d}.png" for e in range(2)]
 
@@ -227,6 +262,26 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
     assert len(kept) == 4 and list(held["labeled"].columns["id"]) == kept
     assert sorted(held["unlabeled"].columns["id"]) == sorted(set(rows.columns["id"]) - set(kept))
     assert held["development"].num_rows == 8
+
+
+def test_label_statistics_use_only_the_labels_the_run_keeps(prepared):
+    """With `data.label_fraction` < 1 the z-scoring of labels sees the kept labels only."""
+    from cluster_train.data import kept_label_ids
+    from cluster_train.labels import LabelScaler, label_matrix
+    from cluster_train.launch import fit_label_scaler
+    from data_prep.dataset import PreparedDataset
+
+    dataset = PreparedDataset(str(prepared / "prepared"))
+    config = _small_run(prepared, prepared / "runs", "labels", "data.label_fraction=0.5")
+    kept = set(kept_label_ids(dataset, config.data, config.seed))
+    table = dataset.read_table(["train"], ["id", "arousal", "dominance", "valence"])
+    rows = np.array([i in kept for i in table["id"].to_pylist()])
+    assert rows.sum() == 4
+    scaler = fit_label_scaler(dataset, config)
+    expected = LabelScaler.fit(label_matrix(table)[rows])
+    np.testing.assert_allclose(scaler.mean, expected.mean)
+    np.testing.assert_allclose(scaler.std, expected.std)
+    assert not np.allclose(scaler.mean, LabelScaler.fit(label_matrix(table)).mean)  # all 8 labels differ
 
 
 def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
@@ -274,12 +329,12 @@ output: {tmp_path / 'sweeps'}
         kind = run["point"].split("=")[1]
         assert load_bundle(run["best_model"]).model_kind == kind and run["mlflow_run_id"]
         metrics = run["last_epoch"]
-        assert metrics["stage2_chunks"] == 8 * 11  # 8 labelled train utterances, batch 4, nothing dropped
-        assert "kmeans_objective" not in metrics  # no clustering for the baselines
+        assert metrics["train/stage2_chunks"] == 8 * 11  # 8 labelled train utterances, batch 4, nothing dropped
+        assert "cluster/kmeans_objective" not in metrics  # no clustering for the baselines
         if kind == "cnn_regressor":
-            assert "stage1_loss" not in metrics
+            assert "train/stage1_loss" not in metrics
         else:  # stage 1 trains on reconstruction (+ KL) of the unlabeled chunks: a positive loss
-            assert metrics["stage1_chunks"] == 8 * 11 and metrics["stage1_loss"] > 0
+            assert metrics["train/stage1_chunks"] == 8 * 11 and metrics["train/stage1_loss"] > 0
     experiment = MlflowClient(store).get_experiment_by_name("baselines")
     logged = MlflowClient(store).search_runs([experiment.experiment_id])
     assert sorted(r.data.params["model_kind"] for r in logged) == sorted(k.split("=")[1] for k in points)
@@ -298,3 +353,24 @@ output: {tmp_path / 'sweeps'}
     typo.write_text(sweep_file.read_text().replace("epochs=1,", "epochs=1, optim.regressor.lrr=1,"))
     with pytest.raises(ConfigError, match="trial model_kind=cnn_regressor seed 0: config key 'optim.regressor.lrr'"):
         plan_trials(load_sweep_config(typo))  # before any trial trains
+
+
+def test_logged_model_outlives_the_ray_session(prepared, tracked_run):
+    """Artifacts go beside the local store (`mlartifacts/`), never into Ray's session folder: with
+    that folder deleted, `jobs/evaluate.py` still loads the run's model. Last in this module: it ends
+    the module's Ray session."""
+    result, store = tracked_run
+    experiment = MlflowClient(store).get_experiment_by_name("deepemocluster")
+    assert experiment.artifact_location == (Path(store.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    ray.shutdown()
+    shutil.rmtree(session)
+    scored = subprocess.run([sys.executable, "jobs/evaluate.py", "--model", f"runs:/{result.mlflow_run_id}/best_model",
+                             "--data", str(prepared / "prepared"), "--split", "development"],
+                            cwd=REPO, env=os.environ | {"MLFLOW_TRACKING_URI": store}, capture_output=True, text=True,
+                            timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    row = next(line.split() for line in scored.stdout.splitlines() if line.startswith("development"))
+    expected = result.scores["development"]
+    assert [float(v) for v in row[2:]] == pytest.approx([expected[a] for a in ("arousal", "dominance", "valence")],
+                                                        abs=1e-4)
