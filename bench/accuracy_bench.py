@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         output=str(Path(args.storage) / "tables"))
     import ray
 
-    ray.init(address="local", logging_level="WARNING", include_dashboard=False)
+    ray.init(address="local", logging_level="WARNING")  # with the dashboard: Ray Train's cleaner needs its state API
     result = run_sweep(sweep)
     ray.shutdown()
     table = result.table
