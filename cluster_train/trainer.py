@@ -201,7 +201,7 @@ class Trainer:
         metrics = {"cluster/kmeans_objective": float(summary["objective"]), "cluster/size_min": float(sizes.min()),
                    "cluster/size_max": float(sizes.max()), "cluster/reseeded": float(summary["reseeded"]),
                    "cluster/actor_attempts": float(summary.get("actor_attempts", 1))}
-        metrics |= {f"cluster/size_{k}": float(n) for k, n in enumerate(sizes)}
+        metrics |= {f"cluster_size/{k}": float(n) for k, n in enumerate(sizes)}
         if self.diagnostics is not None:
             diagnostics, figure = self.diagnostics.epoch(result.table, sizes)
             metrics |= diagnostics

@@ -86,9 +86,9 @@ def test_deepemocluster_trains_tracks_and_scores(prepared, tracked_run):
     assert "batch_size: 4" in Path(config_file).read_text()  # the merged config, overrides included
     [logged] = run.inputs.dataset_inputs
     assert logged.dataset.digest == run.data.tags["dataset_hash"][:36] and logged.dataset.name == f"{prepared.name}/prepared"
-    for metric in ("dev/loss", "train/stage1_loss", "train/stage2_loss", "cluster/kmeans_objective", "cluster/size_0"):
+    for metric in ("dev/loss", "train/stage1_loss", "train/stage2_loss", "cluster/kmeans_objective", "cluster_size/0"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1], metric
-    sizes = [run.data.metrics[f"cluster/size_{k}"] for k in range(4)]
+    sizes = [run.data.metrics[f"cluster_size/{k}"] for k in range(4)]
     assert sum(sizes) == 8 * 11  # every train chunk (8 utterances x 11 chunks) got a pseudo-label
     assert "test/ccc_arousal" in run.data.metrics
     mlflow.set_tracking_uri(store)  # how a user points model URIs at a store
@@ -222,7 +222,7 @@ def test_killed_kmeans_actor_comes_back_and_two_ddp_workers_finish(prepared, tmp
         assert steps(metric) == [0, 1], metric
     assert steps("cluster/nmi_previous") == [1]  # the change of labels since the epoch before
     metrics = client.get_run(run_id).data.metrics
-    assert sum(metrics[f"cluster/size_{k}"] for k in range(4)) == 8 * 11  # both ranks' chunks, every one labelled
+    assert sum(metrics[f"cluster_size/{k}"] for k in range(4)) == 8 * 11  # both ranks' chunks, every one labelled
     assert 0 <= metrics["cluster/nmi_category"] <= 1 and 0 < metrics["cluster/purity_category"] <= 1
     assert metrics["cluster/arousal_mean_high"] >= metrics["cluster/arousal_mean_low"]
     figures = [f.path for f in client.list_artifacts(run_id, "clusters")]
