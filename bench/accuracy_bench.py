@@ -87,7 +87,8 @@ def main(argv=None) -> int:
         output=str(Path(args.storage) / "tables"))
     import ray
 
-    ray.init(address="local", logging_level="WARNING")  # with the dashboard: Ray Train's cleaner needs its state API
+    if not ray.is_initialized():  # preparing the dataset may have started it
+        ray.init(address="local", logging_level="WARNING")  # with the dashboard: Ray Train's cleaner needs its state API
     result = run_sweep(sweep)
     ray.shutdown()
     table = result.table

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
 
     from cluster_train.launch import run_training
 
-    ray.init(address="local", logging_level="WARNING")
+    if not ray.is_initialized():  # preparing the dataset may have started it
+        ray.init(address="local", logging_level="WARNING")
     results = {}
     with tempfile.TemporaryDirectory() as storage:
         for variant, utterances in VARIANTS.items():
