@@ -29,11 +29,15 @@ def label_matrix(table: pa.Table, attributes: Sequence[str] = ATTRIBUTES) -> np.
 
 @dataclass
 class LabelScaler:
-    """Per-attribute mean and std of the train labels; std == 0 counts as 1."""
+    """Per-attribute mean and std of the train labels; std == 0 counts as 1. `low` and `high`: the
+    range of those labels, which predictions are clipped to (`clip`); None where unknown (bundles
+    saved before the range was kept)."""
 
     attributes: tuple[str, ...]
     mean: np.ndarray
     std: np.ndarray
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.attributes = tuple(self.attributes)
@@ -42,6 +46,12 @@ class LabelScaler:
         shape = (len(self.attributes),)
         if self.mean.shape != shape or self.std.shape != shape:
             raise ValueError(f"mean {self.mean.shape} and std {self.std.shape} must have shape {shape}")
+        if (self.low is None) != (self.high is None):
+            raise ValueError("give both low and high, or neither")
+        if self.low is not None:
+            self.low, self.high = np.asarray(self.low, dtype=np.float64), np.asarray(self.high, dtype=np.float64)
+            if self.low.shape != shape or self.high.shape != shape or not (self.low <= self.high).all():
+                raise ValueError(f"low {self.low} and high {self.high} must have shape {shape} and low <= high")
         if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std >= 0).all()):
             raise ValueError(f"mean and std must be finite and std >= 0, got {self.mean}, {self.std}")
         self.std = np.where(self.std > 0, self.std, 1.0)
@@ -66,7 +76,8 @@ class LabelScaler:
         if (counts == 0).any():
             missing = [name for name, count in zip(attributes, counts) if count == 0]
             raise ValueError(f"no {split or 'given'} labels for {', '.join(missing)}: cannot fit a LabelScaler")
-        return cls(attributes, np.nanmean(values, axis=0), np.nanstd(values, axis=0))
+        return cls(attributes, np.nanmean(values, axis=0), np.nanstd(values, axis=0),
+                   np.nanmin(values, axis=0), np.nanmax(values, axis=0))
 
     def _stats(self, like: ArrayT) -> tuple[ArrayT, ArrayT]:
         if like.shape[-1] != len(self.attributes):
@@ -89,9 +100,15 @@ class LabelScaler:
         mean, std = self._stats(z)
         return z * std + mean
 
+    def clip(self, y: np.ndarray) -> np.ndarray:
+        """Raw-scale values (..., A) clipped to the range of the training labels (as they are when
+        the range is unknown)."""
+        return np.asarray(y) if self.low is None else np.clip(y, self.low, self.high)
+
     def to_dict(self) -> dict[str, list]:
-        return {"attributes": list(self.attributes), "mean": self.mean.tolist(), "std": self.std.tolist()}
+        known = {} if self.low is None else {"low": self.low.tolist(), "high": self.high.tolist()}
+        return {"attributes": list(self.attributes), "mean": self.mean.tolist(), "std": self.std.tolist()} | known
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LabelScaler:
-        return cls(tuple(d["attributes"]), np.asarray(d["mean"]), np.asarray(d["std"]))
+        return cls(tuple(d["attributes"]), np.asarray(d["mean"]), np.asarray(d["std"]), d.get("low"), d.get("high"))

@@ -5,7 +5,8 @@ Batch (`run_prediction`):
     input (folder, .txt listing, manifest CSV, ...) -> manifest (data_prep.importers)
       -> read, decode, mel, chunks (data_prep.shards.chunk_audio: prep's own code)
       -> Ray Data actor pool: the model, batched; sentence = mean of its chunk predictions on the
-         raw label scale (evaluation.predict_table)
+         raw label scale (evaluation.predict_table), clipped to the range of the training labels
+         (the bundle's; `raw=True` keeps the model's values)
       -> one Parquet or CSV file (by the output's extension): id, audio, duration, one column per
          attribute, sorted by id; and `<name>.rejects.<ext>` beside it: id, audio, reason of every
          file that gave no prediction (unreadable, empty, silent, too short, ...).
@@ -69,6 +70,7 @@ class PredictConfig:
     actors: int | None = None  # most model replicas; None: one per GPU, else one per cpus_per_actor CPUs
     cpus_per_actor: float = 1.0
     decode_in_actors: bool | None = None  # None: on CPU actors, not on GPU actors (there tasks decode)
+    raw: bool = False  # the model's values, not clipped to the range of the training labels
 
     def __post_init__(self) -> None:
         require(output_format(self.output) is not None, "output",
@@ -140,10 +142,12 @@ def chunks_table(chunks: np.ndarray) -> pa.Table:
     return pa.table({"chunks": pa.FixedShapeTensorArray.from_numpy_ndarray(chunks)})
 
 
-def predict_file(bundle: Bundle, location: str) -> dict[str, float]:
-    """{attribute: value} on the raw label scale for one audio file; AudioRejected names a bad file."""
+def predict_file(bundle: Bundle, location: str, raw: bool = False) -> dict[str, float]:
+    """{attribute: value} on the label scale for one audio file, clipped to the range of the training
+    labels unless `raw`; AudioRejected names a bad file."""
     audio = chunk_audio(location, chunk_recipe(bundle))
     prediction = predict_table(bundle, chunks_table(audio.chunks[None]))[0]
+    prediction = prediction if raw else bundle.label_scaler.clip(prediction)
     return {name: float(value) for name, value in zip(bundle.label_scaler.attributes, prediction)}
 
 
@@ -191,11 +195,12 @@ class ChunkPredictor:
     With a `recipe` the actor decodes the files itself.
     """
 
-    def __init__(self, bundle: bytes, source: str, use_gpu: bool, threads: int, recipe: ChunkRecipe | None = None):
+    def __init__(self, bundle: bytes, source: str, use_gpu: bool, threads: int, recipe: ChunkRecipe | None = None,
+                 raw: bool = False):
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.bundle = bundle_from_bytes(bundle, source, map_location=device)
-        self.recipe, self.threads = recipe, threads
+        self.recipe, self.threads, self.raw = recipe, threads, raw
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.recipe is not None:
@@ -205,7 +210,8 @@ class ChunkPredictor:
         prediction = np.full((len(good), len(attributes)), np.nan)
         if good.any():
             table = chunks_table(batch["chunks"][good])
-            prediction[good] = predict_table(self.bundle, table, batch_size=table.num_rows)
+            values = predict_table(self.bundle, table, batch_size=table.num_rows)
+            prediction[good] = values if self.raw else self.bundle.label_scaler.clip(values)
         out = {key: batch[key] for key in ("id", "audio", "duration", "reason")}
         return out | {name: prediction[:, i] for i, name in enumerate(attributes)}
 
@@ -243,7 +249,7 @@ def run_prediction(config: PredictConfig) -> PredictSummary:
              for u in manifest]
     dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / config.files_per_task))
     actor_kwargs = {"bundle": bundle_to_bytes(bundle), "source": bundle.source, "use_gpu": use_gpu,
-                    "threads": max(1, int(config.cpus_per_actor))}
+                    "threads": max(1, int(config.cpus_per_actor)), "raw": config.raw}
     if not decode_in_actors:
         dataset = dataset.map_batches(
             decode_batch, batch_size=config.files_per_task, udf_modifying_row_count=False,

@@ -231,8 +231,12 @@ class RunTracker:
         return info.model_uri
 
     def fail(self, error: BaseException) -> None:
-        """End the run as FAILED, with the error as its `error` tag."""
-        message = f"{type(error).__name__}: {error}"[:MAX_TAG_VAL_LENGTH]
+        """End the run as FAILED, with the error and its causes as its `error` tag."""
+        causes = []
+        while error is not None and len(causes) < 5:
+            causes.append(f"{type(error).__name__}: {error}")
+            error = error.__cause__ or error.__context__
+        message = "\ncaused by ".join(causes)[:MAX_TAG_VAL_LENGTH]
         self._call("tag the error", lambda c: c.set_tag(self._run_id, "error", message))
         self.end("FAILED")
 

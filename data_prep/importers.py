@@ -137,6 +137,8 @@ class _Location:
         """Paths (POSIX, relative to this folder) of the audio files below it, recursively, sorted.
 
         Hidden files and folders (a name starting with '.', such as macOS '._x.wav') are left out.
+        Whatever else is named like audio but is no readable file (a dangling link, a folder named
+        x.wav) is listed too: prep then records it in rejects.parquet with its reason, not nothing.
         """
         self.require(pafs.FileType.Directory, what="a folder")
         try:
@@ -147,13 +149,23 @@ class _Location:
         found = []
         for info in infos:
             relative = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
-            if (
-                info.type == pafs.FileType.File
-                and info.extension.lower() in AUDIO_EXTENSIONS
-                and not any(part.startswith(".") for part in relative.split("/"))
-            ):
+            if info.extension.lower() in AUDIO_EXTENSIONS and not any(part.startswith(".") for part in relative.split("/")):
                 found.append(relative)
-        return sorted(found)
+        if isinstance(self.fs, pafs.LocalFileSystem):  # pyarrow's listing leaves dangling links out
+            found += [r for r in _dangling_links(self.path) if posixpath.splitext(r)[1][1:].lower() in AUDIO_EXTENSIONS
+                      and not any(part.startswith(".") for part in r.split("/"))]
+        return sorted(set(found))
+
+
+def _dangling_links(root: str) -> list[str]:
+    """POSIX paths, relative to `root`, of the symbolic links below it whose target is missing."""
+    found = []
+    for folder, folders, files in os.walk(root):
+        for name in files + folders:
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not os.path.exists(path):
+                found.append(os.path.relpath(path, root).replace(os.sep, "/"))
+    return found
 
 
 def _read_csv(source: _Location) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:

@@ -38,6 +38,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="auto: one GPU per model actor when the cluster has GPUs")
     parser.add_argument("--actors", type=int, help="most model replicas (default: one per GPU, or CPUs / 2)")
+    parser.add_argument("--raw", action="store_true",
+                        help="the model's values, not clipped to the range of the labels it was trained on")
     parser.add_argument("--register", metavar="NAME", help="register --run-id's best model under NAME")
     parser.add_argument("--run-id", help="the MLflow run whose best model --register registers")
     parser.add_argument("--artifact", default=REGISTERED_ARTIFACT, help="the run's model name (default: %(default)s)")
@@ -60,12 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.register:
             print(register_model(args.run_id, args.register, args.artifact))
         elif args.audio:
-            for name, value in predict_file(load_model(args.model), args.audio).items():
+            for name, value in predict_file(load_model(args.model), args.audio, raw=args.raw).items():
                 print(f"{name:<10} {value:.6f}")
         else:
             config = PredictConfig(model=args.model, input=args.input, output=args.output,
                                    input_kind=args.input_kind, batch_size=args.batch_size, device=args.device,
-                                   actors=args.actors)
+                                   actors=args.actors, raw=args.raw)
             print(run_prediction(config).text())
     except AudioRejected as rejected:
         print(f"error: {args.audio}: {rejected.reason}", file=sys.stderr)

@@ -22,9 +22,9 @@ def test_eq1_number_of_chunks(max_seconds, chunk_seconds, expected):
 
 
 def test_eq1_rejects_non_positive():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive, got 0.0, 1.0"):
         chunks_for_duration(0.0, 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive, got 11.0, 0.0"):
         chunks_for_duration(11.0, 0.0)
 
 

@@ -48,7 +48,7 @@ def test_nmi_properties() -> None:
     assert 0.0 <= nmi(a, b) < 0.1
     assert nmi([1, 1, 1], [4, 4, 4]) == 1.0  # both trivial, as sklearn
     assert nmi([1, 1, 1], [0, 1, 2]) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="equal length, got 2, 1"):
         nmi([0, 1], [0])
 
 

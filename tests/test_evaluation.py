@@ -134,6 +134,8 @@ def test_label_scaler_round_trip_and_missing_labels():
     torch.testing.assert_close(scaler.from_z(z_torch), torch.tensor(y, dtype=torch.float32), equal_nan=True)
     again = LabelScaler.from_dict(json.loads(json.dumps(scaler.to_dict())))
     assert again.attributes == ATTRS and np.array_equal(again.std, scaler.std)
+    assert again.low.tolist() == [1.0, 2.0, 4.0] and again.high.tolist() == [3.0, 5.0, 6.0]  # the train range
+    np.testing.assert_array_equal(again.clip(np.array([[0.0, 9.0, 5.0]])), [[1.0, 5.0, 5.0]])
     with pytest.raises(ValueError, match="no train labels for dominance"):
         LabelScaler.fit({"arousal": [1.0], "dominance": [np.nan], "valence": [2.0]}, split="train")
 
@@ -211,7 +213,7 @@ def test_bundle_from_mlflow_uris(tmp_path, bundle_dir):
 def test_evaluate_job(tmp_path, bundle_dir, dataset, capsys):
     missing = tmp_path / "no-such-checkpoint"
     command = [sys.executable, "jobs/evaluate.py", "--model", str(missing), "--data", dataset.location]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and str(missing) in result.stderr, result.stderr
     spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)
@@ -240,7 +242,7 @@ def test_subsets_and_t_tests():
     t = d.mean() / (d.std(ddof=1) / np.sqrt(20))
     assert paired_t_test(a, b) == pytest.approx(2 * stats.t.sf(abs(t), 19))
     assert welch_t_test(a, b) < 0.05 and welch_t_test(a, a + rng.normal(0, 0.01, 20)) > 0.05
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="samples of one length, got 20 and 10"):
         paired_t_test(a, b[:10])
 
 

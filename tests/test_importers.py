@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from data_prep.config import SOURCE_KINDS, SourceConfig
+from data_prep.audio import AudioRejected
+from data_prep.config import SOURCE_KINDS, PrepConfig, SourceConfig, load_config
 from data_prep.importers import (
     AUDIO_EXTENSIONS,
     IMPORTERS,
@@ -22,6 +23,7 @@ from data_prep.importers import (
     import_ravdess,
 )
 from data_prep.manifest import SPLITS, ManifestError, Utterance
+from data_prep.shards import ChunkRecipe, chunk_audio, reject_reason
 from data_prep.storage import read_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,6 +367,26 @@ def test_folder_finds_audio_recursively_with_extension_in_id(tmp_path):
     assert all(u.split == "unlabeled" and not u.labelled for u in manifest)
     assert manifest[2].audio == str(root / "show2" / "deep" / "EP9.WAV")
     assert [u.split for u in import_folder(str(root), "train")] == ["train"] * 4
+
+
+def test_folder_lists_what_is_named_like_audio_but_unreadable_so_prep_rejects_it(tmp_path):
+    """A dangling link and a folder named x.wav were skipped without a word; now prep's own reader
+    gives each a reason for rejects.parquet."""
+    root = tmp_path / "corpus"
+    write_wav(sorted(SAMPLE.glob("Actor_01/*.flac"))[0], root / "good.wav")
+    (root / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    (root / "folder.wav").mkdir()
+    manifest = import_folder(str(root))
+    assert [u.id for u in manifest] == ["dangling.wav", "folder.wav", "good.wav"]
+    prep = load_config(PrepConfig, None, [f"sources=[{{kind: folder, path: {root}}}]", f"output={tmp_path / 'out'}"])
+    recipe = ChunkRecipe.from_config(prep)
+    reasons = {}
+    for utterance in manifest[:2]:
+        with pytest.raises(AudioRejected) as error:
+            chunk_audio(utterance.audio, recipe)
+        reasons[utterance.id] = reject_reason(error.value)
+    assert reasons == {"dangling.wav": f"unreadable: [Errno 2] No such file or directory: '{root / 'dangling.wav'}'",
+                       "folder.wav": f"unreadable: [Errno 21] Is a directory: '{root / 'folder.wav'}'"}
 
 
 def test_folder_mistakes(tmp_path):

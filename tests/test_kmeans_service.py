@@ -18,10 +18,14 @@ CONFIG = ClusteringConfig(num_clusters=4, pca_dim=8, threads=1)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as environment:
+        if "RAY_ENABLE_UV_RUN_RUNTIME_ENV" not in os.environ:
+            environment.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture

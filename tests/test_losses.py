@@ -125,7 +125,7 @@ def test_reconstruction_and_kl() -> None:
     x = torch.randn(4, 62, 128)
     assert reconstruction_loss(x, x).item() == 0.0
     torch.testing.assert_close(reconstruction_loss(x + 2.0, x), torch.tensor(4.0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"reconstruction \(4, 1, 62, 128\) != input \(4, 62, 128\)"):
         reconstruction_loss(x.unsqueeze(1), x)
     assert vae_kl(torch.zeros(4, 8), torch.zeros(4, 8)).item() == 0.0
     # KL(N(1, 1) || N(0, 1)) = 0.5 per dimension
@@ -138,5 +138,5 @@ def test_sentence_mean() -> None:
     chunk_pred = torch.arange(12.0).reshape(6, 2)  # 2 sentences x 3 chunks, 2 attributes
     torch.testing.assert_close(sentence_mean(chunk_pred, 3), torch.tensor([[2.0, 3.0], [8.0, 9.0]]))
     torch.testing.assert_close(sentence_mean(torch.arange(6.0), 3), torch.tensor([1.0, 4.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="6 chunk rows do not split into sentences of 4"):
         sentence_mean(chunk_pred, 4)

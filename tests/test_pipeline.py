@@ -165,7 +165,7 @@ def test_manifest_error_stops_before_any_work(tmp_path):
     # The command line: exit status 2, the row and column named, and no Ray started.
     result = subprocess.run(
         [sys.executable, "-m", "data_prep", f"sources=[{{kind: csv, path: {manifest}}}]", f"output={tmp_path / 'out'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "manifest.csv line 3" in result.stderr and "'arousal'" in result.stderr, result.stderr
     assert "Ray" not in result.stderr and not (tmp_path / "out").exists()
@@ -199,6 +199,6 @@ def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path, ray_cluster
 def test_cli_reports_config_mistake_by_key(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "data_prep", "--config", str(REPO / "configs/prep/ravdess_sample.yaml"),
-         "features.n_mel=64"], cwd=REPO, capture_output=True, text=True, timeout=60)
+         "features.n_mel=64"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "features.n_mel" in result.stderr

@@ -211,6 +211,24 @@ def test_models_from_mlflow_runs_and_the_registry(bundle_dir, audio_folder, tmp_
     assert code == 2 and f"runs:/{run_id}/nothing" in err
 
 
+def test_predictions_stay_in_the_range_of_the_training_labels_unless_raw(dataset, utterances, tmp_path):
+    """A model's values can leave the 1-7 scale (one file got dominance 7.82); predictions are
+    clipped to the range of the labels it was trained on, kept in its bundle."""
+    bundle = load_bundle(make_bundle(dataset, tmp_path / "bundle", dataset.settings))
+    audio = utterances[0].audio
+    raw = predict_file(bundle, audio, raw=True)
+    middle = np.array([raw[a] for a in ATTRS])
+    bundle.label_scaler = LabelScaler(ATTRS, bundle.label_scaler.mean, bundle.label_scaler.std,
+                                      low=middle + 0.5, high=middle + 1.0)  # a range the raw values miss
+    clipped = predict_file(bundle, audio)
+    assert [clipped[a] for a in ATTRS] == pytest.approx(list(middle + 0.5))
+    assert predict_file(bundle, audio, raw=True) == pytest.approx(raw)
+    stored = load_bundle(make_bundle(dataset, tmp_path / "stored", dataset.settings)).label_scaler
+    labels = dataset.read_table(["train"], list(ATTRS))
+    assert stored.low.tolist() == [min(labels[a].to_pylist()) for a in ATTRS]  # the train labels' range
+    assert stored.high.tolist() == [max(labels[a].to_pylist()) for a in ATTRS]
+
+
 def test_a_bundle_without_features_is_refused_by_name(dataset, audio_folder, ray_cluster, tmp_path, job, capsys):
     old = make_bundle(dataset, tmp_path / "old-bundle", features=None)
     assert load_bundle(old).features is None

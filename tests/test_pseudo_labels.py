@@ -108,8 +108,11 @@ def test_split_empty_centroids_and_split_by_key() -> None:
     assert _split_by_key(Collective(), keys, labels, counts) == 1
     assert (np.bincount(labels, minlength=3) > 0).all() and counts.tolist() == np.bincount(labels, minlength=3).tolist()
     assert set(labels[30:]) == {1}  # only the donor's members moved
-    again = np.where(np.arange(40) < 30, 0, 1).astype(np.uint8)
-    _split_by_key(Collective(), keys[::-1].copy(), again[::-1].copy(), np.bincount(again, minlength=3).astype(float))
+    # the keys that move depend on the keys alone, not on their order (every rank sees its own order)
+    reordered_keys = keys[::-1].copy()
+    again = np.where(np.arange(40) < 30, 0, 1).astype(np.uint8)[::-1].copy()
+    assert _split_by_key(Collective(), reordered_keys, again, np.bincount(again, minlength=3).astype(float)) == 1
+    assert sorted(reordered_keys[again == 2]) == sorted(keys[labels == 2]) and (labels == 2).sum() > 0
     # two identical points (duplicates) still split: distinct keys always differ in some hash bit
     labels2, counts2 = np.zeros(2, np.uint8), np.array([2.0, 0.0])
     assert _split_by_key(Collective(), np.array([5, 6]), labels2, counts2) == 1 and sorted(labels2) == [0, 1]
@@ -135,15 +138,32 @@ def test_config_checks_mode_and_sampler() -> None:
 
 @pytest.fixture(scope="module")
 def ranks():
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")  # Ray starts slowly on a busy machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    handles = [Rank.remote() for _ in range(2)]
-    ray.get([r.setup.remote(i, 2, port) for i, r in enumerate(handles)])
-    yield handles
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as environment:
+        if "RAY_agent_register_timeout_ms" not in os.environ:  # Ray starts slowly on a busy machine
+            environment.setenv("RAY_agent_register_timeout_ms", "120000")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        try:
+            yield _process_group_of_two()
+        finally:
+            ray.shutdown()
+
+
+def _process_group_of_two(tries: int = 3) -> list:
+    """Two ranks joined by gloo. The port is free when picked but may be taken before rank 0 binds
+    it: then the ranks are dropped and it is tried again with another."""
+    for attempt in range(tries):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        handles = [Rank.remote() for _ in range(2)]
+        try:
+            ray.get([r.setup.remote(i, 2, port) for i, r in enumerate(handles)], timeout=120)
+            return handles
+        except (ray.exceptions.RayError, TimeoutError):
+            for handle in handles:
+                ray.kill(handle)
+            if attempt == tries - 1:
+                raise
 
 
 @ray.remote(num_cpus=0)
@@ -160,15 +180,21 @@ class Rank:
         from cluster_train.pseudo_labels import Collective, SampleLabeler, build_labeler
 
         collective = Collective()
-        if stall_s:  # this rank reaches the actor late, on its first attempt only (to kill the actor meanwhile)
+        if stall_s:  # this rank reaches the actor late, on its first attempt only: once the test has
+            # killed the actor and Ray restarted it (at most stall_s later), with the old incarnation
             class Late(SampleLabeler):
                 stalled = False
 
-                def _attempt(self, *args):
-                    if not Late.stalled:
-                        Late.stalled = True
-                        time.sleep(stall_s)
-                    return super()._attempt(*args)
+                def _attempt(self, epoch, keys, features, num_chunks, incarnation):
+                    deadline = time.monotonic() + stall_s
+                    while not Late.stalled and time.monotonic() < deadline:
+                        try:
+                            Late.stalled = ray.get(self.service.incarnation.remote(), timeout=10) != incarnation
+                        except ray.exceptions.RayError:  # restarting
+                            pass
+                        time.sleep(0.1)
+                    Late.stalled = True
+                    return super()._attempt(epoch, keys, features, num_chunks, incarnation)
 
             labeler = Late(config, service, collective, "cpu")
         else:
@@ -220,7 +246,7 @@ def test_killed_actor_comes_back_and_both_ranks_cluster_again(ranks) -> None:
     service = get_or_create_service(f"km-{uuid.uuid4().hex[:8]}", config, 2)
     before = ray.get(service.incarnation.remote())
     late = [ranks[0].label.remote(config, service, 0, keys[parts[0]], x[parts[0]]),
-            ranks[1].label.remote(config, service, 0, keys[parts[1]], x[parts[1]], stall_s=4.0)]
+            ranks[1].label.remote(config, service, 0, keys[parts[1]], x[parts[1]], stall_s=120.0)]
     deadline = time.monotonic() + 60
     while ray.get(service.progress.remote())["submitted"] != [0]:  # rank 0 waits inside the actor
         assert time.monotonic() < deadline, "rank 0 never reached the actor"

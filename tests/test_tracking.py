@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -207,7 +206,6 @@ def test_unreachable_server_warns_once_and_goes_quiet(
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     uri = f"http://127.0.0.1:{closed_port()}"
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="cluster_train.tracking"):
         with pytest.warns(RuntimeWarning, match="training and checkpoints go on") as warned:
             run = tracker(uri)
@@ -216,11 +214,11 @@ def test_unreachable_server_warns_once_and_goes_quiet(
             run.log_text("x", "x.txt")
             assert run.log_model(torch.nn.Linear(1, 1), "model") is None
             run.end()
-    assert time.monotonic() - started < 10
     assert len(warned) == 1 and uri in str(warned[0].message)
     assert len([r for r in caplog.records if r.name == "cluster_train.tracking"]) == 1
     assert not run.enabled and run.run_id is None
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    # what keeps a dead server from stalling training for minutes: no retries, a short timeout
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
 
 
 def test_a_failing_call_mid_run_disables_the_tracker(uri: str, tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import psutil
 import pytest
 import ray
 import torch
@@ -36,11 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("train")
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")  # Ray starts slowly on a busy machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    prepare_train_sample(folder)
-    yield folder
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as environment:
+        if "RAY_agent_register_timeout_ms" not in os.environ:  # Ray starts slowly on a busy machine
+            environment.setenv("RAY_agent_register_timeout_ms", "120000")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        try:
+            prepare_train_sample(folder)
+            yield folder
+        finally:
+            ray.shutdown()
 
 
 def _small_run(prepared: Path, runs: Path, name: str, *overrides: str):
@@ -130,9 +133,30 @@ def test_config_mistake_fails_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError, match="data.batch_sise"):
         load_train_config(REPO / "configs/train/ravdess_sample.yaml", ["data.batch_sise=4"])
     result = subprocess.run([sys.executable, "jobs/train.py", "--config", "configs/train/ravdess_sample.yaml",
-                             "clustering.num_clusters=20"], cwd=REPO, capture_output=True, text=True, timeout=60)
+                             "clustering.num_clusters=20"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "clustering.num_clusters" in result.stderr and "Ray" not in result.stderr
+
+
+def test_a_run_that_fails_ends_failed_in_mlflow_with_its_error(prepared, tmp_path):
+    """K = 100 clusters for 88 training chunks: K-means fails in epoch 0 on the actor; the run is
+    marked FAILED (not left RUNNING) with the error, and the caller gets it."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = _small_run(prepared, tmp_path / "runs", "failing", f"tracking.tracking_uri={store}",
+                        "model.num_clusters=100", "clustering.num_clusters=100", "scaling.max_failures=0")
+    with pytest.raises(Exception, match="K-means needs an"):
+        run_training(config)
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("deepemocluster").experiment_id])
+    assert run.info.status == "FAILED" and run.info.run_name == "failing"
+    assert "K-means needs an (N, d) array with N >= K = 100" in run.data.tags["error"]
+
+
+def _training_worker_pids() -> list[int]:
+    """The live Ray Train workers of this test's own Ray job (GCS's actor table, no dashboard needed)."""
+    job = ray.get_runtime_context().get_job_id()
+    return [actor["Pid"] for actor in ray._private.state.actors().values()
+            if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE" and actor["JobID"] == job]
 
 
 def _kill_worker_after_first_checkpoint(run_folder: Path, killed: list) -> None:
@@ -140,21 +164,26 @@ def _kill_worker_after_first_checkpoint(run_folder: Path, killed: list) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not any(run_folder.glob("checkpoint*")):
         time.sleep(0.2)
-    for process in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
-            process.send_signal(signal.SIGKILL)
-            killed.append(process.pid)
+    for pid in _training_worker_pids():
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
 
 def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(prepared, tracked_run, tmp_path):
     uninterrupted, _ = tracked_run  # the same config, not killed (tracking changes no computation)
     dead_server = f"http://127.0.0.1:{_closed_port()}"  # tracking fails: a warning, nothing else changes
+    # Another training's worker on this machine, not of this test's run: it must survive the kill.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "RayTrainWorker"])
     killed: list[int] = []
     watcher = threading.Thread(target=_kill_worker_after_first_checkpoint, args=(tmp_path / "runs" / "resumed", killed))
     watcher.start()
-    with pytest.warns(RuntimeWarning, match=f"not tracked: MLflow at {dead_server}"):
-        resumed = run_training(_small_run(prepared, tmp_path / "runs", "resumed", f"tracking.tracking_uri={dead_server}"))
-    watcher.join()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"not tracked: MLflow at {dead_server}"):
+            resumed = run_training(_small_run(prepared, tmp_path / "runs", "resumed", f"tracking.tracking_uri={dead_server}"))
+        watcher.join()
+        assert bystander.poll() is None, "the test killed a process that was not its own"
+    finally:
+        bystander.kill()
 
     assert killed, "no training worker was found to kill"
     assert resumed.mlflow_run_id is None
