@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -41,6 +42,7 @@ from cluster_train.labels import LabelScaler
 from cluster_train.models import ModelConfig, build_model
 from data_prep.shards import CHUNK_SETTINGS, ChunkRecipe
 from data_prep.stats import Normalizer
+from data_prep.storage import read_bytes
 
 BUNDLE_FILE = "model.pt"
 BUNDLE_FORMAT = "deepemocluster-bundle/1"
@@ -149,7 +151,15 @@ def save_bundle(
 
 
 def load_bundle(path: str, map_location: str | torch.device = "cpu") -> Bundle:
-    """Read a bundle directory (or its `model.pt`); the model is rebuilt and put in eval mode."""
+    """Read a bundle directory (or its `model.pt`), a local path or a URI (s3://, gs://, file://);
+    the model is rebuilt and put in eval mode."""
+    if "://" in path:
+        file = path if path.endswith(".pt") else f"{path.rstrip('/')}/{BUNDLE_FILE}"
+        try:
+            data = read_bytes(file)
+        except (OSError, pa.ArrowException) as error:
+            raise BundleError(f"{path}: no model bundle here ({error})") from error
+        return bundle_from_bytes(data, path, map_location)
     file = Path(path)
     file = file / BUNDLE_FILE if file.is_dir() else file
     if not file.is_file():

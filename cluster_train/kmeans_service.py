@@ -214,7 +214,7 @@ class KMeansService:
                 f"ranks not yet submitted: {waiting}"
             ) from error
         if round_.error is not None:
-            raise RuntimeError(f"epoch {round_.epoch}: clustering failed") from round_.error
+            raise RuntimeError(f"epoch {round_.epoch}: clustering failed: {round_.error}") from round_.error
         return round_
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -143,17 +142,29 @@ def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} ended without a checkpoint: {result.error}")
 
-    output = Path(config.storage_path if "://" not in config.storage_path else "outputs/runs") / name / "best_model"
-    with result.checkpoint.as_directory() as folder:
-        shutil.rmtree(output, ignore_errors=True)
-        shutil.copytree(Path(folder) / BEST_DIR, output)
+    output = f"{config.storage_path.rstrip('/')}/{name}/best_model"  # beside the run's checkpoints
     run_id = result.metrics.get("mlflow_run_id") or None
     if config.tracking.enabled and run_id is None:
         warnings.warn(f"run {name} is not tracked: MLflow at {config.tracking.tracking_uri} failed on the "
                       f"training worker (its log has the error); the best model is in {output}", RuntimeWarning)
-    scores = finish_run(config, str(output), dataset, run_id)
-    return TrainResult(name, str(output), run_id, scores, int(result.metrics["epoch"]) + 1,
+    with result.checkpoint.as_directory() as folder:
+        copy_folder(str(Path(folder) / BEST_DIR), output)
+        scores = finish_run(config, str(Path(folder) / BEST_DIR), dataset, run_id)
+    return TrainResult(name, output, run_id, scores, int(result.metrics["epoch"]) + 1,
                        time.perf_counter() - started, dict(result.metrics))
+
+
+def copy_folder(source: str, destination: str) -> None:
+    """Copy a local folder to a local path or a URI (s3://, gs://, file://), replacing what is there."""
+    import pyarrow.fs as pafs
+
+    from data_prep.storage import open_filesystem
+
+    filesystem, path = open_filesystem(destination)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
+    filesystem.create_dir(path, recursive=True)
+    pafs.copy_files(source, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
 
 
 def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,

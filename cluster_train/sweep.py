@@ -26,6 +26,7 @@ from omegaconf import MISSING
 from cluster_train.config import TrainConfig, load_train_config
 from cluster_train.launch import pin_local_paths, warn_if_reads_starve
 from data_prep.config import ConfigError, load_config, require, to_flat_dict
+from data_prep.storage import OutputFolder
 
 
 @dataclass(kw_only=True)
@@ -111,15 +112,15 @@ def _trained(config: TrainConfig) -> dict | None:
     A trial trained with another config is an error naming the keys that differ: reusing it would
     mix configs in one table, retraining would overwrite a model someone may need. (Records written
     before run.json kept the config cannot be checked and are reused.)"""
-    folder = Path(config.storage_path) / str(config.name)
-    if not (folder / "best_model" / "model.pt").is_file() or not (folder / RUN_FILE).is_file():
+    folder = OutputFolder(f"{config.storage_path.rstrip('/')}/{config.name}")
+    if not folder.exists("best_model/model.pt") or not folder.exists(RUN_FILE):
         return None
-    run = json.loads((folder / RUN_FILE).read_text())
+    run = folder.read_json(RUN_FILE)
     before, now = run.pop("config", None), _config_record(config)
     # Keys the record lacks were added to the code later; their defaults keep the old behaviour.
     keys = sorted(k for k in (before or {}) if before[k] != now.get(k))
     if keys:
-        raise ConfigError(f"trial {config.name} was trained in {folder} with another config "
+        raise ConfigError(f"trial {config.name} was trained in {folder.location} with another config "
                           f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
     return run | {"reused": True}
 
@@ -132,7 +133,9 @@ def _train(config: TrainConfig) -> dict:
            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
            "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
     record = run | {"config": _config_record(config)}  # read back by `_trained`, not part of the table
-    (Path(config.storage_path) / str(config.name) / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    folder = OutputFolder(f"{config.storage_path.rstrip('/')}/{config.name}")
+    folder.make()
+    folder.write_json(RUN_FILE, record)
     return run
 
 
@@ -182,8 +185,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         predictions.setdefault(trial.point, []).append(predict_split(bundle, dataset, config.split))
     table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets)
     table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location, "runs": runs}
-    folder = Path(config.output) / config.name
-    folder.mkdir(parents=True, exist_ok=True)
-    table_file = folder / "table.json"
-    table_file.write_text(json.dumps(table, indent=1) + "\n")
-    return SweepResult(table, [r for r in runs if r is not None], str(table_file))
+    folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
+    folder.make()
+    folder.write_json("table.json", table)
+    return SweepResult(table, [r for r in runs if r is not None], folder.uri("table.json"))

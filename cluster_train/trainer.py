@@ -56,6 +56,20 @@ class TrainState:
     bad_epochs: int = 0
     run_id: str | None = None
 
+    def finish_epoch(self, epoch: int, dev_loss: float) -> bool:
+        """Record epoch `epoch`'s development loss; True when it is the best so far (keep its model)."""
+        improved = dev_loss < self.best_dev_loss
+        if improved:
+            self.best_dev_loss, self.best_epoch, self.bad_epochs = dev_loss, epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.epoch = epoch + 1
+        return improved
+
+    def should_stop(self, patience: int) -> bool:
+        """Early stopping: `patience` epochs in a row without a better development loss."""
+        return self.bad_epochs >= patience
+
 
 def build_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
     if config.name == "adam":
@@ -123,13 +137,8 @@ class Trainer:
             started = time.perf_counter()
             torch.manual_seed(derive(self.config.seed, "dropout", epoch, self.rank))  # resume-exact dropout
             metrics = self.run_epoch(epoch)
-            improved = metrics["dev/loss"] < self.state.best_dev_loss
-            if improved:
-                self.state.best_dev_loss, self.state.best_epoch, self.state.bad_epochs = metrics["dev/loss"], epoch, 0
+            if self.state.finish_epoch(epoch, metrics["dev/loss"]):
                 self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-            else:
-                self.state.bad_epochs += 1
-            self.state.epoch = epoch + 1
             metrics |= {"dev/best_loss": self.state.best_dev_loss, "dev/best_epoch": self.state.best_epoch}
             checkpointing = time.perf_counter()
             self._report(metrics)
@@ -138,7 +147,7 @@ class Trainer:
             if self.rank == 0:
                 line = epoch_line(metrics | {"time/epoch": done - started}, self.config.epochs, self.scaler.attributes)
                 print_line(line)
-            if self.state.bad_epochs >= self.config.patience:
+            if self.state.should_stop(self.config.patience):
                 break
 
     def run_epoch(self, epoch: int) -> dict[str, float]:

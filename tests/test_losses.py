@@ -140,3 +140,4 @@ def test_sentence_mean() -> None:
     torch.testing.assert_close(sentence_mean(torch.arange(6.0), 3), torch.tensor([1.0, 4.0]))
     with pytest.raises(ValueError, match="6 chunk rows do not split into sentences of 4"):
         sentence_mean(chunk_pred, 4)
+

@@ -5,6 +5,7 @@ worker and a killed K-means actor each happen in their own run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from mlflow import MlflowClient
 from cluster_train.checkpoint import load_bundle, resolve_bundle
 from cluster_train.config import load_train_config
 from cluster_train.launch import run_training
+from cluster_train.trainer import TrainState
 from conftest import prepare_train_sample
 from data_prep.config import ConfigError
 
@@ -129,6 +131,18 @@ def test_saved_model_has_batchnorm_statistics_of_its_weights(prepared, tracked_r
     assert ours == pytest.approx(result.scores["development"], abs=1e-6)  # what training reported
 
 
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience_bad_epochs() -> None:
+    state, kept, stopped_after = TrainState(), [], None
+    for epoch, dev_loss in enumerate([2.9, 2.1, 2.3, 2.0, 2.2, 2.05, 1.5]):
+        if state.finish_epoch(epoch, dev_loss):
+            kept.append(epoch)
+        if state.should_stop(patience=2):
+            stopped_after = epoch
+            break
+    assert kept == [0, 1, 3] and stopped_after == 5  # 2.2 and 2.05 are not below 2.0: two bad epochs
+    assert (state.best_epoch, state.best_dev_loss, state.epoch) == (3, 2.0, 6)  # a resumed run starts at 6
+
+
 def test_config_mistake_fails_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError, match="data.batch_sise"):
         load_train_config(REPO / "configs/train/ravdess_sample.yaml", ["data.batch_sise=4"])
@@ -223,11 +237,12 @@ def _kill_actor_in_epoch(name: str, epoch: int, seen: dict) -> None:
 
 def test_killed_kmeans_actor_comes_back_and_two_ddp_workers_finish(prepared, tmp_path):
     """Two DDP workers (gloo) in mode "sample" (the actor fits centroids on both ranks' samples,
-    each rank assigns its own chunks); the per-epoch cluster diagnostics reach MLflow."""
+    each rank assigns its own chunks), reading their shards streamed from the Parquet files every
+    pass (`data.cache_max_mb=0`, as at MSP-Podcast scale); the per-epoch cluster diagnostics reach MLflow."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = _small_run(prepared, tmp_path / "runs", "actor-killed", f"tracking.tracking_uri={store}",
                          "clustering.mode=sample", "clustering.sample_size=64",
-                         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5")
+                         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "data.cache_max_mb=0")
     seen: dict = {}
     watcher = threading.Thread(target=_kill_actor_in_epoch, args=("kmeans-actor-killed", 0, seen))
     watcher.start()
@@ -330,7 +345,8 @@ def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
 
 def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resumes(prepared, tmp_path):
     """The paper's baselines in the same loop, as a sweep: 2 trials at once, MLflow, the table. The
-    CNN-regressor has no stage 1; the CNN-VAE's stage 1 is the CNN-AE's reconstruction plus the KL."""
+    CNN-regressor has no stage 1; the CNN-VAE's stage 1 is the CNN-AE's reconstruction plus the KL.
+    Dataset, checkpoints, best models and the table are all addressed by file:// URIs, as buckets are."""
     from cluster_train.sweep import load_sweep_config, plan_trials, run_sweep
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -338,15 +354,15 @@ def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resum
     sweep_file.write_text(f"""
 name: baselines
 train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
-overrides: [data.dataset={prepared / 'prepared'}, data.batch_size=4, epochs=1, model.num_clusters=4,
-            clustering.num_clusters=4, scaling.cpus_per_worker=0.5, storage_path={tmp_path / 'runs'},
+overrides: [data.dataset={(prepared / 'prepared').as_uri()}, data.batch_size=4, epochs=1, model.num_clusters=4,
+            clustering.num_clusters=4, scaling.cpus_per_worker=0.5, storage_path={(tmp_path / 'runs').as_uri()},
             tracking.tracking_uri={store}]
 grid:
   model_kind: [cnn_regressor, cnn_vae]
 reference: model_kind=cnn_regressor
 subsets: 2
 max_concurrent: 2
-output: {tmp_path / 'sweeps'}
+output: {(tmp_path / 'sweeps').as_uri()}
 """)
     config = load_sweep_config(sweep_file)
     result = run_sweep(config)
@@ -354,8 +370,11 @@ output: {tmp_path / 'sweeps'}
     points = ["model_kind=cnn_regressor", "model_kind=cnn_vae"]
     assert list(result.table["models"]) == points
     assert result.table["models"][points[1]]["ccc"]["arousal"]["n"] == 2  # 2 subsets x 1 seed
+    assert result.table_file == (tmp_path / "sweeps" / "baselines" / "table.json").as_uri()
+    assert json.loads((tmp_path / "sweeps" / "baselines" / "table.json").read_text())["models"] == result.table["models"]
     for run in result.runs:
         kind = run["point"].split("=")[1]
+        assert run["best_model"] == (tmp_path / "runs" / run["name"] / "best_model").as_uri()
         assert load_bundle(run["best_model"]).model_kind == kind and run["mlflow_run_id"]
         metrics = run["last_epoch"]
         assert metrics["train/stage2_chunks"] == 8 * 11  # 8 labelled train utterances, batch 4, nothing dropped
