@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import ray
@@ -209,7 +209,11 @@ _ACTOR_ERRORS = tuple(
 
 class _ActorLabeler:
     """The actor modes: each attempt runs under the incarnation rank 0 read; if any rank saw the
-    actor die (or restart), every rank retries the whole clustering, up to `actor_restarts` times."""
+    actor die (or restart), every rank retries the whole clustering, up to `actor_restarts` times.
+
+    An attempt has two parts: the actor calls (`_ask_actor`), which may fail on some ranks only, and
+    what is shared among the ranks (the callable it returns), run only once every rank's calls
+    succeeded: a rank that failed must never meet, in a collective, a rank that succeeded."""
 
     def __init__(self, config: ClusteringConfig, service, collective: Collective, device, seed: int = 0) -> None:
         self.config, self.service, self.collective, self.device = config, service, collective, device
@@ -222,10 +226,11 @@ class _ActorLabeler:
             incarnation = self.collective.broadcast(self._incarnation() if self.collective.rank == 0 else None)
             error: BaseException | None = None
             try:
-                result = self._attempt(epoch, keys, features, num_chunks, incarnation)
+                share = self._ask_actor(epoch, keys, features, num_chunks, incarnation)
             except _ACTOR_ERRORS as caught:
-                error, result = caught, None
+                error, share = caught, None
             if self.collective.all_true(error is None):
+                result = share()
                 result.summary["actor_attempts"] = attempt + 1
                 return result
             attempt += 1
@@ -245,21 +250,21 @@ class _ActorLabeler:
                     raise
                 time.sleep(0.5)
 
-    def _attempt(self, epoch, keys, features, num_chunks, incarnation) -> PseudoLabels:
+    def _ask_actor(self, epoch, keys, features, num_chunks, incarnation) -> Callable[[], PseudoLabels]:
         raise NotImplementedError
 
 
 class GatherLabeler(_ActorLabeler):
     """Mode "gather": all vectors to the actor, the label table back."""
 
-    def _attempt(self, epoch, keys, features, num_chunks, incarnation) -> PseudoLabels:
+    def _ask_actor(self, epoch, keys, features, num_chunks, incarnation) -> Callable[[], PseudoLabels]:
         started = time.perf_counter()
         ray.get(self.service.submit.remote(epoch, self.collective.rank, keys, features, incarnation))
         summary = ray.get(self.service.wait_result.remote(epoch, incarnation=incarnation))
         table_keys, table_labels = ray.get(self.service.label_table.remote(epoch, incarnation=incarnation))
         table = LabelTable.build(table_keys, table_labels, num_chunks, self.config.num_clusters)
-        summary = dict(summary) | {"mode": "gather"}
-        return PseudoLabels(table, summary, {"clustering": time.perf_counter() - started})
+        result = PseudoLabels(table, dict(summary) | {"mode": "gather"}, {"clustering": time.perf_counter() - started})
+        return lambda: result  # every rank holds the whole table already
 
 
 def _local_sample(
@@ -274,7 +279,7 @@ def _local_sample(
 class SampleLabeler(_ActorLabeler):
     """Mode "sample": a bounded sample to the actor, centroids back, local assignment."""
 
-    def _attempt(self, epoch, keys, features, num_chunks, incarnation) -> PseudoLabels:
+    def _ask_actor(self, epoch, keys, features, num_chunks, incarnation) -> Callable[[], PseudoLabels]:
         timings, started = {}, time.perf_counter()
         rank, world = self.collective.rank, self.collective.world_size
         sample = _local_sample(features, self.config, self.seed, epoch, rank, world)
@@ -286,7 +291,7 @@ class SampleLabeler(_ActorLabeler):
         timings["assign"] = time.perf_counter() - started
         summary = {"mode": "sample", "epoch": epoch, "iterations": fit["iterations"],
                    "sample_points": fit["num_points"], "sample_objective": fit["objective"]}
-        return _finish(self.collective, self.config, keys, labels, distances, num_chunks, summary, timings)
+        return lambda: _finish(self.collective, self.config, keys, labels, distances, num_chunks, summary, timings)
 
 
 class AllReduceLabeler:

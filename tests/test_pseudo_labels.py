@@ -176,16 +176,29 @@ class Rank:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
-    def label(self, config, service, epoch, keys, x, stall_s: float = 0.0):
+    def label(self, config, service, epoch, keys, x, stall_s: float = 0.0, lose_first_answer: bool = False):
+        from cluster_train.kmeans_service import IncarnationChanged
         from cluster_train.pseudo_labels import Collective, SampleLabeler, build_labeler
 
         collective = Collective()
-        if stall_s:  # this rank reaches the actor late, on its first attempt only: once the test has
+        if lose_first_answer:  # the actor's answer is lost on this rank only, on its first attempt
+            class Unlucky(SampleLabeler):
+                lost = False
+
+                def _ask_actor(self, *args):
+                    share = super()._ask_actor(*args)
+                    if not Unlucky.lost:
+                        Unlucky.lost = True
+                        raise IncarnationChanged("the actor restarted after answering the other rank")
+                    return share
+
+            labeler = Unlucky(config, service, collective, "cpu")
+        elif stall_s:  # this rank reaches the actor late, on its first attempt only: once the test has
             # killed the actor and Ray restarted it (at most stall_s later), with the old incarnation
             class Late(SampleLabeler):
                 stalled = False
 
-                def _attempt(self, epoch, keys, features, num_chunks, incarnation):
+                def _ask_actor(self, epoch, keys, features, num_chunks, incarnation):
                     deadline = time.monotonic() + stall_s
                     while not Late.stalled and time.monotonic() < deadline:
                         try:
@@ -194,7 +207,7 @@ class Rank:
                             pass
                         time.sleep(0.1)
                     Late.stalled = True
-                    return super()._attempt(epoch, keys, features, num_chunks, incarnation)
+                    return super()._ask_actor(epoch, keys, features, num_chunks, incarnation)
 
             labeler = Late(config, service, collective, "cpu")
         else:
@@ -238,6 +251,23 @@ def test_every_mode_gives_every_rank_the_same_table_close_to_the_reference(ranks
         if mode == "sample":
             assert summary["sample_points"] == 2000  # 1,000 a rank reached the actor, not 4,400
         ray.kill(service)
+
+
+def test_a_rank_whose_actor_call_failed_never_meets_one_that_succeeded_in_a_collective(ranks) -> None:
+    """Rank 0 got its centroids, rank 1 lost the actor's answer: both must cluster again (rank 0
+    going on to share labels while rank 1 retried left them in mismatched collectives, forever)."""
+    x, truth, keys, parts = shards(seed=5)
+    config = ClusteringConfig(num_clusters=4, threads=1, mode="sample", sample_size=2000)
+    service = get_or_create_service(f"km-{uuid.uuid4().hex[:8]}", config, 2)
+    outs = ray.get([ranks[0].label.remote(config, service, 0, keys[parts[0]], x[parts[0]]),
+                    ranks[1].label.remote(config, service, 0, keys[parts[1]], x[parts[1]], lose_first_answer=True)],
+                   timeout=120)
+    (_, labels0), _, summary0 = outs[0]
+    (_, labels1), _, summary1 = outs[1]
+    assert summary0["actor_attempts"] == summary1["actor_attempts"] == 2
+    np.testing.assert_array_equal(labels0, labels1)
+    assert nmi(labels0, truth) > 0.95
+    ray.kill(service)
 
 
 def test_killed_actor_comes_back_and_both_ranks_cluster_again(ranks) -> None:
