@@ -9,6 +9,7 @@ or whose job sets RAY_DATA_LOGGING_CONFIG (infra/runtime_env.yaml).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -25,10 +26,12 @@ def quiet_process(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # Ray Train 2.60 logs "Reporting training result ..." (the metrics again) through a logger named
-    # after its file, which RunConfig's LoggingConfig does not reach.
-    from ray.train.v2._internal.execution import context
+    # after its file, which RunConfig's LoggingConfig does not reach. (A private module: a later Ray
+    # may move it, and then there is nothing to quiet here.)
+    with contextlib.suppress(ImportError):
+        from ray.train.v2._internal.execution import context
 
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def ray_env(verbose: bool) -> dict[str, str]:

@@ -139,14 +139,14 @@ class Trainer:
             metrics = self.run_epoch(epoch)
             if self.state.finish_epoch(epoch, metrics["dev/loss"]):
                 self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-            metrics |= {"dev/best_loss": self.state.best_dev_loss, "dev/best_epoch": self.state.best_epoch}
+            best = {"dev/best_loss": self.state.best_dev_loss, "dev/best_epoch": self.state.best_epoch}
             checkpointing = time.perf_counter()
-            self._report(metrics)
+            self._report(metrics | best)
             done = time.perf_counter()
-            self.tracker.log_metrics({"time/checkpoint": done - checkpointing, "time/epoch": done - started}, step=epoch)
+            closing = best | {"time/checkpoint": done - checkpointing, "time/epoch": done - started}
+            self.tracker.log_metrics(closing, step=epoch)
             if self.rank == 0:
-                line = epoch_line(metrics | {"time/epoch": done - started}, self.config.epochs, self.scaler.attributes)
-                print_line(line)
+                print_line(epoch_line(metrics | closing, self.config.epochs, self.scaler.attributes))
             if self.state.should_stop(self.config.patience):
                 break
 
