@@ -103,8 +103,8 @@ class PreciseBNConfig:
     per seed, labelled and unlabeled alike). 0 keeps BatchNorm's running averages, which lag far
     behind the weights when an epoch has few steps (dev CCC .09 instead of .62, REFERENCE.md)."""
 
-    # 64: the demo's saved model scored dev CCC within .003 of its weights with the statistics of all
-    # 120 train utterances (32: .024 lower), for ~10 s a recompute at 1 thread (README "Precise BatchNorm").
+    # 64: the demo's saved model scored dev CCC within .001 of its weights with the statistics of all
+    # 120 train utterances (32: .024 below), for 10 s a recompute at 1 thread (README "Precise BatchNorm").
     utterances: int = 64
 
     def __post_init__(self) -> None:
