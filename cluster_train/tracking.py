@@ -9,7 +9,11 @@ Runs are addressed by id through `MlflowClient`, so a resumed training re-opens 
 saved in its checkpoint, and several trackers can live in one process. Failure policy: the first
 MLflow error (server unreachable, store broken, a rejected value) gives ONE warning naming the URI
 and the error, then the tracker disables itself; nothing raises into training. For http(s) stores
-MLflow's retries and timeout are cut (unless the user set them): a dead server costs seconds.
+MLflow's own retries ride out a brief outage or a locked sqlite store, and are cut short (unless the
+user set them): a dead server costs seconds, not minutes.
+
+Provenance on a cluster, where the code has no .git: `git_commit` falls back to $DEEPEMOCLUSTER_GIT_COMMIT,
+and every run records the image it ran in ($DEEPEMOCLUSTER_IMAGE, both set by infra/docker/Dockerfile).
 """
 
 from __future__ import annotations
@@ -42,8 +46,16 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # MLflow's defaults (7 retries with exponential backoff, 120 s per request) stall a training for
-# minutes on a dead server; these apply only where the user has not set the variables.
-FAIL_FAST_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# minutes on a dead server; none at all would turn tracking off at the first 503 a sqlite server
+# answers for "database is locked". 3 retries, MLflow's backoff 0 + 2 + 4 s; the timeout outlasts the
+# 20 s a sqlite server waits on a lock before it answers 503. Only where the user has not set them.
+HTTP_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+COMMIT_ENV = "DEEPEMOCLUSTER_GIT_COMMIT"
+IMAGE_ENV = "DEEPEMOCLUSTER_IMAGE"
 
 
 # Opens a new experiment in the MLflow UI's model-training view (the default here was the GenAI view).
@@ -89,7 +101,7 @@ class RunTracker:
         self._experiment_id: str | None = None
         if config.enabled and active:
             if self.uri.startswith(("http://", "https://")):
-                for name, value in FAIL_FAST_HTTP_ENV.items():
+                for name, value in HTTP_RETRY_ENV.items():
                     os.environ.setdefault(name, value)
             try:
                 self._client = MlflowClient(self.uri)
@@ -107,7 +119,9 @@ class RunTracker:
     def start(
         self, params: dict[str, object], tags: dict[str, str], run_id: str | None = None
     ) -> str | None:
-        """Start a run (or re-open `run_id`), log params and tags; the run id, None if disabled."""
+        """Start a run (or re-open `run_id`), log params and tags (and the image, when in one); the
+        run id, None if disabled."""
+        tags = {**image_tags(), **tags}
 
         def start(client: MlflowClient) -> str:
             run = self._reopen(client, run_id) if run_id else None
@@ -303,8 +317,15 @@ def load_logged_model(
     return mlflow.pytorch.load_model(str(local)), extra
 
 
+def image_tags() -> dict[str, str]:
+    """{"image": <the image reference>} inside the project's cluster image, else {}."""
+    image = os.environ.get(IMAGE_ENV)
+    return {"image": image} if image else {}
+
+
 def git_commit(path: str = ".") -> str | None:
-    """HEAD's hash, with "-dirty" when tracked files changed; None outside a git checkout."""
+    """HEAD's hash, with "-dirty" when tracked files changed; outside a git checkout (a cluster's copy
+    of the code) $DEEPEMOCLUSTER_GIT_COMMIT, else None."""
 
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -316,5 +337,5 @@ def git_commit(path: str = ".") -> str | None:
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get(COMMIT_ENV) or None
     return commit + ("-dirty" if dirty else "")

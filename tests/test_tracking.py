@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from cluster_train.tracking import (
+    HTTP_RETRY_ENV,
     RunTracker,
     TrackingConfig,
     git_commit,
@@ -203,8 +204,8 @@ def closed_port() -> int:
 def test_unreachable_server_warns_once_and_goes_quiet(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    for name in HTTP_RETRY_ENV:
+        monkeypatch.delenv(name, raising=False)
     uri = f"http://127.0.0.1:{closed_port()}"
     with caplog.at_level(logging.WARNING, logger="cluster_train.tracking"):
         with pytest.warns(RuntimeWarning, match="training and checkpoints go on") as warned:
@@ -217,8 +218,9 @@ def test_unreachable_server_warns_once_and_goes_quiet(
     assert len(warned) == 1 and uri in str(warned[0].message)
     assert len([r for r in caplog.records if r.name == "cluster_train.tracking"]) == 1
     assert not run.enabled and run.run_id is None
-    # what keeps a dead server from stalling training for minutes: no retries, a short timeout
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
+    # what keeps a dead server from stalling training for minutes: few retries, a bounded timeout
+    assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 3
+    assert int(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 30
 
 
 def test_a_failing_call_mid_run_disables_the_tracker(uri: str, tmp_path: Path) -> None:
@@ -257,3 +259,37 @@ def test_git_commit(tmp_path: Path) -> None:
     outside.mkdir()
     assert git_commit(str(outside)) is None
     assert git_commit(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_falls_back_to_the_environment_outside_a_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster runs a copy of the code without .git: the commit comes from the image or the job."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    monkeypatch.setenv("DEEPEMOCLUSTER_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    assert git_commit(str(plain)) == "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("DEEPEMOCLUSTER_GIT_COMMIT", "")  # infra/runtime_env.yaml: not the image's commit
+    assert git_commit(str(plain)) is None
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "init"], check=True)
+    monkeypatch.setenv("DEEPEMOCLUSTER_GIT_COMMIT", "0" * 40)
+    assert git_commit(str(repo)) not in (None, "0" * 40)  # a checkout's own commit wins
+
+
+def test_a_run_records_the_image_it_ran_in(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = "123456789012.dkr.ecr.us-west-2.amazonaws.com/deepemocluster:" + "a" * 40
+    monkeypatch.setenv("DEEPEMOCLUSTER_IMAGE", image)
+    run = tracker(uri)
+    run_id = run.start({}, tags={"git_commit": "abc"})
+    run.end()
+    assert MlflowClient(uri).get_run(run_id).data.tags["image"] == image
+    monkeypatch.delenv("DEEPEMOCLUSTER_IMAGE")
+    run = tracker(uri)
+    run_id = run.start({}, tags={})
+    run.end()
+    assert "image" not in MlflowClient(uri).get_run(run_id).data.tags  # a laptop run names no image
