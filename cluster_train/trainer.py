@@ -170,6 +170,7 @@ class Trainer:
         started = time.perf_counter()
         metrics |= self.validate()
         timings["validation"] = time.perf_counter() - started
+        metrics["train/rank_weight_spread"] = self._rank_weight_spread()
         # Part of the stage times above: waiting on Ray Data and building batches.
         timings["data_loading"] = self.batches.loading_seconds - loading_before
         metrics |= {f"time/{name}": value for name, value in timings.items()}
@@ -272,6 +273,15 @@ class Trainer:
             return batch
         index = uniform_over_clusters(pseudo.lookup(batch.keys), self.cluster_sizes, self.sampler_generator)
         return dataclasses.replace(batch, keys=batch.keys[index.numpy()], chunks=batch.chunks[index.to(batch.chunks.device)])
+
+    @torch.no_grad()
+    def _rank_weight_spread(self) -> float:
+        """The largest difference between this rank and rank 0 in any parameter tensor's sum, over
+        all ranks: 0 while DDP keeps their weights equal (a rank resumed with another's optimizer
+        state, or a differently seeded layer, makes it grow)."""
+        sums = np.array([float(p.detach().double().sum()) for p in self.module.parameters()])
+        gathered = np.stack(self.collective.gather_all(sums))
+        return float(np.abs(gathered - gathered[0]).max())
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -253,6 +253,15 @@ def test_every_mode_gives_every_rank_the_same_table_close_to_the_reference(ranks
         ray.kill(service)
 
 
+def _assert_both_ranks_clustered_again(outs: list, truth: np.ndarray) -> None:
+    """Both ranks took a second attempt and ended with the same, right labels."""
+    (_, labels0), _, summary0 = outs[0]
+    (_, labels1), _, summary1 = outs[1]
+    assert summary0["actor_attempts"] == summary1["actor_attempts"] == 2
+    np.testing.assert_array_equal(labels0, labels1)
+    assert nmi(labels0, truth) > 0.95
+
+
 def test_a_rank_whose_actor_call_failed_never_meets_one_that_succeeded_in_a_collective(ranks) -> None:
     """Rank 0 got its centroids, rank 1 lost the actor's answer: both must cluster again (rank 0
     going on to share labels while rank 1 retried left them in mismatched collectives, forever)."""
@@ -262,11 +271,7 @@ def test_a_rank_whose_actor_call_failed_never_meets_one_that_succeeded_in_a_coll
     outs = ray.get([ranks[0].label.remote(config, service, 0, keys[parts[0]], x[parts[0]]),
                     ranks[1].label.remote(config, service, 0, keys[parts[1]], x[parts[1]], lose_first_answer=True)],
                    timeout=120)
-    (_, labels0), _, summary0 = outs[0]
-    (_, labels1), _, summary1 = outs[1]
-    assert summary0["actor_attempts"] == summary1["actor_attempts"] == 2
-    np.testing.assert_array_equal(labels0, labels1)
-    assert nmi(labels0, truth) > 0.95
+    _assert_both_ranks_clustered_again(outs, truth)
     ray.kill(service)
 
 
@@ -284,9 +289,5 @@ def test_killed_actor_comes_back_and_both_ranks_cluster_again(ranks) -> None:
     ray.kill(service, no_restart=False)  # dies with rank 0's sample; Ray restarts it empty
     outs = ray.get(late, timeout=120)
     assert ray.get(service.incarnation.remote()) != before
-    (_, labels0), _, summary0 = outs[0]
-    (_, labels1), _, summary1 = outs[1]
-    assert summary0["actor_attempts"] == summary1["actor_attempts"] == 2
-    np.testing.assert_array_equal(labels0, labels1)
-    assert nmi(labels0, truth) > 0.95
+    _assert_both_ranks_clustered_again(outs, truth)
     ray.kill(service)
