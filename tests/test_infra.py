@@ -1227,12 +1227,13 @@ def test_log_shipper_copies_new_and_changed_logs_and_a_last_pass_on_sigterm(tmp_
     (session / "logs" / "raylet.out").write_text("started\n")
     (session / "logs" / "events" / "event_GCS.log").write_text("{}\n")
     bucket = tmp_path / "bucket"
+    destination = ship_logs.open_filesystem(str(bucket))
     shipped: dict = {}
-    assert ship_logs.ship_once(tmp_path / "ray", str(bucket), shipped) == 2
-    assert ship_logs.ship_once(tmp_path / "ray", str(bucket), shipped) == 0  # nothing changed
+    assert ship_logs.ship_once(tmp_path / "ray", destination, shipped) == 2
+    assert ship_logs.ship_once(tmp_path / "ray", destination, shipped) == 0  # nothing changed
     with open(session / "logs" / "raylet.out", "a") as log:
         log.write("worker died\n")
-    assert ship_logs.ship_once(tmp_path / "ray", str(bucket), shipped) == 1
+    assert ship_logs.ship_once(tmp_path / "ray", destination, shipped) == 1
     assert (bucket / session.name / "raylet.out").read_text() == "started\nworker died\n"
     assert [p.name for p in bucket.iterdir()] == [session.name]
 

@@ -21,15 +21,17 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from data_prep.storage import open_filesystem
+
 
 def sessions(ray_dir: Path) -> list[Path]:
     return sorted(p for p in ray_dir.glob("session_*") if p.is_dir() and not p.is_symlink())
 
 
-def ship_once(ray_dir: Path, destination: str, shipped: dict[Path, tuple[int, int]]) -> int:
-    """Copy the new or changed log files; the number copied. `shipped` remembers (size, mtime)."""
-    filesystem, root = pafs.FileSystem.from_uri(destination) if "://" in destination else (
-        pafs.LocalFileSystem(), str(Path(destination).resolve()))
+def ship_once(ray_dir: Path, destination: tuple[pafs.FileSystem, str], shipped: dict[Path, tuple[int, int]]) -> int:
+    """Copy the new or changed log files to `destination` (`open_filesystem`'s filesystem and
+    root); the number copied. `shipped` remembers (size, mtime)."""
+    filesystem, root = destination
     copied = 0
     for session in sessions(ray_dir):
         logs = session / "logs"
@@ -58,13 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--once", action="store_true", help="one pass, then exit")
     args = parser.parse_args(argv)
 
+    destination = open_filesystem(args.destination)
     shipped: dict[Path, tuple[int, int]] = {}
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     while True:
         try:
-            ship_once(args.ray_dir, args.destination, shipped)
+            ship_once(args.ray_dir, destination, shipped)
         except OSError as err:  # a bucket hiccup: the next pass retries what was not copied
             print(f"ship_logs: {err}", file=sys.stderr, flush=True)
         if args.once or stop.is_set():
