@@ -5,7 +5,7 @@
     python bench/accuracy_bench.py --name recipes_sample --grid recipe=paper,default \
         --reference recipe=paper --ours recipe=default --epochs 2 --seeds 3
 
-A sweep (`cluster_train/sweep.py`) over one grid (default: the model kinds) x seeds: each trains with
+A sweep (`cluster_train/experiments/sweep.py`) over one grid (default: the model kinds) x seeds: each trains with
 the same config, data and seeds through the real job (Ray Train, K-means actor, MLflow off), its best
 checkpoint is scored at sentence level on the test split, and `evaluation.compare_models` gives mean
 CCC over 4 random test subsets x seeds with a two-tailed t-test against the reference. Trained models
@@ -27,13 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster_train.evaluation import format_comparison  # noqa: E402
-from cluster_train.models import MODEL_KINDS  # noqa: E402
-from cluster_train.sweep import SweepConfig, run_sweep  # noqa: E402
+from cluster_train.experiments.sweep import SweepConfig, run_sweep  # noqa: E402
+from cluster_train.model.kinds import MODEL_KINDS  # noqa: E402
+from cluster_train.serve.evaluate import format_comparison  # noqa: E402
 from cluster_train.tracking import git_commit  # noqa: E402
 from data_prep.config import PrepConfig, load_config  # noqa: E402
 from data_prep.dataset import DatasetError, PreparedDataset  # noqa: E402
-
 
 
 def cpu_model() -> str:

@@ -65,9 +65,10 @@ def preprocessing_part(data: str, encoder: str | None, seeds: int = 10) -> dict:
     """Part 1: K-means on fixed embeddings of the train chunks, per preprocessing."""
     import torch
 
-    from cluster_train.checkpoint import load_bundle
-    from cluster_train.clustering import ClusteringConfig, fit_clusters, nmi, purity
-    from cluster_train.models import ModelConfig, build_model
+    from cluster_train.clustering.kmeans import ClusteringConfig, fit_clusters, nmi, purity
+    from cluster_train.model.blocks import ModelConfig
+    from cluster_train.model.kinds import build_model
+    from cluster_train.serve.bundle import load_bundle
     from data_prep.dataset import PreparedDataset
 
     torch.set_num_threads(1)
@@ -124,8 +125,8 @@ def main() -> None:
     import ray
     from mlflow import MlflowClient
 
-    from cluster_train.config import load_train_config
-    from cluster_train.launch import run_training
+    from cluster_train.train.config import load_train_config
+    from cluster_train.train.launch import run_training
 
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

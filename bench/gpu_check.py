@@ -43,10 +43,17 @@ except ImportError:
     sys.modules["ray"] = types.SimpleNamespace(  # type: ignore[assignment]
         exceptions=types.SimpleNamespace(), remote=lambda *args, **kwargs: (lambda cls: cls), method=lambda **kwargs: (lambda f: f))
 
-from kmeans_bench import K, KEY_BASE, NUM_CHUNKS, PREPROCESSING, generate  # noqa: E402
+from kmeans_bench import KEY_BASE, NUM_CHUNKS, PREPROCESSING, K, generate  # noqa: E402
 
-from cluster_train.clustering import ClusteringConfig, fit_preprocessor, nmi, preprocess_inplace, run_kmeans  # noqa: E402
-from cluster_train.pseudo_labels import AllReduceLabeler, Collective  # noqa: E402
+from cluster_train.clustering.kmeans import (  # noqa: E402
+    ClusteringConfig,
+    fit_preprocessor,
+    nmi,
+    preprocess_inplace,
+    run_kmeans,
+)
+from cluster_train.clustering.labelers import AllReduceLabeler  # noqa: E402
+from cluster_train.distributed import Collective
 
 COMMAND = "python bench/gpu_check.py"
 
@@ -97,8 +104,9 @@ def ddp_steps(device: str, steps: int, batch: int = 256) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from cluster_train.losses import ccc_loss, cluster_ce, sentence_mean
-    from cluster_train.models import ModelConfig, build_model
+    from cluster_train.model.blocks import ModelConfig
+    from cluster_train.model.kinds import build_model
+    from cluster_train.model.losses import ccc_loss, cluster_ce, sentence_mean
 
     torch.manual_seed(0)
     config = ModelConfig()
@@ -160,8 +168,8 @@ def check_ddp(steps: int) -> dict:
 
 
 def check_predict(bundle_dir: str, files: list[str]) -> dict:
-    from cluster_train.checkpoint import load_bundle
-    from cluster_train.predict import predict_file
+    from cluster_train.serve.bundle import load_bundle
+    from cluster_train.serve.predict import predict_file
 
     results = {}
     for device in ("cpu", "cuda"):

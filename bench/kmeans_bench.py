@@ -34,7 +34,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster_train.clustering import ClusteringConfig, nmi  # noqa: E402
+from cluster_train.clustering.kmeans import ClusteringConfig, nmi  # noqa: E402
 
 D, K, NUM_CHUNKS, BLOCK, KEY_BASE = 256, 10, 11, 65_536, 10**9
 SEED = 0
@@ -97,7 +97,7 @@ class BenchRank:
         self.x = None
 
     def step(self, mode: str, service, epoch: int) -> dict:
-        from cluster_train.pseudo_labels import build_labeler
+        from cluster_train.clustering.labelers import build_labeler
 
         labeler = build_labeler(config_for(mode), service)
         started = time.perf_counter()
@@ -155,7 +155,7 @@ def run_reference(size: int, out: str) -> None:
 
     import torch
 
-    from cluster_train.clustering import fit_preprocessor, preprocess_inplace, run_kmeans
+    from cluster_train.clustering.kmeans import fit_preprocessor, preprocess_inplace, run_kmeans
 
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
@@ -200,7 +200,7 @@ def main() -> None:
 
     import ray
 
-    from cluster_train.kmeans_service import get_or_create_service
+    from cluster_train.clustering.service import get_or_create_service
 
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")  # Ray starts slowly on a busy machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

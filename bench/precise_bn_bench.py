@@ -34,11 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from accuracy_bench import cpu_model, prepared_dataset  # noqa: E402
-from cluster_train.checkpoint import load_bundle  # noqa: E402
-from cluster_train.config import load_train_config  # noqa: E402
-from cluster_train.evaluation import evaluate_split  # noqa: E402
-from cluster_train.precise_bn import batchnorm_layers  # noqa: E402
+
+from cluster_train.serve.bundle import load_bundle  # noqa: E402
+from cluster_train.serve.evaluate import evaluate_split  # noqa: E402
 from cluster_train.tracking import git_commit  # noqa: E402
+from cluster_train.train.config import load_train_config  # noqa: E402
+from cluster_train.train.precise_bn import batchnorm_layers  # noqa: E402
 
 VARIANTS = {"running_averages": 0, "precise_bn": None}  # precise_bn.utterances; None: the default
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     dataset = prepared_dataset("configs/prep/ravdess_sample.yaml")
     import ray
 
-    from cluster_train.launch import run_training
+    from cluster_train.train.launch import run_training
 
     if not ray.is_initialized():  # preparing the dataset may have started it
         ray.init(address="local", logging_level="WARNING")

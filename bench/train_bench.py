@@ -31,15 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.accuracy_bench import prepared_dataset  # noqa: E402
-from cluster_train.clustering import fit_clusters  # noqa: E402
-from cluster_train.config import TrainConfig, load_train_config  # noqa: E402
-from cluster_train.data import ROW_COLUMNS, ChunkBatches, InMemoryRows  # noqa: E402
-from cluster_train.kmeans_service import lookup_labels  # noqa: E402
-from cluster_train.labels import LabelScaler  # noqa: E402
-from cluster_train.losses import ccc, ccc_loss, cluster_ce, sentence_mean  # noqa: E402
-from cluster_train.models import build_model  # noqa: E402
+from cluster_train.clustering.kmeans import fit_clusters  # noqa: E402
+from cluster_train.clustering.service import lookup_labels  # noqa: E402
+from cluster_train.data.batches import ROW_COLUMNS, ChunkBatches, InMemoryRows  # noqa: E402
+from cluster_train.data.labels import LabelScaler  # noqa: E402
+from cluster_train.model.kinds import build_model  # noqa: E402
+from cluster_train.model.losses import ccc, ccc_loss, cluster_ce, sentence_mean  # noqa: E402
 from cluster_train.seeding import derive  # noqa: E402
-from cluster_train.trainer import build_optimizer, optimizer_config  # noqa: E402
+from cluster_train.train.config import TrainConfig, load_train_config  # noqa: E402
+from cluster_train.train.loop import build_optimizer, optimizer_config  # noqa: E402
 from data_prep.dataset import PreparedDataset  # noqa: E402
 from data_prep.manifest import ATTRIBUTES  # noqa: E402
 
@@ -126,7 +126,7 @@ def plain_loop_at(niceness: int, config: TrainConfig, dataset: PreparedDataset, 
 
 def ray_train(train_config: str, overrides: list[str], workers: int) -> dict:
     """The real job with `workers` Ray Train workers; the last epoch's throughput and time split."""
-    from cluster_train.launch import run_training
+    from cluster_train.train.launch import run_training
 
     cpus = 1.0 if workers == 1 else 0.5  # reads need one free CPU (launch.warn_if_reads_starve)
     config = load_train_config(REPO / train_config, [*overrides, f"scaling.num_workers={workers}",

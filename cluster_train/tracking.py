@@ -19,7 +19,6 @@ and every run records the image it ran in ($DEEPEMOCLUSTER_IMAGE, both set by in
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import math

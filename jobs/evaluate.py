@@ -1,6 +1,6 @@
 """Score a model bundle: `python jobs/evaluate.py --model M --data D [--split test ...] [--json out.json]`.
 
-M: a bundle directory (cluster_train/checkpoint.py), `runs:/<run_id>/<name>` or
+M: a bundle directory (cluster_train/serve/bundle.py), `runs:/<run_id>/<name>` or
 `models:/<name>/<version>` (MLFLOW_TRACKING_URI says which MLflow). D: a prepared dataset.
 Prints the sentence-level CCC per attribute for each split (raw 1-7 label scale).
 """
@@ -16,8 +16,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
-from cluster_train.checkpoint import BundleError, resolve_bundle  # noqa: E402
-from cluster_train.evaluation import EvaluationError, evaluate_split  # noqa: E402
+from cluster_train.serve.bundle import BundleError, resolve_bundle  # noqa: E402
+from cluster_train.serve.evaluate import EvaluationError, evaluate_split  # noqa: E402
 from data_prep.dataset import DatasetError, PreparedDataset  # noqa: E402
 
 

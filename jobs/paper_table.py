@@ -18,8 +18,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
-from cluster_train.checkpoint import BundleError, resolve_bundle  # noqa: E402
-from cluster_train.evaluation import EvaluationError, compare_models, format_comparison, predict_split  # noqa: E402
+from cluster_train.serve.bundle import BundleError, resolve_bundle  # noqa: E402
+from cluster_train.serve.evaluate import EvaluationError, compare_models, format_comparison, predict_split  # noqa: E402
 from data_prep.dataset import DatasetError, PreparedDataset  # noqa: E402
 
 

@@ -19,9 +19,17 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
-from cluster_train.checkpoint import BundleError  # noqa: E402
-from cluster_train.predict import (INPUT_KINDS, REGISTERED_ARTIFACT, PredictConfig, PredictError,  # noqa: E402
-                                   load_model, predict_file, register_model, run_prediction)
+from cluster_train.serve.bundle import BundleError  # noqa: E402
+from cluster_train.serve.predict import (  # noqa: E402
+    INPUT_KINDS,
+    REGISTERED_ARTIFACT,
+    PredictConfig,
+    PredictError,
+    load_model,
+    predict_file,
+    register_model,
+    run_prediction,
+)
 from data_prep.audio import AudioRejected  # noqa: E402
 from data_prep.config import ConfigError  # noqa: E402
 from data_prep.manifest import ManifestError  # noqa: E402

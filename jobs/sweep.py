@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
-from cluster_train.evaluation import format_comparison  # noqa: E402
-from cluster_train.sweep import load_sweep_config, plan_trials  # noqa: E402
+from cluster_train.experiments.sweep import load_sweep_config, plan_trials  # noqa: E402
+from cluster_train.serve.evaluate import format_comparison  # noqa: E402
 from data_prep.config import ConfigError  # noqa: E402
 from data_prep.dataset import DatasetError  # noqa: E402
 
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
             for trial in trials:
                 print(f"  {trial.point} seed {trial.seed}: {trial.config.name}")
             return 0
-        from cluster_train.sweep import run_sweep
+        from cluster_train.experiments.sweep import run_sweep
 
         result = run_sweep(config)
     except (ConfigError, DatasetError) as error:

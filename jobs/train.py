@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
-from cluster_train.config import load_train_config  # noqa: E402
+from cluster_train.train.config import load_train_config  # noqa: E402
 from data_prep.config import ConfigError  # noqa: E402
 from data_prep.dataset import DatasetError  # noqa: E402
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_train_config(args.config, args.overrides)
-        from cluster_train.launch import run_training
+        from cluster_train.train.launch import run_training
 
         result = run_training(config, verbose=args.verbose)
     except (ConfigError, DatasetError) as error:

@@ -10,14 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster_train.clustering import (
-    ClusteringConfig,
-    fit_clusters,
-    fit_preprocessor,
-    nmi,
-    purity,
-    run_kmeans,
-)
+from cluster_train.clustering.kmeans import ClusteringConfig, fit_clusters, fit_preprocessor, nmi, purity, run_kmeans
 from data_prep.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +139,7 @@ import numpy as np, torch
 torch.set_num_threads(1)
 torch.nn.Conv2d(8, 8, 3)(torch.randn(4, 8, 32, 32)).sum().backward()  # starts the OpenMP runtime
 print(torch.get_num_threads())
-from cluster_train.clustering import ClusteringConfig, run_kmeans
+from cluster_train.clustering.kmeans import ClusteringConfig, run_kmeans
 run_kmeans(np.random.default_rng(0).random((500, 8), np.float32), ClusteringConfig(num_clusters=4, threads=2), seed=0)
 print(torch.get_num_threads())
 """
@@ -175,7 +168,7 @@ def test_gpu_kmeans_agrees_with_cpu() -> None:
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="torch sees no CUDA device")
 def test_gpu_blockwise_assignment_matches_cpu() -> None:
-    from cluster_train.clustering import assign
+    from cluster_train.clustering.kmeans import assign
 
     x, _ = blobs(3000, 5, d=32, seed=12)
     preprocessor = fit_preprocessor(x, ClusteringConfig(pca_dim=16))
@@ -190,7 +183,7 @@ def test_gpu_blockwise_assignment_matches_cpu() -> None:
 def test_gpu_lloyd_on_resident_rows_matches_host_rows() -> None:
     import torch
 
-    from cluster_train.clustering import assign, lloyd_step, resident
+    from cluster_train.clustering.kmeans import assign, lloyd_step, resident
 
     x, _ = blobs(40_000, 6, d=32, seed=13)
     y = fit_preprocessor(x, ClusteringConfig()).apply(x)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster_train.data import utterance_key
-from cluster_train.diagnostics import ClusterDiagnostics
-from cluster_train.pseudo_labels import LabelTable
+from cluster_train.clustering.diagnostics import ClusterDiagnostics
+from cluster_train.clustering.labelers import LabelTable
+from cluster_train.data.batches import utterance_key
 
 C = 3
 

@@ -18,12 +18,24 @@ import torch
 from scipy import stats
 from torch import nn
 
-from cluster_train.checkpoint import BUNDLE_FORMAT, BundleError, load_bundle, log_bundle, resolve_bundle, save_bundle
-from cluster_train.evaluation import (EvaluationError, SplitPredictions, compare_models, evaluate_split,
-                                      format_comparison, paired_t_test, predict_split, predict_table, score,
-                                      split_into_subsets, subset_scores, welch_t_test)
-from cluster_train.labels import LabelScaler, label_matrix
-from cluster_train.models import ModelConfig, build_model
+from cluster_train.data.labels import LabelScaler, label_matrix
+from cluster_train.model.blocks import ModelConfig
+from cluster_train.model.kinds import build_model
+from cluster_train.serve.bundle import BUNDLE_FORMAT, BundleError, load_bundle, log_bundle, resolve_bundle, save_bundle
+from cluster_train.serve.evaluate import (
+    EvaluationError,
+    SplitPredictions,
+    compare_models,
+    evaluate_split,
+    format_comparison,
+    paired_t_test,
+    predict_split,
+    predict_table,
+    score,
+    split_into_subsets,
+    subset_scores,
+    welch_t_test,
+)
 from data_prep.config import PrepConfig, load_config
 from data_prep.dataset import PreparedDataset
 from data_prep.importers import import_ravdess

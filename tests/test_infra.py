@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import typing
 import urllib.error
 import urllib.request
@@ -44,6 +43,7 @@ import jsonschema
 import psutil
 import pytest
 import ray.autoscaler
+import tomllib
 import torch
 import yaml
 from mlflow import MlflowClient
@@ -68,8 +68,8 @@ from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.runtime_env import RuntimeEnv
 
 from cluster_train import tracking
-from cluster_train.config import load_train_config
 from cluster_train.tracking import RunTracker, TrackingConfig, load_logged_model
+from cluster_train.train.config import load_train_config
 from data_prep.config import ConfigError, PrepConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -1208,7 +1208,7 @@ def test_runtime_env_keeps_data_out_of_the_upload(tmp_path):
     tops = {name.split("/")[0] for name in names}
     assert not tops & {"data", "outputs", "runs", "mlruns", ".git", ".venv", "mlflow-server", "docs", "tests"}, tops
     assert not any(name.endswith(".db") for name in names)
-    for needed in ("jobs/train.py", "jobs/prep.py", "cluster_train/trainer.py", "data_prep/pipeline.py",
+    for needed in ("jobs/train.py", "jobs/prep.py", "cluster_train/train/loop.py", "data_prep/pipeline.py",
                    "configs/train/ravdess_full.yaml", "pyproject.toml", env["env_vars"]["RAY_DATA_LOGGING_CONFIG"]):
         assert needed in names, needed  # the quiet logging config travels with the job
     assert package.stat().st_size < 20 * 2**20  # Ray's working_dir limit is a few hundred MB

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import train_sample_manifest
+from mlflow import MlflowClient
 from mlflow_server import free_port, mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import ray
 
-from cluster_train.clustering import ClusteringConfig, fit_clusters, nmi
-from cluster_train.kmeans_service import UNKNOWN_LABEL, get_or_create_service
+from cluster_train.clustering.kmeans import ClusteringConfig, fit_clusters, nmi
+from cluster_train.clustering.service import UNKNOWN_LABEL, get_or_create_service
 from cluster_train.seeding import derive
 
 CONFIG = ClusteringConfig(num_clusters=4, pca_dim=8, threads=1)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cluster_train.losses import (
+from cluster_train.model.blocks import ModelConfig
+from cluster_train.model.kinds import build_model
+from cluster_train.model.losses import (
     IGNORE_LABEL,
     ccc,
     ccc_loss,
@@ -16,7 +18,6 @@ from cluster_train.losses import (
     sentence_mean,
     vae_kl,
 )
-from cluster_train.models import ModelConfig, build_model
 
 
 def numpy_ccc(p: np.ndarray, t: np.ndarray) -> float:

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster_train.baselines import Decoder
-from cluster_train.models import (
-    MODEL_KINDS,
-    ClusterHead,
-    Encoder,
-    ModelConfig,
-    build_model,
-    conv_sizes,
-    count_parameters,
-)
+from cluster_train.model.baselines import Decoder
+from cluster_train.model.blocks import ClusterHead, Encoder, ModelConfig, conv_sizes, count_parameters
+from cluster_train.model.kinds import MODEL_KINDS, build_model
 from data_prep.config import ConfigError, load_config
 
 B = 3

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.optim.swa_utils import update_bn
 
-from cluster_train.models import ModelConfig, build_model
-from cluster_train.precise_bn import batchnorm_layers, recompute_batchnorm
+from cluster_train.model.blocks import ModelConfig
+from cluster_train.model.kinds import build_model
+from cluster_train.train.precise_bn import batchnorm_layers, recompute_batchnorm
 
 
 def _model(kind: str = "deepemocluster") -> torch.nn.Module:

@@ -24,12 +24,19 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from cluster_train.checkpoint import load_bundle, log_bundle, save_bundle
-from cluster_train.evaluation import predict_split
-from cluster_train.labels import LabelScaler
-from cluster_train.models import ModelConfig, build_model
-from cluster_train.predict import (PredictConfig, PredictError, chunk_recipe, load_model, predict_file,
-                                   run_prediction)
+from cluster_train.data.labels import LabelScaler
+from cluster_train.model.blocks import ModelConfig
+from cluster_train.model.kinds import build_model
+from cluster_train.serve.bundle import load_bundle, log_bundle, save_bundle
+from cluster_train.serve.evaluate import predict_split
+from cluster_train.serve.predict import (
+    PredictConfig,
+    PredictError,
+    chunk_recipe,
+    load_model,
+    predict_file,
+    run_prediction,
+)
 from data_prep.config import ConfigError, PrepConfig, load_config
 from data_prep.dataset import PreparedDataset
 from data_prep.importers import import_ravdess

@@ -4,7 +4,6 @@ by a real gloo process group (as Ray Train's workers are), real faiss and real a
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import socket
 import time
@@ -15,7 +14,7 @@ import pytest
 import ray
 import torch
 
-from cluster_train.clustering import (
+from cluster_train.clustering.kmeans import (
     ClusteringConfig,
     assign,
     fit_clusters,
@@ -26,8 +25,9 @@ from cluster_train.clustering import (
     preprocessor_from_moments,
     split_empty_centroids,
 )
-from cluster_train.kmeans_service import UNKNOWN_LABEL, get_or_create_service
-from cluster_train.pseudo_labels import Collective, LabelTable, _split_by_key, uniform_over_clusters
+from cluster_train.clustering.labelers import LabelTable, _split_by_key, uniform_over_clusters
+from cluster_train.clustering.service import UNKNOWN_LABEL, get_or_create_service
+from cluster_train.distributed import Collective
 from cluster_train.seeding import derive
 from data_prep.config import ConfigError
 
@@ -177,8 +177,9 @@ class Rank:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
     def label(self, config, service, epoch, keys, x, stall_s: float = 0.0, lose_first_answer: bool = False):
-        from cluster_train.kmeans_service import IncarnationChanged
-        from cluster_train.pseudo_labels import Collective, SampleLabeler, build_labeler
+        from cluster_train.clustering.labelers import SampleLabeler, build_labeler
+        from cluster_train.clustering.service import IncarnationChanged
+        from cluster_train.distributed import Collective
 
         collective = Collective()
         if lose_first_answer:  # the actor's answer is lost on this rank only, on its first attempt

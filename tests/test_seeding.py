@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from cluster_train.clustering import ClusteringConfig, run_kmeans
-from cluster_train.data import InMemoryRows
+from cluster_train.clustering.kmeans import ClusteringConfig, run_kmeans
+from cluster_train.data.batches import InMemoryRows
 from cluster_train.seeding import STREAMS, derive
 
 SEEDS, EPOCHS = range(5), range(12)

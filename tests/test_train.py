@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import prepare_train_sample
 from mlflow import MlflowClient
 
-from cluster_train.checkpoint import load_bundle, resolve_bundle
-from cluster_train.config import load_train_config
-from cluster_train.evaluation import evaluate_split, predict_split, score
-from cluster_train.launch import run_training
-from cluster_train.trainer import TrainState
-from conftest import prepare_train_sample
+from cluster_train.serve.bundle import load_bundle, resolve_bundle
+from cluster_train.serve.evaluate import evaluate_split, predict_split, score
+from cluster_train.train.config import load_train_config
+from cluster_train.train.launch import run_training
+from cluster_train.train.loop import TrainState
 from data_prep.config import ConfigError
 from data_prep.dataset import PreparedDataset
 
@@ -291,8 +291,8 @@ def test_killed_kmeans_actor_and_killed_ddp_worker_both_recover(prepared, tmp_pa
 def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepared):
     """The in-memory shard cache: every row once, id order, a seed's permutation, drop_last; and
     small data handed to Ray Data from the driver (`build_datasets(in_memory=True)`)."""
-    from cluster_train.config import DataConfig
-    from cluster_train.data import ROW_COLUMNS, InMemoryRows, ShardCache, build_datasets, kept_label_ids
+    from cluster_train.data.batches import ROW_COLUMNS, InMemoryRows, ShardCache, build_datasets, kept_label_ids
+    from cluster_train.data.config import DataConfig
 
     dataset = PreparedDataset(str(prepared / "prepared"))
     rows = InMemoryRows.read(dataset.ray_dataset(["train"], ROW_COLUMNS).iterator())
@@ -324,9 +324,9 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
 
 def test_label_statistics_use_only_the_labels_the_run_keeps(prepared):
     """With `data.label_fraction` < 1 the z-scoring of labels sees the kept labels only."""
-    from cluster_train.data import kept_label_ids
-    from cluster_train.labels import LabelScaler, label_matrix
-    from cluster_train.launch import fit_label_scaler
+    from cluster_train.data.batches import kept_label_ids
+    from cluster_train.data.labels import LabelScaler, label_matrix
+    from cluster_train.train.launch import fit_label_scaler
 
     dataset = PreparedDataset(str(prepared / "prepared"))
     config = _small_run(prepared, prepared / "runs", "labels", "data.label_fraction=0.5")
@@ -344,8 +344,8 @@ def test_label_statistics_use_only_the_labels_the_run_keeps(prepared):
 def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
     """2 workers x 0.75 CPU on 2 CPUs: Ray Data's reads never started and the run hung (seen with
     bench/train_bench.py); x 0.5 runs (the K-means-actor kill test above)."""
-    from cluster_train.config import ScalingConfig
-    from cluster_train.launch import warn_if_reads_starve
+    from cluster_train.train.config import ScalingConfig
+    from cluster_train.train.launch import warn_if_reads_starve
 
     with pytest.warns(RuntimeWarning, match="2 training worker.* take 1.5 of this Ray cluster's 2 CPUs"):
         warn_if_reads_starve(ScalingConfig(num_workers=2, cpus_per_worker=0.75))
@@ -360,7 +360,7 @@ def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resum
     """The paper's baselines in the same loop, as a sweep: 2 trials at once, MLflow, the table. The
     CNN-regressor has no stage 1; the CNN-VAE's stage 1 is the CNN-AE's reconstruction plus the KL.
     Dataset, checkpoints, best models and the table are all addressed by file:// URIs, as buckets are."""
-    from cluster_train.sweep import load_sweep_config, plan_trials, run_sweep
+    from cluster_train.experiments.sweep import load_sweep_config, plan_trials, run_sweep
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep_file = tmp_path / "sweep.yaml"

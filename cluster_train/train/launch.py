@@ -11,9 +11,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster_train.config import ScalingConfig, TrainConfig
 from cluster_train.console import quiet_process, ray_env, ray_train_log_level
-from cluster_train.labels import LabelScaler
+from cluster_train.data.labels import LabelScaler
+from cluster_train.train.config import ScalingConfig, TrainConfig
 from data_prep.config import to_flat_dict
 from data_prep.dataset import PreparedDataset
 from data_prep.manifest import ATTRIBUTES
@@ -68,7 +68,7 @@ def fit_label_scaler(dataset: PreparedDataset, config: TrainConfig) -> LabelScal
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from cluster_train.data import kept_label_ids
+    from cluster_train.data.batches import kept_label_ids
 
     table = dataset.read_table(config.data.labeled_splits, ["id", *ATTRIBUTES])
     kept = pa.array(kept_label_ids(dataset, config.data, config.seed), table["id"].type)
@@ -93,9 +93,9 @@ def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cluster_train.data import SPLIT_DATASETS, build_datasets, cache_shards
-    from cluster_train.kmeans_service import get_or_create_service
-    from cluster_train.trainer import BEST_DIR, train_func
+    from cluster_train.clustering.service import get_or_create_service
+    from cluster_train.data.batches import SPLIT_DATASETS, build_datasets, cache_shards
+    from cluster_train.train.loop import BEST_DIR, train_func
 
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", runtime_env={"env_vars": ray_env(verbose)})
@@ -169,11 +169,11 @@ def copy_folder(source: str, destination: str) -> None:
 
 def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,
                run_id: str | None) -> dict[str, dict[str, float]]:
-    """Score the best model on development and test (`evaluation.py`: a second path beside the
+    """Score the best model on development and test (`serve/evaluate.py`: a second path beside the
     training loop's validation); log the scores (`dev/final_ccc_*`, `<test split>/ccc_*`) and the
     model to the run."""
-    from cluster_train.checkpoint import load_bundle, log_bundle
-    from cluster_train.evaluation import evaluate_split
+    from cluster_train.serve.bundle import load_bundle, log_bundle
+    from cluster_train.serve.evaluate import evaluate_split
     from cluster_train.tracking import RunTracker
 
     bundle = load_bundle(bundle_dir)

@@ -1,13 +1,13 @@
 """The epoch loop that runs on every Ray Train worker (`train_func`).
 
-Each epoch, as the paper: embed every training chunk -> K-means (`pseudo_labels.py`, 3 modes) ->
+Each epoch, as the paper: embed every training chunk -> K-means (`clustering/labelers.py`, 3 modes) ->
 pseudo-labels -> stage 1 on unlabeled rows (encoder + cluster head) -> stage 2 on labelled rows
 (all heads) -> development loss -> checkpoint through `ray.train.report`. The paper's baselines run
 in the same loop: the CNN-regressor skips stage 1, the CNN-AE / CNN-VAE train stage 1 on
 reconstruction (+ KL) instead of pseudo-labels.
 
 Before anything runs in eval mode (the embedding pass, validation, hence every saved model) the
-BatchNorm statistics are recomputed for the current weights (`precise_bn.py`), the same on every
+BatchNorm statistics are recomputed for the current weights (`train/precise_bn.py`), the same on every
 rank. Every random stream derives from `config.seed` (`seeding.py`). Metrics carry the prefixes the
 MLflow UI groups into sections: `train/`, `dev/`, `cluster/`, `time/`.
 """
@@ -27,18 +27,19 @@ import ray.train
 import ray.train.torch
 import torch
 
-from cluster_train.checkpoint import load_bundle, save_bundle
-from cluster_train.config import OptimizerConfig, TrainConfig
+from cluster_train.clustering.diagnostics import ClusterDiagnostics
+from cluster_train.clustering.labelers import LabelTable, build_labeler, uniform_over_clusters
 from cluster_train.console import epoch_line, print_line, quiet_process
-from cluster_train.data import Batch, ChunkBatches, InMemoryRows, ShardCache
-from cluster_train.diagnostics import ClusterDiagnostics
-from cluster_train.labels import LabelScaler
-from cluster_train.losses import ccc, ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
-from cluster_train.models import build_model
-from cluster_train.precise_bn import recompute_batchnorm
-from cluster_train.pseudo_labels import Collective, LabelTable, build_labeler, uniform_over_clusters
+from cluster_train.data.batches import Batch, ChunkBatches, InMemoryRows, ShardCache
+from cluster_train.data.labels import LabelScaler
+from cluster_train.distributed import Collective
+from cluster_train.model.kinds import build_model
+from cluster_train.model.losses import ccc, ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
 from cluster_train.seeding import derive
+from cluster_train.serve.bundle import load_bundle, save_bundle
 from cluster_train.tracking import RunTracker
+from cluster_train.train.config import OptimizerConfig, TrainConfig
+from cluster_train.train.precise_bn import recompute_batchnorm
 from data_prep.config import to_yaml
 from data_prep.dataset import PreparedDataset
 
@@ -178,7 +179,7 @@ class Trainer:
         return metrics
 
     def _refresh_batchnorm(self, timings: dict) -> None:
-        """BatchNorm statistics for the current weights (`precise_bn.py`), unless already current;
+        """BatchNorm statistics for the current weights (`train/precise_bn.py`), unless already current;
         rank r takes batches r, r + W, ... of the fixed utterances and the sums are all-reduced."""
         if self.bn_rows is None or self.bn_current:
             return

@@ -1,11 +1,8 @@
-"""The DeepEmoCluster network (paper Table 1): a conv encoder, a cluster head and a regressor.
+"""The blocks every model kind is built from (paper Table 1): the conv encoder, the cluster head,
+the regressor, and the model configuration they share.
 
 Input: chunks of a z-normalised mel spectrogram, (B, frames, mels) or (B, 1, frames, mels);
-(B, 62, 128) with the defaults. The baselines (CNN-regressor, CNN-AE, CNN-VAE) are in
-`baselines.py`; `build_model` builds any of them by name.
-
-Every model's `param_groups()` gives each parameter to exactly one named group, so the trainer can
-give each group its own optimizer (the original code gave SGD and Adam the same parameters).
+(B, 62, 128) with the defaults.
 """
 
 from __future__ import annotations
@@ -16,9 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from data_prep.config import require, require_choice
-
-MODEL_KINDS = ("deepemocluster", "cnn_regressor", "cnn_ae", "cnn_vae")
+from data_prep.config import require
 
 
 @dataclass(kw_only=True)
@@ -145,58 +140,3 @@ class Regressor(nn.Sequential):
         super().__init__(
             nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, num_attributes)
         )
-
-
-class DeepEmoCluster(nn.Module):
-    """Encoder + cluster head (pseudo-labels) + regressor (attributes), trained jointly."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.encoder = Encoder(config)
-        self.cluster_head = ClusterHead(config.feature_dim, config.num_clusters)
-        self.regressor = Regressor(config.feature_dim, len(config.attributes))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """features: pre-ReLU embedding (B, feature_dim); cluster_logits (B, K); prediction (B, A)."""
-        features = self.encoder.embed(x)
-        hidden = self.encoder.activate(features)
-        return {
-            "features": features,
-            "cluster_logits": self.cluster_head(hidden),
-            "prediction": self.regressor(hidden),
-        }
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The feature K-means clusters; call in eval mode (BatchNorm running statistics)."""
-        return self.encoder.embed(x)
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """SGD: encoder_and_cluster; its own SGD: cluster_top (re-created); Adam: regressor."""
-        return {
-            "encoder_and_cluster": [
-                *self.encoder.parameters(),
-                *self.cluster_head.body.parameters(),
-            ],
-            "cluster_top": list(self.cluster_head.top.parameters()),
-            "regressor": list(self.regressor.parameters()),
-        }
-
-
-def build_model(kind: str, config: ModelConfig) -> nn.Module:
-    """One of MODEL_KINDS: the proposed model or a paper baseline."""
-    from cluster_train import baselines  # baselines build on the blocks above
-
-    require_choice(kind, "kind", MODEL_KINDS)
-    builders = {
-        "deepemocluster": DeepEmoCluster,
-        "cnn_regressor": baselines.CNNRegressor,
-        "cnn_ae": baselines.CNNAutoencoder,
-        "cnn_vae": baselines.CNNVAE,
-    }
-    return builders[kind](config)
-
-
-if __name__ == "__main__":  # python -m cluster_train.models: parameter counts with the defaults
-    for name in MODEL_KINDS:
-        print(f"{name:>15}: {count_parameters(build_model(name, ModelConfig())):,} parameters")

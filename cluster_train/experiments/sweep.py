@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 from omegaconf import MISSING
 
-from cluster_train.config import TrainConfig, load_train_config
-from cluster_train.launch import pin_local_paths, warn_if_reads_starve
+from cluster_train.train.config import TrainConfig, load_train_config
+from cluster_train.train.launch import pin_local_paths, warn_if_reads_starve
 from data_prep.config import ConfigError, load_config, require, to_flat_dict
 from data_prep.storage import OutputFolder
 
@@ -126,7 +126,7 @@ def _trained(config: TrainConfig) -> dict | None:
 
 
 def _train(config: TrainConfig) -> dict:
-    from cluster_train.launch import run_training
+    from cluster_train.train.launch import run_training
 
     result = run_training(config)
     run = {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
@@ -142,8 +142,8 @@ def _train(config: TrainConfig) -> dict:
 def run_sweep(config: SweepConfig) -> SweepResult:
     import ray
 
-    from cluster_train.checkpoint import load_bundle
-    from cluster_train.evaluation import compare_models, predict_split
+    from cluster_train.serve.bundle import load_bundle
+    from cluster_train.serve.evaluate import compare_models, predict_split
     from data_prep.dataset import PreparedDataset
 
     trials = [dataclasses.replace(t, config=pin_local_paths(t.config)) for t in plan_trials(config)]

@@ -37,9 +37,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from cluster_train.checkpoint import (Bundle, BundleError, bundle_from_bytes, bundle_to_bytes, is_mlflow_uri,
-                                      resolve_bundle)
-from cluster_train.evaluation import predict_table
+from cluster_train.serve.bundle import (
+    Bundle,
+    BundleError,
+    bundle_from_bytes,
+    bundle_to_bytes,
+    is_mlflow_uri,
+    resolve_bundle,
+)
+from cluster_train.serve.evaluate import predict_table
 from data_prep.config import require, require_choice
 from data_prep.importers import SourceSpec, build_manifest
 from data_prep.manifest import Utterance

@@ -6,7 +6,7 @@ The driver builds four datasets from one prepared dataset (`build_datasets`):
     cluster      what K-means embeds every epoch: labeled + unlabeled rows, sharded
     development  early stopping; every worker reads all of it
     precise_bn   a fixed sample of training utterances the BatchNorm statistics are recomputed on
-                 (`precise_bn.py`); every worker reads all of it and keeps it in memory
+                 (`train/precise_bn.py`); every worker reads all of it and keeps it in memory
 Workers turn rows into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`. On data
 small enough (`DataConfig.cache_max_mb`) the driver reads the rows itself and hands Ray Data tables,
 and workers read each shard once and keep it (`ShardCache`); larger data streams from the shards.
@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from cluster_train.config import DataConfig
-from cluster_train.labels import LabelScaler
+from cluster_train.data.config import DataConfig
+from cluster_train.data.labels import LabelScaler
 from cluster_train.seeding import derive
 from data_prep.dataset import PreparedDataset
 from data_prep.manifest import ATTRIBUTES

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cluster_train.clustering import nmi, purity
-from cluster_train.data import as_float, utterance_key
-from cluster_train.pseudo_labels import LabelTable
+from cluster_train.clustering.kmeans import nmi, purity
+from cluster_train.clustering.labelers import LabelTable
+from cluster_train.data.batches import as_float, utterance_key
 
 MIN_CHUNKS_FOR_MEAN = 1  # a cluster needs this many labelled chunks to rank by mean arousal
 

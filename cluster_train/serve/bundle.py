@@ -38,8 +38,9 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from cluster_train.labels import LabelScaler
-from cluster_train.models import ModelConfig, build_model
+from cluster_train.data.labels import LabelScaler
+from cluster_train.model.blocks import ModelConfig
+from cluster_train.model.kinds import build_model
 from data_prep.shards import CHUNK_SETTINGS, ChunkRecipe
 from data_prep.stats import Normalizer
 from data_prep.storage import read_bytes

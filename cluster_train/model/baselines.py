@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from cluster_train.models import Encoder, ModelConfig, Regressor, conv_sizes
+from cluster_train.model.blocks import Encoder, ModelConfig, Regressor, conv_sizes
 
 
 class Decoder(nn.Module):

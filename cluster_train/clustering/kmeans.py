@@ -1,7 +1,7 @@
 """K-means pseudo-labels: preprocessing, faiss K-means, empty-cluster repair and diagnostics.
 
-Pure functions, no Ray: the K-means service (`kmeans_service.py`) and the distributed modes
-(`pseudo_labels.py`) call them. Everything is float32 on the way in and out; statistics are
+Pure functions, no Ray: the K-means service (`clustering/service.py`) and the distributed modes
+(`clustering/labelers.py`) call them. Everything is float32 on the way in and out; statistics are
 float64 inside. `assign` and `lloyd_step` work block by block (torch, on a GPU when given one), so
 the preprocessed copy of N vectors never exists unless a caller asks for it.
 """

@@ -17,9 +17,9 @@ import pyarrow.dataset as pads
 import torch
 from torch import nn
 
-from cluster_train.checkpoint import Bundle
-from cluster_train.labels import LabelScaler, label_matrix
-from cluster_train.losses import ccc, sentence_mean
+from cluster_train.data.labels import LabelScaler, label_matrix
+from cluster_train.model.losses import ccc, sentence_mean
+from cluster_train.serve.bundle import Bundle
 from data_prep.dataset import PreparedDataset
 from data_prep.manifest import ATTRIBUTES
 from data_prep.stats import Normalizer

@@ -1,6 +1,6 @@
 """The per-epoch K-means service: one Ray actor that clusters for all training ranks.
 
-Two of the modes of `pseudo_labels.py` use it: "gather" (below) and "sample", where each rank
+Two of the modes of `clustering/labelers.py` use it: "gather" (below) and "sample", where each rank
 sends only a bounded sample (`submit_sample`) and gets back the preprocessor and centroids
 (`wait_fit`); the actor then holds nothing that grows with the number of chunks.
 
@@ -27,7 +27,7 @@ split among the ranks.
 Restarts: created with `max_restarts`, a killed actor comes back empty with a new `incarnation`.
 Every call takes the incarnation the caller started its attempt with and fails at once with
 `IncarnationChanged` on a newer one, so no rank waits in a round the others will never join;
-`pseudo_labels.py` then retries the whole clustering on every rank.
+`clustering/labelers.py` then retries the whole clustering on every rank.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from cluster_train.clustering import ClusteringConfig, KMeansResult, Preprocessor, fit_clusters
+from cluster_train.clustering.kmeans import ClusteringConfig, KMeansResult, Preprocessor, fit_clusters
 from cluster_train.seeding import derive
 
 UNKNOWN_LABEL = -100  # a key not clustered this epoch (cross-entropy's default ignore_index)

@@ -1,0 +1,37 @@
+"""What training reads from a prepared dataset: splits, label fraction, batch size, caching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from data_prep.config import require
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = MISSING  # a prepared dataset (python -m data_prep): local folder or URI
+    labeled_splits: list[str] = field(default_factory=lambda: ["train"])
+    unlabeled_splits: list[str] = field(default_factory=lambda: ["unlabeled"])
+    # Labelled training utterances also join the clustering and stage 1 (the paper clusters all
+    # training chunks).
+    labeled_as_unlabeled: bool = True
+    development_split: str = "development"
+    test_splits: list[str] = field(default_factory=lambda: ["test"])
+    # Keep the labels of this fraction of labelled utterances (a fixed choice per seed); the rest
+    # train as unlabeled audio: the scarce-label setting the method is for.
+    label_fraction: float = 1.0
+    batch_size: int = 64  # sentences per step (each C chunks)
+    # When the prepared dataset's chunks take at most this many MB (all splits), the driver reads
+    # them and hands Ray Data tables (no file listing per dataset), and workers keep their rows in
+    # memory after the first read (a worker then holds up to ~3x its share plus the development
+    # split): later passes skip Ray Data's per-pass start-up, several seconds each, which dominates
+    # an epoch on small data. 0: stream from the shards every pass (what MSP-Podcast scale needs).
+    cache_max_mb: float = 512
+
+    def __post_init__(self) -> None:
+        require(0 < self.label_fraction <= 1, "data.label_fraction", "must be in (0, 1]")
+        require(self.cache_max_mb >= 0, "data.cache_max_mb", "must be >= 0")
+        require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        require(len(self.labeled_splits) > 0, "data.labeled_splits", "name at least one split")
