@@ -113,7 +113,7 @@ def ddp_steps(device: str, steps: int, batch: int = 256) -> dict:
     model = build_model("deepemocluster", config).to(device, memory_format=torch.channels_last)  # as the trainer
     groups = model.param_groups()
     wrapped = DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None, find_unused_parameters=True)
-    sgd = torch.optim.SGD(groups["encoder_and_cluster"] + groups["cluster_top"], lr=1e-3, momentum=0.9)
+    sgd = torch.optim.SGD(groups["encoder"] + groups["cluster_top"], lr=1e-3, momentum=0.9)
     adam = torch.optim.Adam(groups["regressor"], lr=5e-4)
     generator = torch.Generator().manual_seed(1)
     chunks = torch.randn(batch, config.chunk_frames, config.n_mels, generator=generator).to(device)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -32,7 +32,7 @@ def require_choice(value: object, key: str, choices: Sequence[object]) -> None:
 
 
 def load_config(
-    schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+    schema: type[T], path: str | Path | DictConfig | None = None, overrides: Sequence[str] = (),
     base_files: Sequence[str | Path] = (),
 ) -> T:  # fmt: skip
     """Merge `schema` defaults <- `base_files` (e.g. a recipe) <- YAML file <- dotted overrides and
@@ -45,7 +45,7 @@ def load_config(
             layers.append(OmegaConf.load(base))
         if path is not None:
             where = str(path)
-            layers.append(OmegaConf.load(path))
+            layers.append(path if isinstance(path, DictConfig) else OmegaConf.load(path))
         if overrides:
             where = "command-line overrides"
             bad = [o for o in overrides if "=" not in o]

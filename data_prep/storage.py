@@ -31,6 +31,21 @@ def read_bytes(location: str) -> bytes:
         return handle.read()
 
 
+def copy_folder(source: str, destination: str) -> None:
+    """Copy a local folder to a local path or a URI (s3://, gs://, file://), replacing what is there."""
+    filesystem, path = open_filesystem(destination)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
+    filesystem.create_dir(path, recursive=True)
+    pafs.copy_files(source, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+
+
+def download_folder(source: str, destination: str) -> None:
+    """Copy a folder at a local path or a URI into the local folder `destination`."""
+    filesystem, path = open_filesystem(source)
+    pafs.copy_files(path, destination, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+
+
 @dataclass
 class OutputFolder:
     """The root of one prepared dataset."""

@@ -76,7 +76,7 @@ def test_prep_then_train_submitted_to_a_cluster_track_to_an_mlflow_server(cluste
 
     with mlflow_server(tmp_path / "mlflow") as uri:
         train = submit(cluster, "python", "jobs/train.py", "--config", "configs/train/ravdess_sample.yaml",
-                       f"data.dataset={prepared}", "data.batch_size=4", "epochs=1", "model.num_clusters=4",
+                       f"data.dataset={prepared}", "data.batch_size=4", "epochs=1",
                        "clustering.num_clusters=4", "scaling.cpus_per_worker=0.5", f"storage_path={tmp_path / 'runs'}",
                        f"tracking.tracking_uri={uri}", "name=submitted")
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]

@@ -101,7 +101,7 @@ def test_adam_on_the_regressor_trains_it() -> None:
     chunks, target = torch.randn(8, 62, 128), torch.randn(8, 3)
     pseudo = torch.randint(0, 10, (8,))
     optimizer = torch.optim.Adam(model.param_groups()["regressor"], lr=5e-3)
-    encoder_before = [p.detach().clone() for p in model.param_groups()["encoder_and_cluster"]]
+    encoder_before = [p.detach().clone() for p in model.param_groups()["encoder"]]
     regressor_before = [p.detach().clone() for p in model.regressor.parameters()]
 
     def loss() -> torch.Tensor:
@@ -118,7 +118,7 @@ def test_adam_on_the_regressor_trains_it() -> None:
         optimizer.step()
     assert loss().item() < first.item() - 1.0  # about 5.3 -> 2.5
     assert all(not torch.equal(a, b) for a, b in zip(regressor_before, model.regressor.parameters()))
-    encoder_after = model.param_groups()["encoder_and_cluster"]
+    encoder_after = model.param_groups()["encoder"]
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, encoder_after))
 
 

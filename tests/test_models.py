@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from cluster_train.model.baselines import Decoder
 from cluster_train.model.blocks import ClusterHead, Encoder, ModelConfig, conv_sizes, count_parameters
-from cluster_train.model.kinds import MODEL_KINDS, build_model
+from cluster_train.model.kinds import MODEL_KINDS, LossWeights, Stage, build_model, get_kind
 from data_prep.config import ConfigError, load_config
 
 B = 3
@@ -51,7 +53,7 @@ def test_param_groups_are_disjoint_and_cover_every_parameter(kind: str) -> None:
 def test_deepemocluster_groups_keep_top_layer_apart() -> None:
     model = build_model("deepemocluster", ModelConfig())
     groups = model.param_groups()
-    assert set(groups) == {"encoder_and_cluster", "cluster_top", "regressor"}
+    assert set(groups) == {"encoder", "cluster_top", "regressor"}
     assert {id(p) for p in groups["cluster_top"]} == {id(p) for p in model.cluster_head.top.parameters()}
     model.cluster_head.reset_top(7)  # still disjoint and complete after a new K
     grouped = [id(p) for params in model.param_groups().values() for p in params]
@@ -129,3 +131,45 @@ def test_config_validation_and_loading() -> None:
         ModelConfig(dropout=1.0)
     config = load_config(ModelConfig, overrides=["attributes=[valence]", "num_clusters=20"])
     assert config.attributes == ("valence",) and config.num_clusters == 20
+
+
+@pytest.mark.parametrize("name", MODEL_KINDS)
+def test_a_kind_steps_every_parameter_group_of_its_network_in_its_stages(name: str) -> None:
+    kind = get_kind(name)
+    groups = set(kind.build(ModelConfig()).param_groups())
+    assert {group for stage in kind.stages for group in stage.groups} == groups
+    assert [stage.number for stage in kind.stages] == ([2] if name == "cnn_regressor" else [1, 2])
+    assert kind.clusters == (name == "deepemocluster")
+
+
+def test_each_kind_computes_its_own_losses(chunks: torch.Tensor) -> None:
+    """DeepEmoCluster: CE in stage 1, (1 - CCC) + lambda CE in stage 2; CNN-AE: reconstruction (+ CCC);
+    CNN-VAE: the AE's + the weighted KL. Checked against the loss functions called directly."""
+    from cluster_train.model.losses import ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
+
+    torch.manual_seed(0)
+    targets, labels = torch.randn(1, 3), torch.tensor([0, 1, 2])
+    weights = LossWeights(cluster=0.5, reconstruction=2.0, kl=3.0)
+    stage1, stage2 = Stage(1, "unlabeled", ()), Stage(2, "labeled", ())
+    for name in MODEL_KINDS:
+        kind = get_kind(name, weights)
+        outputs = kind.build(ModelConfig()).eval()(chunks)
+        regression = ccc_loss(sentence_mean(outputs["prediction"], 3), targets)
+        if name == "deepemocluster":
+            cross_entropy = cluster_ce(outputs["cluster_logits"], labels)
+            expected = (cross_entropy, regression + 0.5 * cross_entropy)
+        elif name == "cnn_regressor":
+            expected = (None, regression)
+        else:
+            reconstruction = 2.0 * reconstruction_loss(outputs["reconstruction"], chunks)
+            kl = 3.0 * vae_kl(outputs["mu"], outputs["logvar"], elements=chunks[0].numel()) if name == "cnn_vae" else 0
+            expected = (reconstruction + kl, reconstruction + regression + kl)
+        for stage, value in zip((stage1, stage2), expected):
+            if value is not None:
+                got = kind.loss(stage, outputs, chunks, targets, 3, labels)
+                assert torch.allclose(got, value), (name, stage.number)
+
+
+def test_the_training_loop_never_asks_which_kind_it_runs() -> None:
+    loop = (Path(__file__).resolve().parents[1] / "cluster_train/train/loop.py").read_text()
+    assert not [name for name in MODEL_KINDS if f'"{name}"' in loop or f"'{name}'" in loop]

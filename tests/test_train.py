@@ -5,6 +5,7 @@ worker and a killed K-means actor each happen in their own run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,9 +28,9 @@ from mlflow import MlflowClient
 
 from cluster_train.serve.bundle import load_bundle, resolve_bundle
 from cluster_train.serve.evaluate import evaluate_split, predict_split, score
+from cluster_train.train.checkpointer import TrainState
 from cluster_train.train.config import load_train_config
 from cluster_train.train.launch import run_training
-from cluster_train.train.loop import TrainState
 from data_prep.config import ConfigError
 from data_prep.dataset import PreparedDataset
 
@@ -54,7 +55,7 @@ def _small_run(prepared: Path, runs: Path, name: str, *overrides: str):
     """The small DeepEmoCluster run of these tests: 24 utterances, batch 4, K = 4, 2 epochs unless overridden."""
     return load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
         f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", "epochs=2", "patience=2",
-        f"storage_path={runs}", f"name={name}", "model.num_clusters=4", "clustering.num_clusters=4",
+        f"storage_path={runs}", f"name={name}", "clustering.num_clusters=4",
         "scaling.max_failures=1", *overrides])
 
 
@@ -159,7 +160,7 @@ def test_a_run_that_fails_ends_failed_in_mlflow_with_its_error(prepared, tmp_pat
     marked FAILED (not left RUNNING) with the error, and the caller gets it."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = _small_run(prepared, tmp_path / "runs", "failing", f"tracking.tracking_uri={store}",
-                        "model.num_clusters=100", "clustering.num_clusters=100", "scaling.max_failures=0")
+                        "clustering.num_clusters=100", "scaling.max_failures=0")
     with pytest.raises(Exception, match="K-means needs an"):
         run_training(config)
     client = MlflowClient(store)
@@ -367,7 +368,7 @@ def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resum
     sweep_file.write_text(f"""
 name: baselines
 train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
-overrides: [data.dataset={(prepared / 'prepared').as_uri()}, data.batch_size=4, epochs=1, model.num_clusters=4,
+overrides: [data.dataset={(prepared / 'prepared').as_uri()}, data.batch_size=4, epochs=1,
             clustering.num_clusters=4, scaling.cpus_per_worker=0.5, storage_path={(tmp_path / 'runs').as_uri()},
             tracking.tracking_uri={store}]
 grid:
@@ -435,3 +436,44 @@ def test_logged_model_outlives_the_ray_session(prepared, tracked_run):
     expected = result.scores["development"]
     assert [float(v) for v in row[2:]] == pytest.approx([expected[a] for a in ("arousal", "dominance", "valence")],
                                                         abs=1e-4)
+
+
+def test_the_same_loop_runs_in_one_process_without_ray_and_resumes_there(prepared, tracked_run, tmp_path):
+    """`scaling.num_workers=0`: the Ray run's loop in this process, rows in memory, the K-means
+    actor's computation called directly. Stopped after epoch 1 and started again, it resumes from its
+    own checkpoint and ends where the uninterrupted one-worker Ray run ended."""
+    uninterrupted, _ = tracked_run
+    runs = tmp_path / "runs"
+    local = ["scaling.num_workers=0", "tracking.enabled=false"]
+    first = run_training(_small_run(prepared, runs, "local", *local, "epochs=1"))
+    assert first.epochs_run == 1
+    assert [p.name for p in (runs / "local").glob("checkpoint_*")] == ["checkpoint_000000"]
+    resumed = run_training(_small_run(prepared, runs, "local", *local))
+    assert resumed.epochs_run == 2
+    assert sorted(p.name for p in (runs / "local").glob("checkpoint_*")) == ["checkpoint_000000", "checkpoint_000001"]
+    for split, scores in uninterrupted.scores.items():
+        for attribute, value in scores.items():
+            assert resumed.scores[split][attribute] == pytest.approx(value, abs=1e-5), (split, attribute)
+
+
+def test_bf16_autocast_trains_as_fp32_does_within_seed_variation(prepared, tmp_path):
+    """`precision=bf16` (auto picks it on CUDA and CPUs with AMX): the loss falls and development CCC
+    differs from fp32's by no more than another seed's fp32 run does (a small model, in one process)."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    small = ["model_kind=cnn_regressor", "model.channels=[8,16,16]", "model.strides=[2,2,2]", "model.feature_dim=32",
+             "scaling.num_workers=0", "data.batch_size=2", "epochs=4", "patience=4", f"tracking.tracking_uri={store}"]
+    config = load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
+        f"data.dataset={prepared / 'prepared'}", f"storage_path={tmp_path / 'runs'}", *small])
+    runs = {(precision, seed): run_training(dataclasses.replace(config, precision=precision, seed=seed,
+                                                                name=f"{precision}-{seed}"))
+            for precision, seed in (("fp32", 0), ("fp32", 1), ("bf16", 0))}
+    client = MlflowClient(store)
+    for (precision, _), result in runs.items():
+        run = client.get_run(result.mlflow_run_id)
+        assert run.data.metrics["precision/bf16"] == float(precision == "bf16")
+    losses = [m.value for m in client.get_metric_history(runs["bf16", 0].mlflow_run_id, "train/stage2_loss")]
+    assert losses[-1] < losses[0], losses
+    dev = {key: np.array(list(result.scores["development"].values())) for key, result in runs.items()}
+    assert not np.array_equal(dev["bf16", 0], dev["fp32", 0])  # autocast did change the arithmetic
+    seed_spread = np.abs(dev["fp32", 1] - dev["fp32", 0]).max()
+    assert np.abs(dev["bf16", 0] - dev["fp32", 0]).max() <= max(2 * seed_spread, 0.05), dev

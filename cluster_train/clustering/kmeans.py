@@ -56,7 +56,16 @@ class ClusteringConfig:
     # faiss trains on at most 256 points per centroid by default and silently drops the rest
     # (K = 10: 2,560 points). None trains on every point; an int restores faiss's subsampling.
     max_points_per_centroid: int | None = None
-    use_gpu: bool | str = "auto"  # "auto": GPU when faiss sees one; False: always CPU
+    # Where the K-means actor ("gather", "sample") runs, decided from the config, never from the GPUs
+    # the cluster has when the run starts (an autoscaling cluster's GPU nodes may be scaled to 0):
+    #   auto   follow the training: GPU K-means exactly when scaling.use_gpu is true (the training
+    #          workers' GPUs are what makes the autoscaler launch GPU nodes); the CPU demo stays on CPU
+    #   true   the actor asks Ray for one GPU (an autoscaler launches a GPU node for it, a whole node
+    #          where a GPU node has one GPU) and faiss runs there
+    #   false  a CPU actor, CPU faiss
+    # `service.actor_options` decides; the actor gets the decision as true/false. Called directly,
+    # `run_kmeans` reads "auto" as "on a GPU when faiss sees one".
+    use_gpu: bool | str = "auto"
     threads: int | None = None  # faiss OpenMP threads; None: the CPUs this process may use
     mode: str = "gather"  # one of MODES
     # sample / allreduce: the points (all ranks together) PCA-whitening is fitted on, and in
@@ -76,7 +85,7 @@ class ClusteringConfig:
         require(self.eigen_floor > 0, "eigen_floor", "must be > 0")
         mppc = self.max_points_per_centroid
         require(mppc is None or mppc >= 1, "max_points_per_centroid", "must be >= 1 or null")
-        require_choice(self.use_gpu, "use_gpu", (True, False, "auto"))
+        require_choice(self.use_gpu, "clustering.use_gpu", (True, False, "auto"))
         require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
         require_choice(self.mode, "clustering.mode", MODES)
         require(self.sample_size >= self.num_clusters, "clustering.sample_size", "must be >= num_clusters")

@@ -51,7 +51,7 @@ from cluster_train.clustering.kmeans import (
     resident,
     split_empty_centroids,
 )
-from cluster_train.clustering.service import UNKNOWN_LABEL, IncarnationChanged
+from cluster_train.clustering.service import UNKNOWN_LABEL, IncarnationChanged, cluster_union, fit_sample, summarize
 from cluster_train.distributed import Collective
 from cluster_train.seeding import derive
 
@@ -154,7 +154,9 @@ def build_labeler(
     if config.mode == "allreduce":
         return AllReduceLabeler(config, collective, device, seed)
     if service is None:
-        raise ValueError(f"clustering.mode={config.mode!r} needs the K-means service actor")
+        if collective.world_size > 1:
+            raise ValueError(f"clustering.mode={config.mode!r} needs the K-means service actor with several ranks")
+        return InProcessLabeler(config, collective, device, seed)
     kind = GatherLabeler if config.mode == "gather" else SampleLabeler
     return kind(config, service, collective, device, seed)
 
@@ -251,6 +253,31 @@ class SampleLabeler(_ActorLabeler):
         summary = {"mode": "sample", "epoch": epoch, "iterations": fit["iterations"],
                    "sample_points": fit["num_points"], "sample_objective": fit["objective"]}
         return lambda: _finish(self.collective, self.config, keys, labels, distances, num_chunks, summary, timings)
+
+
+class InProcessLabeler:
+    """Modes "gather" and "sample" in one process with no actor (`scaling.num_workers=0`): the
+    actor's own computation, called directly, so the labels equal those of a one-worker Ray run."""
+
+    def __init__(self, config: ClusteringConfig, collective: Collective, device, seed: int = 0) -> None:
+        self.config, self.collective, self.device, self.seed = config, collective, device, seed
+
+    def label(self, epoch: int, keys: np.ndarray, features: np.ndarray, num_chunks: int) -> PseudoLabels:
+        started, seed = time.perf_counter(), derive(self.seed, "kmeans", epoch)
+        if self.config.mode == "gather":
+            table_keys, table_labels, _, result = cluster_union([(keys, features)], self.config, seed)
+            table = LabelTable.build(table_keys, table_labels, num_chunks, self.config.num_clusters)
+            summary = summarize(result, epoch, epoch + 1, "gather") | {"mode": "gather"}
+            return PseudoLabels(table, summary, {"clustering": time.perf_counter() - started})
+        sample = _local_sample(features, self.config, self.seed, epoch, 0, 1)
+        _, _, preprocessor, result = fit_sample([(None, sample)], self.config, seed)
+        timings = {"fit": time.perf_counter() - started}
+        started = time.perf_counter()
+        labels, distances = assign(features, result.centroids, preprocessor, self.device)
+        timings["assign"] = time.perf_counter() - started
+        summary = {"mode": "sample", "epoch": epoch, "iterations": result.iterations,
+                   "sample_points": len(result.assignments), "sample_objective": result.objective}
+        return _finish(self.collective, self.config, keys, labels, distances, num_chunks, summary, timings)
 
 
 class AllReduceLabeler:

@@ -179,7 +179,7 @@ class KMeansService:
         try:
             parts = [round_.parts[rank] for rank in range(self._world_size)]
             round_.parts = {}
-            run = _cluster_union if round_.kind == "gather" else _fit_sample
+            run = cluster_union if round_.kind == "gather" else fit_sample
             seed = derive(self._seed, "kmeans", round_.epoch)
             keys, labels, preprocessor, result = await asyncio.to_thread(run, parts, self._config, seed)
             round_.keys, round_.labels, round_.result = keys, labels, result
@@ -218,7 +218,7 @@ class KMeansService:
         return round_
 
 
-def _cluster_union(
+def cluster_union(
     parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray, Preprocessor, KMeansResult]:
     """Cluster the union of the ranks' parts, one point per key, in ascending key order."""
@@ -232,7 +232,7 @@ def _cluster_union(
     return keys, result.assignments, preprocessor, result
 
 
-def _fit_sample(
+def fit_sample(
     parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, seed: int
 ) -> tuple[None, None, Preprocessor, KMeansResult]:
     """"sample" mode: fit the preprocessor and K-means on the ranks' samples, in rank order."""
@@ -245,18 +245,22 @@ def _fit_sample(
 
 
 def _summary(round_: _Round) -> dict:
-    result = round_.result
-    assert result is not None
+    assert round_.result is not None
+    return summarize(round_.result, round_.epoch, round_.version, round_.kind)
+
+
+def summarize(result: KMeansResult, epoch: int, version: int, kind: str) -> dict:
+    """What every rank learns of a clustering besides the labels."""
     return {
-        "epoch": round_.epoch,
-        "version": round_.version,
+        "epoch": epoch,
+        "version": version,
         "num_points": len(result.assignments),
         "objective": result.objective,
         "cluster_sizes": result.cluster_sizes,
         "reseeded": result.reseeded,
         "iterations": result.iterations,
         "seconds": result.seconds,
-        "kind": round_.kind,
+        "kind": kind,
     }
 
 
@@ -273,24 +277,37 @@ def lookup_labels(table_keys: np.ndarray, table_labels: np.ndarray, keys: np.nda
     return np.where(found, table_labels[index], UNKNOWN_LABEL).astype(np.int64)
 
 
+def actor_options(config: ClusteringConfig, training_uses_gpu: bool) -> dict:
+    """The Ray options of the K-means actor, from the config alone: `clustering.use_gpu` true -> one
+    GPU, false -> none, "auto" -> one exactly when the training workers use GPUs
+    (`training_uses_gpu`, the run's `scaling.use_gpu`). Never from what the cluster has now: on an
+    autoscaling cluster the GPU nodes may be scaled to 0, and the actor's own GPU request is what
+    makes the autoscaler launch one. No CPU either way (as the class declares): the clustering's
+    threads come from `clustering.threads`."""
+    gpu = training_uses_gpu if config.use_gpu == "auto" else config.use_gpu is True
+    return {"num_cpus": 0, "num_gpus": 1 if gpu else 0}
+
+
 def get_or_create_service(
     name: str, config: ClusteringConfig, world_size: int, seed: int = 0, namespace: str | None = None,
-    *, detached: bool = False, num_gpus: float | None = None, max_restarts: int | None = None,
+    *, detached: bool = False, training_uses_gpu: bool = False, max_restarts: int | None = None,
 ) -> ray.actor.ActorHandle:  # fmt: skip
     """The named KMeansService, created if missing; workers find it with `ray.get_actor(name)`.
 
     Call it on the driver: a non-detached actor lives as long as the job that created it (a
-    detached one outlives it and must be killed by hand). `num_gpus=None` asks for one GPU when
-    the cluster has any and `config.use_gpu` is not False. An existing actor of that name must
-    have the same config, world size and seed, else ValueError (a stale actor from another run).
-    `seed`: the training run's; epoch e clusters with `seeding.derive(seed, "kmeans", e)`.
+    detached one outlives it and must be killed by hand). Its GPU: `actor_options(config,
+    training_uses_gpu)`; the actor gets `config` with `use_gpu` set to that decision, so faiss runs
+    on the GPU Ray gave it and on no other (Ray leaves CUDA_VISIBLE_DEVICES alone for an actor
+    without GPUs: "auto" inside it would take one it did not ask for). A GPU actor on a cluster that
+    can never have a GPU waits here (Ray reports it infeasible). An existing actor of that name must
+    have the same (decided) config, world size and seed, else ValueError (a stale actor from another
+    run). `seed`: the training run's; epoch e clusters with `seeding.derive(seed, "kmeans", e)`.
     `max_restarts`: None takes `config.actor_restarts`.
     """
-    if num_gpus is None:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        num_gpus = 1 if has_gpu and config.use_gpu is not False else 0
+    options = actor_options(config, training_uses_gpu)
+    config = dataclasses.replace(config, use_gpu=options["num_gpus"] > 0)
     service = KMeansService.options(
-        name=name, namespace=namespace, get_if_exists=True, num_gpus=num_gpus,
+        name=name, namespace=namespace, get_if_exists=True, **options,
         lifetime="detached" if detached else None,
         max_restarts=config.actor_restarts if max_restarts is None else max_restarts,
     ).remote(config, world_size, seed)  # fmt: skip

@@ -76,37 +76,63 @@ def precise_bn_table(dataset: PreparedDataset, splits: list[str], utterances: in
     return table.take(pc.sort_indices(table, [("id", "ascending")]))
 
 
+def _select(rows, dataset: PreparedDataset, config: DataConfig, seed: int) -> dict:
+    """Each dataset's rows (see the module docstring) through `rows(splits, ids, keep)`."""
+    labelled = kept_label_ids(dataset, config, seed)
+    unlabeled_splits = _unlabeled_splits(config)
+    return {
+        "labeled": rows(list(config.labeled_splits), ids=labelled),
+        "unlabeled": (rows(unlabeled_splits) if config.labeled_as_unlabeled
+                      else rows(unlabeled_splits + list(config.labeled_splits), ids=labelled, keep=False)),
+        "cluster": rows(_cluster_splits(config)),
+        "development": rows([config.development_split]),
+    }
+
+
+def _unlabeled_splits(config: DataConfig) -> list[str]:
+    splits = list(config.unlabeled_splits)
+    if config.labeled_as_unlabeled:
+        splits += [s for s in config.labeled_splits if s not in splits]
+    return splits
+
+
+def _cluster_splits(config: DataConfig) -> list[str]:
+    return sorted(set(_unlabeled_splits(config)) | set(config.labeled_splits))
+
+
+def build_tables(dataset: PreparedDataset, config: DataConfig, seed: int, precise_bn_utterances: int = 0
+                 ) -> dict[str, pa.Table]:
+    """The rows of each dataset of a run as Arrow tables, read here: what a run in one process
+    without Ray trains on (`train/runtime.py`), the same rows `build_datasets` gives Ray Data."""
+    table = dataset.read_table([*_cluster_splits(config), config.development_split], [*ROW_COLUMNS, "split"])
+    tables = _select(_TableRows(table), dataset, config, seed)
+    if precise_bn_utterances > 0:
+        tables["precise_bn"] = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed)
+    return tables
+
+
 def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_memory: bool = False,
                    precise_bn_utterances: int = 0) -> dict:
     """The Ray Datasets of one run (see the module docstring), built on the driver.
 
     `in_memory` (data within `cache_max_mb`, see `cache_shards`): the driver reads the rows once with
-    pyarrow and hands them to Ray Data as tables; workers still get their shards from Ray Data's
-    split. Streamed from the Parquet files instead, each dataset starts with a file-listing task:
-    13 s of the 15 s a 24-utterance dataset took to reach its worker on 2 CPUs.
+    pyarrow (`build_tables`) and hands them to Ray Data as tables; workers still get their shards
+    from Ray Data's split. Streamed from the Parquet files instead, each dataset starts with a
+    file-listing task: 13 s of the 15 s a 24-utterance dataset took to reach its worker on 2 CPUs.
     """
-    labelled = kept_label_ids(dataset, config, seed)
-    unlabeled_splits = list(config.unlabeled_splits)
-    if config.labeled_as_unlabeled:
-        unlabeled_splits += [s for s in config.labeled_splits if s not in unlabeled_splits]
-    cluster_splits = sorted(set(unlabeled_splits) | set(config.labeled_splits))
-    if in_memory:
-        table = dataset.read_table([*cluster_splits, config.development_split], [*ROW_COLUMNS, "split"])
-        rows = _TableRows(table)
-    else:
-        rows = _ParquetRows(dataset)
-    datasets = {
-        "labeled": rows(list(config.labeled_splits), ids=labelled),
-        "unlabeled": (rows(unlabeled_splits) if config.labeled_as_unlabeled
-                      else rows(unlabeled_splits + list(config.labeled_splits), ids=labelled, keep=False)),
-        "cluster": rows(cluster_splits),
-        "development": rows([config.development_split]).materialize(),  # read once, every epoch
-    }
-    if precise_bn_utterances > 0:
-        import ray.data
+    import ray.data
 
-        table = precise_bn_table(dataset, cluster_splits, precise_bn_utterances, seed)
-        datasets["precise_bn"] = ray.data.from_arrow(table).materialize()
+    if in_memory:
+        datasets = {name: ray.data.from_arrow(table)
+                    for name, table in build_tables(dataset, config, seed, precise_bn_utterances).items()}
+    else:
+        datasets = _select(_ParquetRows(dataset), dataset, config, seed)
+        if precise_bn_utterances > 0:
+            table = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed)
+            datasets["precise_bn"] = ray.data.from_arrow(table)
+    datasets["development"] = datasets["development"].materialize()  # read once, every epoch
+    if "precise_bn" in datasets:
+        datasets["precise_bn"] = datasets["precise_bn"].materialize()
     return datasets
 
 
@@ -127,19 +153,17 @@ class _ParquetRows:
 
 
 class _TableRows:
-    """Rows of some splits, cut from one Arrow table on the driver (the same rows `_ParquetRows` gives)."""
+    """Rows of some splits, cut from one Arrow table (the same rows `_ParquetRows` gives)."""
 
-    def __init__(self, table):
+    def __init__(self, table: pa.Table):
         self.table = table
 
-    def __call__(self, splits: list[str], ids: list[str] | None = None, keep: bool = True):
-        import ray.data
-
+    def __call__(self, splits: list[str], ids: list[str] | None = None, keep: bool = True) -> pa.Table:
         rows = self.table.filter(pc.is_in(self.table["split"], value_set=pa.array(splits, self.table["split"].type)))
         if ids is not None:
             wanted = pc.is_in(rows["id"], value_set=pa.array(ids, rows["id"].type))
             rows = rows.filter(wanted if keep else pc.invert(wanted))
-        return ray.data.from_arrow(rows)
+        return rows
 
 
 def as_float(values: np.ndarray) -> np.ndarray:

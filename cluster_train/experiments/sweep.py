@@ -86,10 +86,10 @@ def plan_trials(config: SweepConfig) -> list[Trial]:
         label = point_label(point)
         for seed in config.seeds:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-            overrides = [*config.overrides, *(f"{k}={v}" for k, v in point.items()), f"seed={seed}",
+            overrides = [*(f"{k}={v}" for k, v in point.items()), f"seed={seed}",
                          f"name={config.name}-{slug}-seed{seed}", f"tracking.experiment={config.name}"]
-            try:
-                train = load_train_config(config.train_config, overrides)
+            try:  # the file and the sweep's overrides serve every kind: a trial keeps what its kind reads
+                train = load_train_config(config.train_config, overrides, shared_overrides=config.overrides)
             except ConfigError as error:
                 raise ConfigError(f"sweep {config.name}, trial {label} seed {seed}: {error}") from error
             trials.append(Trial(label, seed, train))

@@ -38,9 +38,9 @@ class DeepEmoCluster(nn.Module):
         return self.encoder.embed(x)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """SGD: encoder_and_cluster; its own SGD: cluster_top (re-created); Adam: regressor."""
+        """encoder (with the cluster head's body), cluster_top (re-created every clustering), regressor."""
         return {
-            "encoder_and_cluster": [
+            "encoder": [
                 *self.encoder.parameters(),
                 *self.cluster_head.body.parameters(),
             ],

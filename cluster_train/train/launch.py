@@ -13,10 +13,13 @@ from pathlib import Path
 
 from cluster_train.console import quiet_process, ray_env, ray_train_log_level
 from cluster_train.data.labels import LabelScaler
+from cluster_train.train.checkpointer import BEST_DIR
 from cluster_train.train.config import ScalingConfig, TrainConfig
 from data_prep.config import to_flat_dict
 from data_prep.dataset import PreparedDataset
 from data_prep.manifest import ATTRIBUTES
+from data_prep.shards import ChunkRecipe
+from data_prep.storage import copy_folder
 
 
 @dataclass
@@ -75,18 +78,62 @@ def fit_label_scaler(dataset: PreparedDataset, config: TrainConfig) -> LabelScal
     return LabelScaler.fit(table.filter(pc.is_in(table["id"], value_set=kept)), config.model.attributes, split=None)
 
 
+def with_dataset_shape(config: TrainConfig, dataset: PreparedDataset) -> TrainConfig:
+    """The model's input shape from the prepared dataset: its one source."""
+    recipe = ChunkRecipe.from_settings(dataset.settings)
+    model = dataclasses.replace(config.model, chunk_frames=recipe.chunks.chunk_frames, n_mels=recipe.features.n_mels)
+    return dataclasses.replace(config, model=model)
+
+
 def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
-    """Train `config` on Ray Train (a local Ray is started when none is running), score the best
-    model on the development and test splits, finish its MLflow run. `verbose`: keep Ray Train's
-    and MLflow's own console output (`console.py`)."""
+    """Train `config` on Ray Train (a local Ray is started when none is running), or in this process
+    without Ray when `scaling.num_workers` is 0; score the best model on the development and test
+    splits, finish its MLflow run. `verbose`: keep Ray Train's and MLflow's own console output."""
     started = time.perf_counter()
     name = config.name or f"{config.model_kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = pin_local_paths(dataclasses.replace(
         config, name=name, tracking=dataclasses.replace(config.tracking, run_name=config.tracking.run_name or name)))
     dataset = PreparedDataset(config.data.dataset)  # a missing or unfinished dataset fails here
     dataset.normalizer()  # fails here, not on a worker, when the dataset has no statistics
+    config = with_dataset_shape(config, dataset)
     scaler = fit_label_scaler(dataset, config)
+    tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
+            "recipe": config.recipe}
+    run = _train_in_process if config.scaling.num_workers == 0 else _train_on_ray
+    metrics, checkpoint = run(config, dataset, scaler, tags, verbose)
 
+    output = f"{config.storage_path.rstrip('/')}/{name}/best_model"  # beside the run's checkpoints
+    run_id = metrics.get("mlflow_run_id") or None
+    if config.tracking.enabled and run_id is None:
+        warnings.warn(f"run {name} is not tracked: MLflow at {config.tracking.tracking_uri} failed on the "
+                      f"training worker (its log has the error); the best model is in {output}", RuntimeWarning)
+    with checkpoint() as folder:
+        copy_folder(str(Path(folder) / BEST_DIR), output)
+        scores = finish_run(config, str(Path(folder) / BEST_DIR), dataset, run_id)
+    return TrainResult(name, output, run_id, scores, int(metrics["epoch"]) + 1, time.perf_counter() - started,
+                       dict(metrics))
+
+
+def _train_in_process(config: TrainConfig, dataset: PreparedDataset, scaler: LabelScaler, tags: dict,
+                      verbose: bool):
+    """The loop in this process (`train/runtime.py`): the same rows, in memory, and no Ray."""
+    import torch
+
+    from cluster_train.data.batches import build_tables
+    from cluster_train.train.loop import train
+    from cluster_train.train.runtime import LocalRuntime
+
+    quiet_process(verbose)
+    tables = build_tables(dataset, config.data, config.seed, config.precise_bn.utterances)
+    device = torch.device("cuda") if config.scaling.use_gpu else torch.device("cpu")
+    runtime = LocalRuntime(tables, f"{config.storage_path.rstrip('/')}/{config.name}", device)
+    train(config, runtime, scaler.to_dict(), None, to_flat_dict(config), tags)
+    if runtime.last_checkpoint is None:
+        raise RuntimeError(f"training run {config.name} ended without a checkpoint")
+    return runtime.last_metrics, runtime.resume_folder
+
+
+def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelScaler, tags: dict, verbose: bool):
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() waits on it
     quiet_process(verbose)
     import ray
@@ -95,7 +142,7 @@ def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
 
     from cluster_train.clustering.service import get_or_create_service
     from cluster_train.data.batches import SPLIT_DATASETS, build_datasets, cache_shards
-    from cluster_train.train.loop import BEST_DIR, train_func
+    from cluster_train.train.ray_worker import train_func
 
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", runtime_env={"env_vars": ray_env(verbose)})
@@ -110,11 +157,9 @@ def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
     service = None
     if config.clusters and config.clustering.mode != "allreduce":  # "allreduce" clusters inside the workers
         # restarted up to clustering.actor_restarts times if it dies; the workers then cluster again
-        service = get_or_create_service(f"kmeans-{name}", config.clustering, config.scaling.num_workers,
-                                        seed=config.seed)
+        service = get_or_create_service(f"kmeans-{config.name}", config.clustering, config.scaling.num_workers,
+                                        seed=config.seed, training_uses_gpu=config.scaling.use_gpu)
     try:
-        tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
-                "recipe": config.recipe}
         trainer = TorchTrainer(
             train_func,
             train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service,
@@ -126,7 +171,7 @@ def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
                 resources_per_worker={"CPU": config.scaling.cpus_per_worker},
             ),
             run_config=ray.train.RunConfig(
-                name=name,
+                name=config.name,
                 storage_path=config.storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -140,31 +185,8 @@ def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
         if service is not None:
             ray.kill(service)
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {name} ended without a checkpoint: {result.error}")
-
-    output = f"{config.storage_path.rstrip('/')}/{name}/best_model"  # beside the run's checkpoints
-    run_id = result.metrics.get("mlflow_run_id") or None
-    if config.tracking.enabled and run_id is None:
-        warnings.warn(f"run {name} is not tracked: MLflow at {config.tracking.tracking_uri} failed on the "
-                      f"training worker (its log has the error); the best model is in {output}", RuntimeWarning)
-    with result.checkpoint.as_directory() as folder:
-        copy_folder(str(Path(folder) / BEST_DIR), output)
-        scores = finish_run(config, str(Path(folder) / BEST_DIR), dataset, run_id)
-    return TrainResult(name, output, run_id, scores, int(result.metrics["epoch"]) + 1,
-                       time.perf_counter() - started, dict(result.metrics))
-
-
-def copy_folder(source: str, destination: str) -> None:
-    """Copy a local folder to a local path or a URI (s3://, gs://, file://), replacing what is there."""
-    import pyarrow.fs as pafs
-
-    from data_prep.storage import open_filesystem
-
-    filesystem, path = open_filesystem(destination)
-    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
-        filesystem.delete_dir(path)
-    filesystem.create_dir(path, recursive=True)
-    pafs.copy_files(source, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+        raise RuntimeError(f"training run {config.name} ended without a checkpoint: {result.error}")
+    return result.metrics, result.checkpoint.as_directory
 
 
 def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,

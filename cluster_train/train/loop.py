@@ -1,13 +1,13 @@
-"""The epoch loop that runs on every Ray Train worker (`train_func`).
+"""The epoch loop: one `Trainer`, the same under Ray Train (`train/ray_worker.py`) and in one plain
+process (`train/runtime.py`, `scaling.num_workers=0`).
 
-Each epoch, as the paper: embed every training chunk -> K-means (`clustering/labelers.py`, 3 modes) ->
-pseudo-labels -> stage 1 on unlabeled rows (encoder + cluster head) -> stage 2 on labelled rows
-(all heads) -> development loss -> checkpoint through `ray.train.report`. The paper's baselines run
-in the same loop: the CNN-regressor skips stage 1, the CNN-AE / CNN-VAE train stage 1 on
-reconstruction (+ KL) instead of pseudo-labels.
+Each epoch, as the paper: embed every training chunk -> K-means (`clustering/labelers.py`) ->
+pseudo-labels -> the model kind's stages (`model/kinds.py`: DeepEmoCluster's stage 1 on unlabeled
+rows with the cluster head, stage 2 on labelled rows with all heads; the baselines' own) ->
+development CCC -> checkpoint. The trainer asks the kind what to train and never which kind it is.
 
 Before anything runs in eval mode (the embedding pass, validation, hence every saved model) the
-BatchNorm statistics are recomputed for the current weights (`train/precise_bn.py`), the same on every
+BatchNorm statistics are recomputed for the current weights (`precise_bn.py`), the same on every
 rank. Every random stream derives from `config.seed` (`seeding.py`). Metrics carry the prefixes the
 MLflow UI groups into sections: `train/`, `dev/`, `cluster/`, `time/`.
 """
@@ -18,58 +18,27 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import ray
-import ray.train
-import ray.train.torch
 import torch
 
 from cluster_train.clustering.diagnostics import ClusterDiagnostics
 from cluster_train.clustering.labelers import LabelTable, build_labeler, uniform_over_clusters
-from cluster_train.console import epoch_line, print_line, quiet_process
-from cluster_train.data.batches import Batch, ChunkBatches, InMemoryRows, ShardCache
+from cluster_train.console import epoch_line, print_line
+from cluster_train.data.batches import Batch, ChunkBatches, InMemoryRows
 from cluster_train.data.labels import LabelScaler
 from cluster_train.distributed import Collective
-from cluster_train.model.kinds import build_model
-from cluster_train.model.losses import ccc, ccc_loss, cluster_ce, reconstruction_loss, sentence_mean, vae_kl
+from cluster_train.model.kinds import Stage
+from cluster_train.model.losses import ccc, sentence_mean
 from cluster_train.seeding import derive
-from cluster_train.serve.bundle import load_bundle, save_bundle
 from cluster_train.tracking import RunTracker
+from cluster_train.train.checkpointer import Checkpointer, TrainState
 from cluster_train.train.config import OptimizerConfig, TrainConfig
 from cluster_train.train.precise_bn import recompute_batchnorm
+from cluster_train.train.precision import Precision
+from cluster_train.train.runtime import Runtime
 from data_prep.config import to_yaml
 from data_prep.dataset import PreparedDataset
-
-STATE_FILE = "trainer_state.pt"
-BEST_DIR = "best"
-
-
-@dataclass
-class TrainState:
-    """Everything besides weights and optimizers that a resumed run needs to go on exactly."""
-
-    epoch: int = 0  # the next epoch to run
-    best_dev_loss: float = float("inf")
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    run_id: str | None = None
-
-    def finish_epoch(self, epoch: int, dev_loss: float) -> bool:
-        """Record epoch `epoch`'s development loss; True when it is the best so far (keep its model)."""
-        improved = dev_loss < self.best_dev_loss
-        if improved:
-            self.best_dev_loss, self.best_epoch, self.bad_epochs = dev_loss, epoch, 0
-        else:
-            self.bad_epochs += 1
-        self.epoch = epoch + 1
-        return improved
-
-    def should_stop(self, patience: int) -> bool:
-        """Early stopping: `patience` epochs in a row without a better development loss."""
-        return self.bad_epochs >= patience
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -78,54 +47,55 @@ def build_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def optimizer_config(group: str, config: TrainConfig) -> OptimizerConfig:
-    return {"encoder_and_cluster": config.optim.encoder}.get(group) or getattr(config.optim, group)
-
-
 class Trainer:
-    def __init__(self, config: TrainConfig, label_scaler: dict, service, params: dict, tags: dict,
-                 cache_shards: bool = False):
-        context = ray.train.get_context()
-        self.config, self.rank = config, context.get_world_rank()
-        self.device = ray.train.torch.get_device()
+    """Built from parts in a fixed order: model, objective, optimizers, data, labeler, tracker,
+    checkpointer; then restored from the runtime's latest checkpoint, if any."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime, label_scaler: dict, service=None,
+                 params: dict | None = None, tags: dict | None = None):
+        self.config, self.runtime, self.rank = config, runtime, runtime.rank
+        self.device = runtime.device
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
         torch.manual_seed(derive(config.seed, "model_init"))
         dataset = PreparedDataset(config.data.dataset)
         self.normalizer, self.scaler = dataset.normalizer(), LabelScaler.from_dict(label_scaler)
-        self.dataset_settings = dataset.settings  # saved with the best model: prediction recomputes its chunks
+        # model and objective: the kind owns the network, its stages and their losses
+        self.kind = config.kind
         # channels_last: 1.5x faster convolutions on CPU (measured here), the layout GPUs prefer too
-        self.module = build_model(config.model_kind, config.model).to(memory_format=torch.channels_last)
-        self.model = ray.train.torch.prepare_model(
-            self.module, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
-        self.optimizers = {
-            group: build_optimizer(params, optimizer_config(group, config))
-            for group, params in self.module.param_groups().items()
-        }
+        self.module = self.kind.build(config.model).to(memory_format=torch.channels_last)
+        self.model = runtime.prepare_model(self.module)
+        self.precision = Precision.for_device(config.precision, self.device)
+        self.optimizers = {group: build_optimizer(params, getattr(config.optim, group))
+                           for group, params in self.module.param_groups().items()}
+        # data
         self.batches = ChunkBatches(self.normalizer, self.scaler, self.device)
-        self.shards = ShardCache(cache_shards)  # name -> this rank's rows: Ray Data's, or kept in memory
-        self.service = service  # the KMeansService actor handle: None for the baselines and mode "allreduce"
-        self.collective = Collective()
-        # Pseudo-labels, whatever clustering.mode (pseudo_labels.py); diagnostics on rank 0 only.
-        self.labeler = (build_labeler(config.clustering, service, self.collective, self.device, seed=config.seed)
-                        if config.clusters else None)
-        # The fixed utterances BatchNorm statistics are recomputed on; every rank holds all of them.
-        self.bn_rows = (InMemoryRows.read(ray.train.get_dataset_shard("precise_bn"))
-                        if config.precise_bn.utterances else None)
-        self.bn_current = False  # recomputed since the weights last changed
+        self.bn_rows = (InMemoryRows.read(runtime.shard("precise_bn")) if config.precise_bn.utterances else None)
+        self.bn_current = False  # BatchNorm statistics recomputed since the weights last changed
         self.num_chunks = int(dataset.settings["chunks"]["num_chunks"])
+        # labeler: pseudo-labels whatever clustering.mode; diagnostics on rank 0 only
+        self.collective = Collective()
+        self.labeler = (build_labeler(config.clustering, service, self.collective, self.device, seed=config.seed)
+                        if self.kind.clusters else None)
         cluster_splits = sorted({*config.data.unlabeled_splits, *config.data.labeled_splits})
         self.diagnostics = (ClusterDiagnostics.from_dataset(dataset, cluster_splits, self.num_chunks)
-                            if config.clusters and context.get_world_rank() == 0 else None)
+                            if self.labeler is not None and self.rank == 0 else None)
         self.cluster_sizes: np.ndarray | None = None  # this epoch's, for the stage-1 sampler
         self.sampler_generator = torch.Generator()
+        # tracker (rank 0 writes) and checkpointer
+        self.tracker = RunTracker(config.tracking, active=self.rank == 0)
+        self.checkpointer = Checkpointer(config.model_kind, config.model, self.normalizer, self.scaler,
+                                         dataset.settings)
         self.state = TrainState()
         self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        self._restore(ray.train.get_checkpoint())
-        self.tracker = RunTracker(config.tracking, active=self.rank == 0)
+        with runtime.resume_folder() as folder:
+            if folder is not None:
+                self.state, self.best_weights = self.checkpointer.read(folder, self.module, self.optimizers,
+                                                                       self.device)
+                self.bn_current = True  # saved after validation, with the statistics of these weights
         if self.rank == 0:
             new_run = self.state.run_id is None
-            self.state.run_id = self.tracker.start(params, tags, run_id=self.state.run_id)
+            self.state.run_id = self.tracker.start(params or {}, tags or {}, run_id=self.state.run_id)
+            self.tracker.log_metrics({"precision/bf16": float(self.precision.name == "bf16")}, step=self.state.epoch)
             if new_run:  # what this run trains with, overrides merged, before the first epoch
                 self.tracker.log_text(to_yaml(config), "config.yaml")
                 self.tracker.log_dataset("/".join(dataset.location.rstrip("/").split("/")[-2:]),
@@ -160,26 +130,24 @@ class Trainer:
             self._refresh_batchnorm(timings)
             pseudo, cluster_metrics = self._pseudo_labels(epoch, timings)
             metrics |= cluster_metrics
-        if self.config.model_kind != "cnn_regressor":
+        for stage in self.kind.stages:
             started = time.perf_counter()
-            metrics["train/stage1_loss"], metrics["train/stage1_chunks"] = self._stage(1, "unlabeled", epoch, pseudo)
-            timings["stage1"] = time.perf_counter() - started
-        started = time.perf_counter()
-        metrics["train/stage2_loss"], metrics["train/stage2_chunks"] = self._stage(2, "labeled", epoch, pseudo)
-        timings["stage2"] = time.perf_counter() - started
+            loss, chunks = self._stage(stage, epoch, pseudo)
+            metrics[f"train/stage{stage.number}_loss"], metrics[f"train/stage{stage.number}_chunks"] = loss, chunks
+            timings[f"stage{stage.number}"] = time.perf_counter() - started
         self._refresh_batchnorm(timings)
         started = time.perf_counter()
         metrics |= self.validate()
         timings["validation"] = time.perf_counter() - started
         metrics["train/rank_weight_spread"] = self._rank_weight_spread()
-        # Part of the stage times above: waiting on Ray Data and building batches.
+        # Part of the stage times above: waiting on the data and building batches.
         timings["data_loading"] = self.batches.loading_seconds - loading_before
         metrics |= {f"time/{name}": value for name, value in timings.items()}
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         return metrics
 
     def _refresh_batchnorm(self, timings: dict) -> None:
-        """BatchNorm statistics for the current weights (`train/precise_bn.py`), unless already current;
+        """BatchNorm statistics for the current weights (`precise_bn.py`), unless already current;
         rank r takes batches r, r + W, ... of the fixed utterances and the sums are all-reduced."""
         if self.bn_rows is None or self.bn_current:
             return
@@ -191,21 +159,22 @@ class Trainer:
                 if index % world == rank:
                     yield batch.chunks
 
-        recompute_batchnorm(self.module, own_batches(), reduce=self.collective.sum)
+        with self.precision.autocast():
+            recompute_batchnorm(self.module, own_batches(), reduce=self.collective.sum)
         self.bn_current = True
         timings["precise_bn"] = timings.get("precise_bn", 0.0) + time.perf_counter() - started
 
     def _pseudo_labels(self, epoch: int, timings: dict) -> tuple[LabelTable, dict]:
         started = time.perf_counter()
-        keys, features = self._embed(self.shards("cluster", ray.train.get_dataset_shard("cluster")))
+        keys, features = self._embed(self.runtime.shard("cluster"))
         timings["embedding"] = time.perf_counter() - started
         started = time.perf_counter()
         result = self.labeler.label(epoch, keys, features, self.num_chunks)
         timings["clustering"] = time.perf_counter() - started
-        # Labels permute between clusterings: a new top layer, the same on every rank.
+        # Labels permute between clusterings: re-initialised layers, the same on every rank.
         generator = torch.Generator().manual_seed(derive(self.config.seed, "cluster_top", epoch))
-        top = self.module.cluster_head.reset_top(self.config.model.num_clusters, generator=generator)
-        self.optimizers["cluster_top"] = build_optimizer(list(top.parameters()), self.config.optim.cluster_top)
+        for group, params in self.kind.relabelled(self.module, self.config.clustering.num_clusters, generator).items():
+            self.optimizers[group] = build_optimizer(params, getattr(self.config.optim, group))
         summary = result.summary
         sizes = self.cluster_sizes = np.asarray(summary["cluster_sizes"])
         self.sampler_generator.manual_seed(derive(self.config.seed, "stage1_sampler", epoch, self.rank))
@@ -226,51 +195,39 @@ class Trainer:
         keys, features = [], []
         for batch in self.batches(shard, self.config.data.batch_size, drop_last=False):
             keys.append(batch.keys)
-            features.append(self.module.embed(batch.chunks).float().cpu().numpy())
+            with self.precision.autocast():
+                embedded = self.module.embed(batch.chunks)
+            features.append(embedded.float().cpu().numpy())
         if not keys:
             return np.empty(0, np.int64), np.empty((0, self.config.model.feature_dim), np.float32)
         return np.concatenate(keys), np.concatenate(features)
 
-    def _stage(self, stage: int, shard_name: str, epoch: int, pseudo) -> tuple[float, int]:
+    def _stage(self, stage: Stage, epoch: int, pseudo: LabelTable | None) -> tuple[float, int]:
         """Mean loss of one pass over this rank's shard, and the chunks it trained on."""
         self.model.train()
         self.bn_current = False  # on every rank alike, whether or not its shard held a batch
-        groups = [g for g in self.optimizers if stage == 2 or g != "regressor"]
         total, steps, chunks = 0.0, 0, 0
-        shard = self.shards(shard_name, ray.train.get_dataset_shard(shard_name))
-        shuffle = derive(self.config.seed, f"shuffle_stage{stage}", epoch)
+        shuffle = derive(self.config.seed, f"shuffle_stage{stage.number}", epoch)
+        shard = self.runtime.shard(stage.shard)
         for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=shuffle):
-            for group in groups:
+            for group in stage.groups:
                 self.optimizers[group].zero_grad(set_to_none=True)
             batch = self._stage1_sample(stage, batch, pseudo)
-            loss = self._loss(stage, self.model(batch.chunks), batch, pseudo)
+            labels = None if pseudo is None else torch.from_numpy(pseudo.lookup(batch.keys)).to(self.device)
+            with self.precision.autocast():
+                outputs = self.model(batch.chunks)
+            loss = self.kind.loss(stage, Precision.outputs(outputs), batch.chunks, batch.targets, batch.num_chunks,
+                                  labels)
             loss.backward()
-            for group in groups:
+            for group in stage.groups:
                 self.optimizers[group].step()
             total, steps, chunks = total + float(loss.detach()), steps + 1, chunks + len(batch.keys)
         return total / max(steps, 1), chunks
 
-    def _loss(self, stage: int, out: dict, batch: Batch, pseudo) -> torch.Tensor:
-        config, kind = self.config, self.config.model_kind
-        loss = torch.zeros((), device=self.device)
-        if stage == 2:
-            loss = loss + ccc_loss(sentence_mean(out["prediction"], batch.num_chunks), batch.targets)
-        if kind == "deepemocluster":
-            weight = config.cluster_weight if stage == 2 else 1.0
-            loss = loss + weight * cluster_ce(out["cluster_logits"], self._lookup(pseudo, batch.keys))
-        if kind in ("cnn_ae", "cnn_vae"):
-            loss = loss + config.reconstruction_weight * reconstruction_loss(out["reconstruction"], batch.chunks)
-        if kind == "cnn_vae":
-            loss = loss + config.kl_weight * vae_kl(out["mu"], out["logvar"], elements=batch.chunks[0].numel())
-        return loss
-
-    def _lookup(self, table: LabelTable, keys: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(table.lookup(keys)).to(self.device)
-
-    def _stage1_sample(self, stage: int, batch: Batch, pseudo: LabelTable | None) -> Batch:
+    def _stage1_sample(self, stage: Stage, batch: Batch, pseudo: LabelTable | None) -> Batch:
         """Stage 1 with clustering.stage1_sampler = "uniform": the batch's chunks redrawn uniformly
         over clusters (`uniform_over_clusters`); otherwise the batch as it is."""
-        if stage != 1 or pseudo is None or self.config.clustering.stage1_sampler != "uniform":
+        if stage.number != 1 or pseudo is None or self.config.clustering.stage1_sampler != "uniform":
             return batch
         index = uniform_over_clusters(pseudo.lookup(batch.keys), self.cluster_sizes, self.sampler_generator)
         return dataclasses.replace(batch, keys=batch.keys[index.numpy()], chunks=batch.chunks[index.to(batch.chunks.device)])
@@ -289,9 +246,10 @@ class Trainer:
         """Sentence-level CCC on the development split (every worker reads all of it)."""
         self.module.eval()
         predictions, targets = [], []
-        shard = self.shards("development", ray.train.get_dataset_shard("development"))
-        for batch in self.batches(shard, self.config.data.batch_size, drop_last=False):
-            predictions.append(sentence_mean(self.module(batch.chunks)["prediction"], batch.num_chunks))
+        for batch in self.batches(self.runtime.shard("development"), self.config.data.batch_size, drop_last=False):
+            with self.precision.autocast():
+                prediction = self.module(batch.chunks)["prediction"].float()
+            predictions.append(sentence_mean(prediction, batch.num_chunks))
             targets.append(batch.targets)
         values = ccc(torch.cat(predictions), torch.cat(targets))
         metrics = {f"dev/ccc_{a}": float(v) for a, v in zip(self.scaler.attributes, values)}
@@ -302,47 +260,21 @@ class Trainer:
     def _report(self, metrics: dict) -> None:
         metrics = metrics | {"mlflow_run_id": self.state.run_id or ""}
         if self.rank != 0:
-            ray.train.report(metrics, checkpoint=None)
+            self.runtime.report(metrics, None)
             return
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(
-                {
-                    "model": self.module.state_dict(),
-                    "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-                    "state": dataclasses.asdict(self.state),
-                },
-                Path(folder) / STATE_FILE,
-            )
-            best = build_model(self.config.model_kind, self.config.model)
-            best.load_state_dict(self.best_weights)
-            extra = {"epoch": self.state.best_epoch, "dev_loss": self.state.best_dev_loss}
-            save_bundle(str(Path(folder) / BEST_DIR), best, self.config.model_kind, self.config.model,
-                        self.normalizer, self.scaler, extra=extra, features=self.dataset_settings)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-    def _restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / STATE_FILE, map_location=self.device, weights_only=True)
-            self.best_weights = load_bundle(str(Path(folder) / BEST_DIR)).model.state_dict()
-        self.module.load_state_dict(saved["model"])
-        self.bn_current = True  # saved after validation, with the statistics recomputed for these weights
-        if "cluster_top" in self.optimizers:  # re-created every epoch; skip a stale state
-            saved["optimizers"].pop("cluster_top", None)
-        for name, state in saved["optimizers"].items():
-            self.optimizers[name].load_state_dict(state)
-        self.state = TrainState(**saved["state"])
+            self.checkpointer.write(folder, self.module, self.optimizers, self.state, self.best_weights)
+            self.runtime.report(metrics, folder)
 
 
-def train_func(loop_config: dict) -> None:
-    """What each Ray Train worker runs. A run that fails is marked FAILED in MLflow (a restarted
-    worker group re-opens it)."""
-    quiet_process(loop_config.get("verbose", False))
-    trainer = Trainer(loop_config["config"], loop_config["label_scaler"], loop_config["service"],
-                      dict(loop_config["params"]), dict(loop_config["tags"]), loop_config.get("cache_shards", False))
+def train(config: TrainConfig, runtime: Runtime, label_scaler: dict, service=None, params: dict | None = None,
+          tags: dict | None = None) -> TrainState:
+    """Build the trainer and run it; a run that fails is marked FAILED in MLflow (a restarted worker
+    group re-opens it)."""
+    trainer = Trainer(config, runtime, label_scaler, service, params, tags)
     try:
         trainer.fit()
     except BaseException as error:
         trainer.tracker.fail(error)
         raise
+    return trainer.state

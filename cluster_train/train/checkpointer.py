@@ -1,0 +1,75 @@
+"""What a restart needs, in one folder: the weights, the optimizers, the loop's `TrainState`, and
+the best model so far as a bundle (`serve/bundle.py`), which is also what a run hands on."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cluster_train.data.labels import LabelScaler
+from cluster_train.model.blocks import ModelConfig
+from cluster_train.model.kinds import build_model
+from cluster_train.serve.bundle import load_bundle, save_bundle
+from data_prep.stats import Normalizer
+
+STATE_FILE = "trainer_state.pt"
+BEST_DIR = "best"
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizers that a resumed run needs to go on exactly."""
+
+    epoch: int = 0  # the next epoch to run
+    best_dev_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    run_id: str | None = None
+
+    def finish_epoch(self, epoch: int, dev_loss: float) -> bool:
+        """Record epoch `epoch`'s development loss; True when it is the best so far (keep its model)."""
+        improved = dev_loss < self.best_dev_loss
+        if improved:
+            self.best_dev_loss, self.best_epoch, self.bad_epochs = dev_loss, epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.epoch = epoch + 1
+        return improved
+
+    def should_stop(self, patience: int) -> bool:
+        """Early stopping: `patience` epochs in a row without a better development loss."""
+        return self.bad_epochs >= patience
+
+
+@dataclass
+class Checkpointer:
+    model_kind: str
+    model_config: ModelConfig
+    normalizer: Normalizer
+    scaler: LabelScaler
+    features: dict  # the prepared dataset's settings: prediction recomputes its chunks from them
+
+    def write(self, folder: str, module: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+              state: TrainState, best_weights: dict[str, torch.Tensor]) -> None:
+        torch.save({"model": module.state_dict(),
+                    "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                    "state": dataclasses.asdict(state)}, Path(folder) / STATE_FILE)
+        best = build_model(self.model_kind, self.model_config)
+        best.load_state_dict(best_weights)
+        save_bundle(str(Path(folder) / BEST_DIR), best, self.model_kind, self.model_config, self.normalizer,
+                    self.scaler, extra={"epoch": state.best_epoch, "dev_loss": state.best_dev_loss},
+                    features=self.features)
+
+    def read(self, folder: str, module: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+             device: torch.device) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """Load `folder` into `module` and `optimizers`; the state and the best weights."""
+        saved = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
+        best_weights = load_bundle(str(Path(folder) / BEST_DIR)).model.state_dict()
+        module.load_state_dict(saved["model"])
+        for name, state in saved["optimizers"].items():
+            optimizers[name].load_state_dict(state)
+        return TrainState(**saved["state"]), best_weights
