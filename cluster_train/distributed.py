@@ -44,3 +44,13 @@ class Collective:
         out = [None] * self.world_size
         self._dist.all_gather_object(out, value)
         return out
+
+
+@torch.no_grad()
+def weight_spread(module: torch.nn.Module, collective: Collective) -> float:
+    """The largest difference between any rank and rank 0 in any parameter tensor's sum: 0 while
+    DDP keeps the ranks' weights equal (a rank resumed with another's optimizer state, or a
+    differently seeded layer, makes it grow)."""
+    sums = np.array([float(p.detach().double().sum()) for p in module.parameters()])
+    gathered = np.stack(collective.gather_all(sums))
+    return float(np.abs(gathered - gathered[0]).max())

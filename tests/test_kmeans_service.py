@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from cluster_train.clustering.kmeans import ClusteringConfig, fit_clusters, nmi
-from cluster_train.clustering.service import UNKNOWN_LABEL, get_or_create_service
+from cluster_train.clustering.service import UNKNOWN_LABEL, get_or_create_service, lookup_labels
 from cluster_train.seeding import derive
 
 CONFIG = ClusteringConfig(num_clusters=4, pca_dim=8, threads=1)
@@ -46,14 +46,15 @@ def rank_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @ray.remote(num_cpus=0)
-def worker(service, epoch: int, rank: int, keys: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return ray.get(service.cluster.remote(epoch, rank, keys, x, timeout_s=60.0))
+def worker(service, epoch: int, rank: int, keys: np.ndarray, x: np.ndarray) -> dict:
+    return ray.get(service.gather.remote(epoch, rank, keys, x, timeout_s=60.0))
 
 
 def test_two_ranks_get_one_global_clustering(service) -> None:
     keys, x, truth = rank_data()
     halves = [slice(0, 230), slice(200, 400)]  # unequal shards, 30 keys on both (sampler padding)
-    got = ray.get([worker.remote(service, 0, r, keys[s], x[s]) for r, s in enumerate(halves)])
+    answers = ray.get([worker.remote(service, 0, r, keys[s], x[s]) for r, s in enumerate(halves)])
+    got = [lookup_labels(a["keys"], a["labels"], keys[s]) for a, s in zip(answers, halves)]
     # the reference: one clustering of the union in ascending key order
     order = np.argsort(keys)
     _, expected = fit_clusters(x[order], CONFIG, seed=derive(0, "kmeans", 0))  # the service's seed 0, epoch 0
@@ -63,48 +64,44 @@ def test_two_ranks_get_one_global_clustering(service) -> None:
         assert got[rank].tolist() == [by_key[k] for k in keys[s].tolist()]
     both = np.concatenate(got)
     assert nmi(both, np.concatenate([truth[s] for s in halves])) > 0.95
-    summary = ray.get(service.wait_result.remote(0))
+    summary = answers[0]
     assert summary["version"] == 1 and summary["num_points"] == 400 and summary["reseeded"] == 0
     assert summary["cluster_sizes"].sum() == 400
-    # any rank can read any key; unknown keys are UNKNOWN_LABEL
-    labels = ray.get(service.labels.remote(0, np.array([keys[0], keys[399], 5, 10**9])))
+    # every rank holds the whole table: any key of any rank; unknown keys are UNKNOWN_LABEL
+    np.testing.assert_array_equal(answers[0]["keys"], answers[1]["keys"])
+    labels = lookup_labels(answers[1]["keys"], answers[1]["labels"], np.array([keys[0], keys[399], 5, 10**9]))
     assert labels.tolist() == [by_key[keys[0]], by_key[keys[399]], UNKNOWN_LABEL, UNKNOWN_LABEL]
     assert UNKNOWN_LABEL == -100
-    state = ray.get(service.state.remote())
-    assert state["epoch"] == 0 and state["version"] == 1 and state["centroids"].shape == (4, 8)
 
 
 def test_resubmission_replaces_the_rank(service) -> None:
     keys, x, _ = rank_data(seed=1)
-    ray.get(service.submit.remote(1, 0, keys[:200], x[:200] * 0 + 99.0))  # garbage, replaced next
-    ray.get(service.submit.remote(1, 0, keys[:200], x[:200]))
-    ray.get(service.submit.remote(1, 1, keys[200:], x[200:]))
-    summary = ray.get(service.wait_result.remote(1, timeout_s=60.0))
-    assert summary["num_points"] == 400
+    replaced = service.gather.remote(1, 0, keys[:200], x[:200] * 0 + 99.0, timeout_s=60.0)  # garbage, replaced next
+    answers = ray.get([replaced, service.gather.remote(1, 0, keys[:200], x[:200], timeout_s=60.0),
+                       service.gather.remote(1, 1, keys[200:], x[200:], timeout_s=60.0)])
+    assert [a["num_points"] for a in answers] == [400, 400, 400]  # one round: the replaced call waits in it too
     order = np.argsort(keys)
     _, expected = fit_clusters(x[order], CONFIG, seed=derive(0, "kmeans", 1))
-    labels = ray.get(service.labels.remote(1, keys[order]))
+    labels = lookup_labels(answers[1]["keys"], answers[1]["labels"], keys[order])
     np.testing.assert_array_equal(labels, expected.assignments)
     # after clustering, a full resubmission (worker group restarted) re-clusters: a new version
     shards = [slice(0, 200), slice(200, 400)]
-    ray.get([service.submit.remote(1, r, keys[s], x[s]) for r, s in enumerate(shards)])
-    assert ray.get(service.wait_result.remote(1, timeout_s=60.0))["version"] == 2
-    np.testing.assert_array_equal(ray.get(service.labels.remote(1, keys[order])), labels)
+    again = ray.get([service.gather.remote(1, r, keys[s], x[s], timeout_s=60.0) for r, s in enumerate(shards)])
+    assert again[0]["version"] == 2
+    np.testing.assert_array_equal(lookup_labels(again[0]["keys"], again[0]["labels"], keys[order]), labels)
 
 
 def test_epochs_move_forward_only(service) -> None:
     keys, x, _ = rank_data(seed=2)
-    for rank, s in enumerate([slice(0, 200), slice(200, 400)]):
-        ray.get(service.submit.remote(3, rank, keys[s], x[s]))
-    ray.get(service.wait_result.remote(3, timeout_s=60.0))
-    ray.get(service.submit.remote(4, 0, keys[:200], x[:200]))  # epoch 4 drops epoch 3
-    assert ray.get(service.state.remote())["epoch"] == 3  # the last clustering, until epoch 4's
-    with pytest.raises(ray.exceptions.RayTaskError, match="no round for epoch 3"):
-        ray.get(service.labels.remote(3, keys))
+    ray.get([service.gather.remote(3, rank, keys[s], x[s], timeout_s=60.0)
+             for rank, s in enumerate([slice(0, 200), slice(200, 400)])])
+    waiting = service.gather.remote(4, 0, keys[:200], x[:200], timeout_s=1.0)  # epoch 4 drops epoch 3
     with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
-        ray.get(service.submit.remote(2, 1, keys[200:], x[200:]))
+        ray.get(service.gather.remote(3, 1, keys[200:], x[200:]))
+    with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
+        ray.get(service.gather.remote(2, 1, keys[200:], x[200:]))
     with pytest.raises(ray.exceptions.RayTaskError, match="ranks not yet submitted: \\[1\\]"):
-        ray.get(service.wait_result.remote(4, timeout_s=0.2))
+        ray.get(waiting)
 
 
 def test_named_service_is_shared_and_checked(ray_cluster) -> None:

@@ -140,6 +140,8 @@ def test_a_kind_steps_every_parameter_group_of_its_network_in_its_stages(name: s
     assert {group for stage in kind.stages for group in stage.groups} == groups
     assert [stage.number for stage in kind.stages] == ([2] if name == "cnn_regressor" else [1, 2])
     assert kind.clusters == (name == "deepemocluster")
+    # DDP searches for unused parameters only where a stage leaves some out
+    assert kind.skips_parameters(kind.build(ModelConfig())) == (name != "cnn_regressor")
 
 
 def test_each_kind_computes_its_own_losses(chunks: torch.Tensor) -> None:

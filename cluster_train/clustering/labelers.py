@@ -51,7 +51,7 @@ from cluster_train.clustering.kmeans import (
     resident,
     split_empty_centroids,
 )
-from cluster_train.clustering.service import UNKNOWN_LABEL, IncarnationChanged, cluster_union, fit_sample, summarize
+from cluster_train.clustering.service import UNKNOWN_LABEL, IncarnationChanged, cluster_union, fit_on_samples, summarize
 from cluster_train.distributed import Collective
 from cluster_train.seeding import derive
 
@@ -220,11 +220,9 @@ class GatherLabeler(_ActorLabeler):
 
     def _ask_actor(self, epoch, keys, features, num_chunks, incarnation) -> Callable[[], PseudoLabels]:
         started = time.perf_counter()
-        ray.get(self.service.submit.remote(epoch, self.collective.rank, keys, features, incarnation))
-        summary = ray.get(self.service.wait_result.remote(epoch, incarnation=incarnation))
-        table_keys, table_labels = ray.get(self.service.label_table.remote(epoch, incarnation=incarnation))
-        table = LabelTable.build(table_keys, table_labels, num_chunks, self.config.num_clusters)
-        result = PseudoLabels(table, dict(summary) | {"mode": "gather"}, {"clustering": time.perf_counter() - started})
+        answer = ray.get(self.service.gather.remote(epoch, self.collective.rank, keys, features, incarnation))
+        table = LabelTable.build(answer.pop("keys"), answer.pop("labels"), num_chunks, self.config.num_clusters)
+        result = PseudoLabels(table, answer | {"mode": "gather"}, {"clustering": time.perf_counter() - started})
         return lambda: result  # every rank holds the whole table already
 
 
@@ -244,8 +242,7 @@ class SampleLabeler(_ActorLabeler):
         timings, started = {}, time.perf_counter()
         rank, world = self.collective.rank, self.collective.world_size
         sample = _local_sample(features, self.config, self.seed, epoch, rank, world)
-        ray.get(self.service.submit_sample.remote(epoch, rank, sample, incarnation))
-        fit = ray.get(self.service.wait_fit.remote(epoch, incarnation=incarnation))
+        fit = ray.get(self.service.fit_sample.remote(epoch, rank, sample, incarnation))
         timings["fit"] = time.perf_counter() - started
         started = time.perf_counter()
         labels, distances = assign(features, fit["centroids"], fit["preprocessor"], self.device)
@@ -270,7 +267,7 @@ class InProcessLabeler:
             summary = summarize(result, epoch, epoch + 1, "gather") | {"mode": "gather"}
             return PseudoLabels(table, summary, {"clustering": time.perf_counter() - started})
         sample = _local_sample(features, self.config, self.seed, epoch, 0, 1)
-        _, _, preprocessor, result = fit_sample([(None, sample)], self.config, seed)
+        _, _, preprocessor, result = fit_on_samples([(None, sample)], self.config, seed)
         timings = {"fit": time.perf_counter() - started}
         started = time.perf_counter()
         labels, distances = assign(features, result.centroids, preprocessor, self.device)

@@ -1,8 +1,8 @@
 """The per-epoch K-means service: one Ray actor that clusters for all training ranks.
 
 Two of the modes of `clustering/labelers.py` use it: "gather" (below) and "sample", where each rank
-sends only a bounded sample (`submit_sample`) and gets back the preprocessor and centroids
-(`wait_fit`); the actor then holds nothing that grows with the number of chunks.
+sends only a bounded sample (`fit_sample`) and gets back the preprocessor and centroids; the actor
+then holds nothing that grows with the number of chunks.
 
 Gather-to-one:
 
@@ -10,11 +10,13 @@ Each training rank sends its chunk embeddings, keyed by global chunk key
 (utterance index * num_chunks + chunk index); once all `world_size` ranks have sent theirs the
 actor runs `fit_clusters` on the union and any rank can read the pseudo-label of any key.
 
-    service = get_or_create_service("kmeans", config, world_size)        # on the driver
-    labels = ray.get(service.cluster.remote(epoch, rank, keys, embeddings))  # on each rank
+    service = get_or_create_service("kmeans", config, world_size)                 # on the driver
+    table = ray.get(service.gather.remote(epoch, rank, keys, embeddings, incarnation))  # on each rank
 
-or `submit`, `wait_result`, `labels` separately. The actor is async: ranks waiting for the others
-hold no actor thread, and the clustering itself runs in a worker thread so calls keep being served.
+Its interface: `gather` and `fit_sample` (one call a rank and epoch, returning once the clustering
+ran), `incarnation` (see Restarts), `progress` (where the current round is) and `describe`. The actor
+is async: ranks waiting for the others hold no actor thread, and the clustering itself runs in a
+worker thread so calls keep being served.
 
 Rounds: the actor holds one round (one epoch) at a time. A submission for a later epoch drops the
 previous round; one for an earlier epoch is refused. Resubmitting (epoch, rank) before the round is
@@ -77,7 +79,6 @@ class KMeansService:
         self._config, self._world_size, self._seed = config, world_size, seed  # seed: the run's
         self._round: _Round | None = None
         self._version = 0  # clusterings completed by this actor
-        self._state: dict = {"epoch": None, "version": 0}
         self._incarnation = uuid.uuid4().hex  # new on every (re)start: what a restart lost
 
     def describe(self) -> dict:
@@ -94,51 +95,27 @@ class KMeansService:
         return {"epoch": round_.epoch, "kind": round_.kind, "submitted": sorted(round_.parts),
                 "started": round_.started, "done": round_.done.is_set()}
 
-    async def submit(
-        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, incarnation: str | None = None
-    ) -> None:
-        """Send this rank's embeddings for `epoch`; returns at once (use `wait_result`)."""
+    async def gather(
+        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, incarnation: str | None = None,
+        timeout_s: float = 3600.0,
+    ) -> dict:  # fmt: skip
+        """Mode "gather": this rank's (keys, embeddings) for `epoch`; once every rank has sent its
+        own, the union is clustered and every caller gets the summary with the whole label table,
+        `keys` (sorted) and their `labels`: any rank can then look up any row it reads."""
         self._check(incarnation)
-        await self._join(epoch, rank, keys, embeddings)
+        round_ = await self._wait(await self._join(epoch, rank, keys, embeddings), timeout_s)
+        return _summary(round_) | {"keys": round_.keys, "labels": round_.labels}
 
-    async def submit_sample(self, epoch: int, rank: int, sample: np.ndarray, incarnation: str | None = None) -> None:
-        """Send this rank's sample for `epoch` ("sample" mode); `wait_fit` gives the centroids."""
+    async def fit_sample(
+        self, epoch: int, rank: int, sample: np.ndarray, incarnation: str | None = None, timeout_s: float = 3600.0,
+    ) -> dict:  # fmt: skip
+        """Mode "sample": this rank's sample for `epoch`; once every rank has sent its own, K-means
+        is fitted on their union and every caller gets the summary with the fitted `preprocessor`
+        and `centroids`, with which each rank assigns its own chunks."""
         self._check(incarnation)
-        await self._join(epoch, rank, np.empty(0, np.int64), sample, kind="sample")
-
-    async def wait_fit(self, epoch: int, timeout_s: float = 3600.0, incarnation: str | None = None) -> dict:
-        """"sample" mode: the summary of the K-means on the union of the samples, with the
-        fitted `preprocessor` and `centroids` every rank assigns its own chunks with."""
-        self._check(incarnation)
-        round_ = await self._wait(self._current(epoch), timeout_s)
+        round_ = await self._wait(await self._join(epoch, rank, np.empty(0, np.int64), sample, kind="sample"), timeout_s)
         assert round_.result is not None
         return _summary(round_) | {"preprocessor": round_.preprocessor, "centroids": round_.result.centroids}
-
-    async def wait_result(self, epoch: int, timeout_s: float = 3600.0, incarnation: str | None = None) -> dict:
-        """Block until all ranks submitted for `epoch` and the clustering ran; its summary."""
-        self._check(incarnation)
-        return _summary(await self._wait(self._current(epoch), timeout_s))
-
-    async def labels(self, epoch: int, keys: np.ndarray, timeout_s: float = 3600.0) -> np.ndarray:
-        """int64 pseudo-labels of `keys` (any rank's) for `epoch`; UNKNOWN_LABEL where unknown."""
-        return _lookup(await self._wait(self._current(epoch), timeout_s), keys)
-
-    async def label_table(
-        self, epoch: int, timeout_s: float = 3600.0, incarnation: str | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted keys, their labels) of every chunk clustered for `epoch`: any worker can look up
-        the pseudo-label of any row it reads."""
-        self._check(incarnation)
-        round_ = await self._wait(self._current(epoch), timeout_s)
-        return round_.keys, round_.labels
-
-    async def cluster(
-        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray,
-        timeout_s: float = 3600.0,
-    ) -> np.ndarray:  # fmt: skip
-        """submit + wait_result + labels of this rank's own keys, all from the same round."""
-        round_ = await self._join(epoch, rank, keys, embeddings)
-        return _lookup(await self._wait(round_, timeout_s), keys)
 
     def _check(self, incarnation: str | None) -> None:
         if incarnation is not None and incarnation != self._incarnation:
@@ -146,10 +123,6 @@ class KMeansService:
                 f"the K-means actor restarted (incarnation {self._incarnation}, caller began with "
                 f"{incarnation}): its round is lost, cluster again"
             )
-
-    def state(self) -> dict:
-        """What a checkpoint keeps of the last clustering: epoch, version, centroids, ..."""
-        return dict(self._state)
 
     async def _join(
         self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, kind: str = "gather"
@@ -179,29 +152,17 @@ class KMeansService:
         try:
             parts = [round_.parts[rank] for rank in range(self._world_size)]
             round_.parts = {}
-            run = cluster_union if round_.kind == "gather" else fit_sample
+            run = cluster_union if round_.kind == "gather" else fit_on_samples
             seed = derive(self._seed, "kmeans", round_.epoch)
             keys, labels, preprocessor, result = await asyncio.to_thread(run, parts, self._config, seed)
             round_.keys, round_.labels, round_.result = keys, labels, result
             round_.preprocessor = preprocessor
             self._version += 1
             round_.version = self._version
-            self._state = _summary(round_) | {
-                "centroids": result.centroids,
-                "preprocessor": preprocessor,
-                "config": dataclasses.asdict(self._config),
-            }
         except Exception as error:  # noqa: BLE001 - handed to every waiting rank
             round_.error = error
         finally:
             round_.done.set()
-
-    def _current(self, epoch: int) -> _Round:
-        round_ = self._round
-        if round_ is None or round_.epoch != epoch:
-            held = None if round_ is None else round_.epoch
-            raise ValueError(f"no round for epoch {epoch} (the service holds epoch {held})")
-        return round_
 
     async def _wait(self, round_: _Round, timeout_s: float) -> _Round:
         try:
@@ -232,7 +193,7 @@ def cluster_union(
     return keys, result.assignments, preprocessor, result
 
 
-def fit_sample(
+def fit_on_samples(
     parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, seed: int
 ) -> tuple[None, None, Preprocessor, KMeansResult]:
     """"sample" mode: fit the preprocessor and K-means on the ranks' samples, in rank order."""
@@ -262,11 +223,6 @@ def summarize(result: KMeansResult, epoch: int, version: int, kind: str) -> dict
         "seconds": result.seconds,
         "kind": kind,
     }
-
-
-def _lookup(round_: _Round, keys: np.ndarray) -> np.ndarray:
-    assert round_.keys is not None and round_.labels is not None
-    return lookup_labels(round_.keys, round_.labels, keys)
 
 
 def lookup_labels(table_keys: np.ndarray, table_labels: np.ndarray, keys: np.ndarray) -> np.ndarray:

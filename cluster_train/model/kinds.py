@@ -57,6 +57,13 @@ class ModelKind:
         """The loss of one batch: `outputs` of the model on `chunks` (B * C rows), `targets` (B, A)."""
         return ccc_loss(sentence_mean(outputs["prediction"], num_chunks), targets)
 
+    def skips_parameters(self, model: nn.Module) -> bool:
+        """Whether some stage leaves parameters out of its loss (DeepEmoCluster's and the AE's stage 1
+        never touch the regressor): DDP must then look for unused parameters after every backward,
+        a cost the CNN-regressor, whose one stage trains every parameter, does not pay."""
+        groups = set(model.param_groups())
+        return any(set(stage.groups) != groups for stage in self.stages)
+
     def relabelled(self, model: nn.Module, num_clusters: int, generator: torch.Generator) -> dict[str, list]:
         """After a new clustering: parameter groups re-initialised (their optimizers start anew)."""
         return {}

@@ -27,7 +27,7 @@ from cluster_train.clustering.labelers import LabelTable, build_labeler, uniform
 from cluster_train.console import epoch_line, print_line
 from cluster_train.data.batches import Batch, ChunkBatches, InMemoryRows
 from cluster_train.data.labels import LabelScaler
-from cluster_train.distributed import Collective
+from cluster_train.distributed import Collective, weight_spread
 from cluster_train.model.kinds import Stage
 from cluster_train.model.losses import ccc, sentence_mean
 from cluster_train.seeding import derive
@@ -63,7 +63,7 @@ class Trainer:
         self.kind = config.kind
         # channels_last: 1.5x faster convolutions on CPU (measured here), the layout GPUs prefer too
         self.module = self.kind.build(config.model).to(memory_format=torch.channels_last)
-        self.model = runtime.prepare_model(self.module)
+        self.model = runtime.prepare_model(self.module, find_unused_parameters=self.kind.skips_parameters(self.module))
         self.precision = Precision.for_device(config.precision, self.device)
         self.optimizers = {group: build_optimizer(params, getattr(config.optim, group))
                            for group, params in self.module.param_groups().items()}
@@ -139,7 +139,7 @@ class Trainer:
         started = time.perf_counter()
         metrics |= self.validate()
         timings["validation"] = time.perf_counter() - started
-        metrics["train/rank_weight_spread"] = self._rank_weight_spread()
+        metrics["train/rank_weight_spread"] = weight_spread(self.module, self.collective)
         # Part of the stage times above: waiting on the data and building batches.
         timings["data_loading"] = self.batches.loading_seconds - loading_before
         metrics |= {f"time/{name}": value for name, value in timings.items()}
@@ -231,15 +231,6 @@ class Trainer:
             return batch
         index = uniform_over_clusters(pseudo.lookup(batch.keys), self.cluster_sizes, self.sampler_generator)
         return dataclasses.replace(batch, keys=batch.keys[index.numpy()], chunks=batch.chunks[index.to(batch.chunks.device)])
-
-    @torch.no_grad()
-    def _rank_weight_spread(self) -> float:
-        """The largest difference between this rank and rank 0 in any parameter tensor's sum, over
-        all ranks: 0 while DDP keeps their weights equal (a rank resumed with another's optimizer
-        state, or a differently seeded layer, makes it grow)."""
-        sums = np.array([float(p.detach().double().sum()) for p in self.module.parameters()])
-        gathered = np.stack(self.collective.gather_all(sums))
-        return float(np.abs(gathered - gathered[0]).max())
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

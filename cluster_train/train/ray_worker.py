@@ -22,8 +22,9 @@ class RayTrainRuntime:
         self.device = ray.train.torch.get_device()
         self._shards = ShardCache(cache_shards)  # name -> this rank's rows: Ray Data's, or kept in memory
 
-    def prepare_model(self, module: nn.Module) -> nn.Module:
-        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+    def prepare_model(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module:
+        return ray.train.torch.prepare_model(
+            module, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
 
     def shard(self, name: str):
         return self._shards(name, ray.train.get_dataset_shard(name))

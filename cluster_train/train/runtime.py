@@ -29,8 +29,9 @@ class Runtime(Protocol):
     world_size: int
     device: torch.device
 
-    def prepare_model(self, module: nn.Module) -> nn.Module:
-        """The module to train: wrapped for data parallelism where there are several ranks."""
+    def prepare_model(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module:
+        """The module to train: wrapped for data parallelism where there are several ranks
+        (`find_unused_parameters`: some stage's loss leaves parameters out)."""
 
     def shard(self, name: str):
         """This rank's rows of a dataset (`data/batches.py` names them): anything with `iter_batches`."""
@@ -55,7 +56,7 @@ class LocalRuntime:
         self.last_metrics: dict = {}
         self.last_checkpoint: str | None = None
 
-    def prepare_model(self, module: nn.Module) -> nn.Module:
+    def prepare_model(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module:
         return module.to(self.device)
 
     def shard(self, name: str) -> InMemoryRows:
