@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import numpy as np
@@ -74,11 +75,21 @@ def test_two_ranks_get_one_global_clustering(service) -> None:
     assert UNKNOWN_LABEL == -100
 
 
+def _wait_for_submissions(service, count: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while ray.get(service.progress.remote())["submissions"] < count:
+        assert time.monotonic() < deadline, f"fewer than {count} submissions after {timeout_s} s"
+        time.sleep(0.05)
+
+
 def test_resubmission_replaces_the_rank(service) -> None:
     keys, x, _ = rank_data(seed=1)
+    # An async actor may start calls out of order: each waits until the one before has joined.
     replaced = service.gather.remote(1, 0, keys[:200], x[:200] * 0 + 99.0, timeout_s=60.0)  # garbage, replaced next
-    answers = ray.get([replaced, service.gather.remote(1, 0, keys[:200], x[:200], timeout_s=60.0),
-                       service.gather.remote(1, 1, keys[200:], x[200:], timeout_s=60.0)])
+    _wait_for_submissions(service, 1)
+    replacing = service.gather.remote(1, 0, keys[:200], x[:200], timeout_s=60.0)
+    _wait_for_submissions(service, 2)
+    answers = ray.get([replaced, replacing, service.gather.remote(1, 1, keys[200:], x[200:], timeout_s=60.0)])
     assert [a["num_points"] for a in answers] == [400, 400, 400]  # one round: the replaced call waits in it too
     order = np.argsort(keys)
     _, expected = fit_clusters(x[order], CONFIG, seed=derive(0, "kmeans", 1))
@@ -95,7 +106,9 @@ def test_epochs_move_forward_only(service) -> None:
     keys, x, _ = rank_data(seed=2)
     ray.get([service.gather.remote(3, rank, keys[s], x[s], timeout_s=60.0)
              for rank, s in enumerate([slice(0, 200), slice(200, 400)])])
-    waiting = service.gather.remote(4, 0, keys[:200], x[:200], timeout_s=1.0)  # epoch 4 drops epoch 3
+    waiting = service.gather.remote(4, 0, keys[:200], x[:200], timeout_s=5.0)  # epoch 4 drops epoch 3
+    while ray.get(service.progress.remote())["epoch"] != 4:
+        time.sleep(0.05)
     with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
         ray.get(service.gather.remote(3, 1, keys[200:], x[200:]))
     with pytest.raises(ray.exceptions.RayTaskError, match="stale"):

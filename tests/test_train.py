@@ -250,7 +250,8 @@ def test_killed_kmeans_actor_and_killed_ddp_worker_both_recover(prepared, tmp_pa
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = _small_run(prepared, tmp_path / "runs", "actor-killed", f"tracking.tracking_uri={store}",
                          "clustering.mode=sample", "clustering.sample_size=64",
-                         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "data.cache_max_mb=0")
+                         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "data.cache_max_mb=0",
+                         "precise_bn.utterances=0")
     seen: dict = {}
     killed: list[int] = []
     watchers = [threading.Thread(target=_kill_actor_in_epoch, args=("kmeans-actor-killed", 0, seen)),
@@ -359,7 +360,8 @@ def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
 
 
 def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resumes(prepared, tmp_path):
-    """The paper's baselines in the same loop, as a sweep: 2 trials at once, MLflow, the table. The
+    """The paper's baselines in the same loop, as a sweep: 2 trials at once (Ray tasks, each training
+    in its own process without Ray Train: `scaling.num_workers=0`), MLflow, the table. The
     CNN-regressor has no stage 1; the CNN-VAE's stage 1 is the CNN-AE's reconstruction plus the KL.
     Dataset, checkpoints, best models and the table are all addressed by file:// URIs, as buckets are."""
     from cluster_train.experiments.sweep import load_sweep_config, plan_trials, run_sweep
@@ -370,7 +372,7 @@ def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resum
 name: baselines
 train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
 overrides: [data.dataset={(prepared / 'prepared').as_uri()}, data.batch_size=4, epochs=1,
-            clustering.num_clusters=4, scaling.cpus_per_worker=0.5, storage_path={(tmp_path / 'runs').as_uri()},
+            clustering.num_clusters=4, scaling.num_workers=0, storage_path={(tmp_path / 'runs').as_uri()},
             tracking.tracking_uri={store}]
 grid:
   model_kind: [cnn_regressor, cnn_vae]

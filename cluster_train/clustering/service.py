@@ -59,6 +59,7 @@ class _Round:
     parts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # the clustering, once every rank submitted
+    submissions: int = 0  # calls that joined this round, resubmissions included
     keys: np.ndarray | None = None  # sorted unique keys, after clustering
     labels: np.ndarray | None = None  # their labels
     result: KMeansResult | None = None
@@ -88,11 +89,13 @@ class KMeansService:
         return self._incarnation
 
     def progress(self) -> dict:
-        """Where the current round is: {"epoch", "kind", "submitted" (ranks), "started", "done"}."""
+        """Where the current round is: {"epoch", "kind", "submitted" (ranks), "submissions" (calls,
+        resubmissions included), "started", "done"}."""
         round_ = self._round
         if round_ is None:
-            return {"epoch": None, "kind": None, "submitted": [], "started": False, "done": False}
+            return {"epoch": None, "kind": None, "submitted": [], "submissions": 0, "started": False, "done": False}
         return {"epoch": round_.epoch, "kind": round_.kind, "submitted": sorted(round_.parts),
+                "submissions": round_.submissions,
                 "started": round_.started, "done": round_.done.is_set()}
 
     async def gather(
@@ -144,6 +147,7 @@ class KMeansService:
         if round_ is None or epoch > round_.epoch or round_.started:
             round_ = self._round = _Round(epoch, kind)  # drops the previous epoch: one in memory
         round_.parts[rank] = (keys, embeddings)
+        round_.submissions += 1
         if len(round_.parts) == self._world_size:
             round_.task = asyncio.get_running_loop().create_task(self._run(round_))
         return round_
