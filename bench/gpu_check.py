@@ -14,7 +14,7 @@
 Writes bench/results/gpu_check.json: value = all-reduce seconds on the GPU at the largest size,
 baseline = faiss CPU K-means (train + assign, every core) on the same rows, ratio = ours / baseline.
 
-Ray is not imported by any of these paths, but `cluster_train.pseudo_labels` imports it for its
+Ray is not imported by any of these paths, but `cluster_train.clustering.labelers` imports it for its
 actor modes. On a machine without Ray (the lent GPU machines: its 79 MB wheel cannot be carried
 there) an empty stand-in module is registered; nothing here calls it.
 """

@@ -1,6 +1,6 @@
 """Sweep: `python jobs/sweep.py --config configs/sweep/X.yaml [key=value ...]`.
 
-Trains every grid point x seed of the sweep config (cluster_train/sweep.py), skipping trials already
+Trains every grid point x seed of the sweep config (cluster_train/experiments/sweep.py), skipping trials already
 trained, then prints the paper's table: mean test CCC over subsets x seeds per grid point, * where a
 two-tailed t-test finds it differs from the reference. Runs unchanged under `ray job submit`.
 """
@@ -19,7 +19,7 @@ from data_prep.dataset import DatasetError  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train a grid of configs x seeds and compare them.")
-    parser.add_argument("--config", required=True, help="YAML file of SweepConfig settings (cluster_train/sweep.py)")
+    parser.add_argument("--config", required=True, help="YAML file of SweepConfig settings (cluster_train/experiments/sweep.py)")
     parser.add_argument("--dry-run", action="store_true", help="check every trial's config, list them, train nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)

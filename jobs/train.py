@@ -17,7 +17,7 @@ from data_prep.dataset import DatasetError  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train DeepEmoCluster or a baseline on Ray Train.")
-    parser.add_argument("--config", help="YAML file of TrainConfig settings (cluster_train/config.py)")
+    parser.add_argument("--config", help="YAML file of TrainConfig settings (cluster_train/train/config.py)")
     parser.add_argument("--verbose", action="store_true",
                         help="keep Ray Train's per-worker report lines and MLflow's logs and progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
