@@ -36,7 +36,7 @@ from bench.accuracy_bench import prepared_dataset  # noqa: E402
 from cluster_train.model.kinds import build_model  # noqa: E402
 from cluster_train.model.losses import cluster_ce  # noqa: E402
 from cluster_train.train.config import TrainConfig, load_train_config  # noqa: E402
-from cluster_train.train.launch import run_training  # noqa: E402
+from cluster_train.train.launch import run_training, with_dataset_shape  # noqa: E402
 from cluster_train.train.precision import Precision, cpu_flags, cpu_model, resolve  # noqa: E402
 
 RAY_WORKER_NICENESS = 15  # Ray's default for the processes of tasks and actors (RAY_worker_niceness)
@@ -103,11 +103,8 @@ def main(argv=None) -> int:
     overrides = [f"data.dataset={dataset.location}", f"epochs={args.epochs}", f"patience={args.epochs}",
                  "tracking.enabled=false", f"storage_path={storage}"]
     config = load_train_config(REPO / args.train_config, overrides)
-    shaped = dataclasses.replace(config, model=dataclasses.replace(
-        config.model, chunk_frames=int(dataset.settings["chunks"]["chunk_frames"]),
-        n_mels=int(dataset.settings["features"]["n_mels"])))
     print("[train-bench] precision probe", flush=True)
-    probe = precision_probe(shaped)
+    probe = precision_probe(with_dataset_shape(config, dataset))
     print(f"[train-bench] {probe}", flush=True)
     print("[train-bench] the loop in one process, no Ray, 1 thread", flush=True)
     plain = in_process_at(RAY_WORKER_NICENESS, dataclasses.replace(

@@ -51,7 +51,7 @@ from cluster_train.clustering.kmeans import (
     resident,
     split_empty_centroids,
 )
-from cluster_train.clustering.service import UNKNOWN_LABEL, IncarnationChanged, cluster_union, fit_on_samples, summarize
+from cluster_train.clustering.service import UNKNOWN_LABEL, IncarnationChanged, answer_round
 from cluster_train.distributed import Collective
 from cluster_train.seeding import derive
 
@@ -149,14 +149,13 @@ def build_labeler(
     device: str | torch.device = "cpu", seed: int = 0,
 ) -> PseudoLabeler:  # fmt: skip
     """The labeler of `config.mode`; "gather" and "sample" need the KMeansService handle (made
-    with the same `seed`, the training run's: every random draw of the clustering derives from it)."""
+    with the same `seed`, the training run's: every random draw of the clustering derives from it),
+    except in one process alone, where `service=None` computes the actor's answer directly."""
     collective = collective or Collective()
     if config.mode == "allreduce":
         return AllReduceLabeler(config, collective, device, seed)
-    if service is None:
-        if collective.world_size > 1:
-            raise ValueError(f"clustering.mode={config.mode!r} needs the K-means service actor with several ranks")
-        return InProcessLabeler(config, collective, device, seed)
+    if service is None and collective.world_size > 1:
+        raise ValueError(f"clustering.mode={config.mode!r} needs the K-means service actor with several ranks")
     kind = GatherLabeler if config.mode == "gather" else SampleLabeler
     return kind(config, service, collective, device, seed)
 
@@ -184,7 +183,8 @@ class _ActorLabeler:
         retries = self.config.actor_restarts if self.config.actor_restarts >= 0 else math.inf
         attempt = 0
         while True:
-            incarnation = self.collective.broadcast(self._incarnation() if self.collective.rank == 0 else None)
+            incarnation = self.collective.broadcast(
+                self._incarnation() if self.collective.rank == 0 and self.service is not None else None)
             error: BaseException | None = None
             try:
                 share = self._ask_actor(epoch, keys, features, num_chunks, incarnation)
@@ -214,13 +214,23 @@ class _ActorLabeler:
     def _ask_actor(self, epoch, keys, features, num_chunks, incarnation) -> Callable[[], PseudoLabels]:
         raise NotImplementedError
 
+    def _ask(self, method: str, epoch: int, keys: np.ndarray | None, data: np.ndarray, incarnation: str | None) -> dict:
+        """The actor's `gather` / `fit_sample` answer for this rank; with no actor (one process,
+        `scaling.num_workers=0`) its computation called here, so the labels equal a one-worker run's."""
+        rank = self.collective.rank
+        if self.service is None:
+            kind = "gather" if method == "gather" else "sample"
+            return answer_round(kind, [(keys, data)], self.config, self.seed, epoch, version=epoch + 1)
+        args = (keys, data) if method == "gather" else (data,)
+        return ray.get(getattr(self.service, method).remote(epoch, rank, *args, incarnation))
+
 
 class GatherLabeler(_ActorLabeler):
     """Mode "gather": all vectors to the actor, the label table back."""
 
     def _ask_actor(self, epoch, keys, features, num_chunks, incarnation) -> Callable[[], PseudoLabels]:
         started = time.perf_counter()
-        answer = ray.get(self.service.gather.remote(epoch, self.collective.rank, keys, features, incarnation))
+        answer = self._ask("gather", epoch, keys, features, incarnation)
         table = LabelTable.build(answer.pop("keys"), answer.pop("labels"), num_chunks, self.config.num_clusters)
         result = PseudoLabels(table, answer | {"mode": "gather"}, {"clustering": time.perf_counter() - started})
         return lambda: result  # every rank holds the whole table already
@@ -242,7 +252,7 @@ class SampleLabeler(_ActorLabeler):
         timings, started = {}, time.perf_counter()
         rank, world = self.collective.rank, self.collective.world_size
         sample = _local_sample(features, self.config, self.seed, epoch, rank, world)
-        fit = ray.get(self.service.fit_sample.remote(epoch, rank, sample, incarnation))
+        fit = self._ask("fit_sample", epoch, None, sample, incarnation)
         timings["fit"] = time.perf_counter() - started
         started = time.perf_counter()
         labels, distances = assign(features, fit["centroids"], fit["preprocessor"], self.device)
@@ -250,31 +260,6 @@ class SampleLabeler(_ActorLabeler):
         summary = {"mode": "sample", "epoch": epoch, "iterations": fit["iterations"],
                    "sample_points": fit["num_points"], "sample_objective": fit["objective"]}
         return lambda: _finish(self.collective, self.config, keys, labels, distances, num_chunks, summary, timings)
-
-
-class InProcessLabeler:
-    """Modes "gather" and "sample" in one process with no actor (`scaling.num_workers=0`): the
-    actor's own computation, called directly, so the labels equal those of a one-worker Ray run."""
-
-    def __init__(self, config: ClusteringConfig, collective: Collective, device, seed: int = 0) -> None:
-        self.config, self.collective, self.device, self.seed = config, collective, device, seed
-
-    def label(self, epoch: int, keys: np.ndarray, features: np.ndarray, num_chunks: int) -> PseudoLabels:
-        started, seed = time.perf_counter(), derive(self.seed, "kmeans", epoch)
-        if self.config.mode == "gather":
-            table_keys, table_labels, _, result = cluster_union([(keys, features)], self.config, seed)
-            table = LabelTable.build(table_keys, table_labels, num_chunks, self.config.num_clusters)
-            summary = summarize(result, epoch, epoch + 1, "gather") | {"mode": "gather"}
-            return PseudoLabels(table, summary, {"clustering": time.perf_counter() - started})
-        sample = _local_sample(features, self.config, self.seed, epoch, 0, 1)
-        _, _, preprocessor, result = fit_on_samples([(None, sample)], self.config, seed)
-        timings = {"fit": time.perf_counter() - started}
-        started = time.perf_counter()
-        labels, distances = assign(features, result.centroids, preprocessor, self.device)
-        timings["assign"] = time.perf_counter() - started
-        summary = {"mode": "sample", "epoch": epoch, "iterations": result.iterations,
-                   "sample_points": len(result.assignments), "sample_objective": result.objective}
-        return _finish(self.collective, self.config, keys, labels, distances, num_chunks, summary, timings)
 
 
 class AllReduceLabeler:

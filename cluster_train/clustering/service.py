@@ -60,11 +60,7 @@ class _Round:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # the clustering, once every rank submitted
     submissions: int = 0  # calls that joined this round, resubmissions included
-    keys: np.ndarray | None = None  # sorted unique keys, after clustering
-    labels: np.ndarray | None = None  # their labels
-    result: KMeansResult | None = None
-    preprocessor: Preprocessor | None = None
-    version: int = 0
+    answer: dict | None = None  # `answer_round`'s, once clustered
     error: BaseException | None = None
 
     @property
@@ -106,8 +102,7 @@ class KMeansService:
         own, the union is clustered and every caller gets the summary with the whole label table,
         `keys` (sorted) and their `labels`: any rank can then look up any row it reads."""
         self._check(incarnation)
-        round_ = await self._wait(await self._join(epoch, rank, keys, embeddings), timeout_s)
-        return _summary(round_) | {"keys": round_.keys, "labels": round_.labels}
+        return (await self._wait(await self._join(epoch, rank, keys, embeddings), timeout_s)).answer
 
     async def fit_sample(
         self, epoch: int, rank: int, sample: np.ndarray, incarnation: str | None = None, timeout_s: float = 3600.0,
@@ -116,9 +111,8 @@ class KMeansService:
         is fitted on their union and every caller gets the summary with the fitted `preprocessor`
         and `centroids`, with which each rank assigns its own chunks."""
         self._check(incarnation)
-        round_ = await self._wait(await self._join(epoch, rank, np.empty(0, np.int64), sample, kind="sample"), timeout_s)
-        assert round_.result is not None
-        return _summary(round_) | {"preprocessor": round_.preprocessor, "centroids": round_.result.centroids}
+        round_ = await self._join(epoch, rank, np.empty(0, np.int64), sample, kind="sample")
+        return (await self._wait(round_, timeout_s)).answer
 
     def _check(self, incarnation: str | None) -> None:
         if incarnation is not None and incarnation != self._incarnation:
@@ -156,13 +150,9 @@ class KMeansService:
         try:
             parts = [round_.parts[rank] for rank in range(self._world_size)]
             round_.parts = {}
-            run = cluster_union if round_.kind == "gather" else fit_on_samples
-            seed = derive(self._seed, "kmeans", round_.epoch)
-            keys, labels, preprocessor, result = await asyncio.to_thread(run, parts, self._config, seed)
-            round_.keys, round_.labels, round_.result = keys, labels, result
-            round_.preprocessor = preprocessor
+            round_.answer = await asyncio.to_thread(answer_round, round_.kind, parts, self._config, self._seed,
+                                                    round_.epoch, self._version + 1)
             self._version += 1
-            round_.version = self._version
         except Exception as error:  # noqa: BLE001 - handed to every waiting rank
             round_.error = error
         finally:
@@ -183,7 +173,7 @@ class KMeansService:
         return round_
 
 
-def cluster_union(
+def _cluster_union(
     parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray, Preprocessor, KMeansResult]:
     """Cluster the union of the ranks' parts, one point per key, in ascending key order."""
@@ -197,7 +187,7 @@ def cluster_union(
     return keys, result.assignments, preprocessor, result
 
 
-def fit_on_samples(
+def _fit_on_samples(
     parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, seed: int
 ) -> tuple[None, None, Preprocessor, KMeansResult]:
     """"sample" mode: fit the preprocessor and K-means on the ranks' samples, in rank order."""
@@ -209,12 +199,19 @@ def fit_on_samples(
     return None, None, preprocessor, result
 
 
-def _summary(round_: _Round) -> dict:
-    assert round_.result is not None
-    return summarize(round_.result, round_.epoch, round_.version, round_.kind)
+def answer_round(kind: str, parts: list[tuple[np.ndarray, np.ndarray]], config: ClusteringConfig, seed: int,
+                 epoch: int, version: int) -> dict:
+    """What every rank of a round gets back: the clustering's summary, with the whole label table
+    (`keys`, `labels`) for "gather", the `preprocessor` and `centroids` for "sample". The actor's
+    computation; one process without an actor calls it directly (`clustering/labelers.py`)."""
+    run = _cluster_union if kind == "gather" else _fit_on_samples
+    keys, labels, preprocessor, result = run(parts, config, derive(seed, "kmeans", epoch))
+    if kind == "gather":
+        return _summary(result, epoch, version, kind) | {"keys": keys, "labels": labels}
+    return _summary(result, epoch, version, kind) | {"preprocessor": preprocessor, "centroids": result.centroids}
 
 
-def summarize(result: KMeansResult, epoch: int, version: int, kind: str) -> dict:
+def _summary(result: KMeansResult, epoch: int, version: int, kind: str) -> dict:
     """What every rank learns of a clustering besides the labels."""
     return {
         "epoch": epoch,

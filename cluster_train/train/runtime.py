@@ -52,6 +52,7 @@ class LocalRuntime:
                  keep: int = 2) -> None:
         self.rows = {name: InMemoryRows.from_arrow(table) for name, table in tables.items()}
         self.run_dir, self.keep = run_dir.rstrip("/"), keep
+        self.filesystem, self.root = open_filesystem(self.run_dir)
         self.device = device or torch.device("cpu")
         self.last_metrics: dict = {}
         self.last_checkpoint: str | None = None
@@ -63,11 +64,10 @@ class LocalRuntime:
         return self.rows[name]
 
     def checkpoints(self) -> list[str]:
-        filesystem, root = open_filesystem(self.run_dir)
-        infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-        names = sorted(i.base_name for i in infos
-                       if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
-        return [f"{self.run_dir}/{name}" for name in names]
+        """The names of the checkpoint folders kept, oldest first."""
+        infos = self.filesystem.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(i.base_name for i in infos
+                      if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
 
     @contextlib.contextmanager
     def resume_folder(self) -> Iterator[str | None]:
@@ -76,7 +76,7 @@ class LocalRuntime:
             yield None
             return
         with tempfile.TemporaryDirectory() as folder:
-            download_folder(found[-1], folder)
+            download_folder(f"{self.run_dir}/{found[-1]}", folder)
             yield folder
 
     def report(self, metrics: dict, folder: str | None) -> None:
@@ -86,6 +86,5 @@ class LocalRuntime:
         location = f"{self.run_dir}/{CHECKPOINT_PREFIX}{int(metrics['epoch']):06d}"
         copy_folder(folder, location)
         self.last_checkpoint = location
-        filesystem, _ = open_filesystem(self.run_dir)
         for old in self.checkpoints()[: -self.keep]:
-            filesystem.delete_dir(open_filesystem(old)[1])
+            self.filesystem.delete_dir(f"{self.root.rstrip('/')}/{old}")
