@@ -26,6 +26,9 @@ STREAMS = (
     "cluster_top",  # per epoch: the re-created cluster head's top layer (the same on every rank)
     "stage1_sampler",  # per epoch and rank: the uniform-over-clusters redraw of stage-1 batches
     "precise_bn",  # which training utterances the BatchNorm statistics are recomputed on
+    # new streams go last: a stream's index is part of every seed it derives
+    "unlabeled_subset",  # which audio-only utterances `data.unlabeled_fraction` keeps
+    "shuffled_labels",  # per epoch: the permutation of clustering.pseudo_labels = "shuffled"
 )
 
 

@@ -53,6 +53,9 @@ HTTP_RETRY_ENV = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+# A local sqlite store that several processes write (a sweep's trials in parallel): a write that
+# finds it locked is tried again after these pauses before tracking turns off.
+SQLITE_LOCK_WAITS_S = (1.0, 2.0, 4.0, 8.0)
 COMMIT_ENV = "DEEPEMOCLUSTER_GIT_COMMIT"
 IMAGE_ENV = "DEEPEMOCLUSTER_IMAGE"
 
@@ -73,6 +76,8 @@ class TrackingConfig:
     # store, the server's own artifact root for an http(s) store. (Left to MLflow, an experiment
     # created from a Ray worker took the worker's folder inside Ray's session folder: lost with it.)
     artifact_location: str | None = None
+    # The run this one is a child of (a sweep's parent run): the UI nests it there.
+    parent_run_id: str | None = None
 
     def resolved_uri(self) -> str:
         """The store to use; resolve it on the driver when workers may run in another directory."""
@@ -121,6 +126,8 @@ class RunTracker:
         """Start a run (or re-open `run_id`), log params and tags (and the image, when in one); the
         run id, None if disabled."""
         tags = {**image_tags(), **tags}
+        if self.config.parent_run_id:
+            tags["mlflow.parentRunId"] = self.config.parent_run_id
 
         def start(client: MlflowClient) -> str:
             run = self._reopen(client, run_id) if run_id else None
@@ -263,11 +270,15 @@ class RunTracker:
     ) -> T | None:
         if self._client is None or (needs_run and self._run_id is None):
             return None
-        try:
-            return fn(self._client)
-        except Exception as err:  # noqa: BLE001 - the failure policy: tracking never stops training
-            self._fail(what, err)
-            return None
+        for wait in (*SQLITE_LOCK_WAITS_S, None):
+            try:
+                return fn(self._client)
+            except Exception as err:  # noqa: BLE001 - the failure policy: tracking never stops training
+                if wait is None or "database is locked" not in str(err):
+                    self._fail(what, err)
+                    return None
+                time.sleep(wait)  # another process (a sweep's parallel trial) writes the same sqlite store
+        return None
 
     def _fail(self, what: str, err: Exception) -> None:
         message = (

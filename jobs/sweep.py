@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
-from cluster_train.experiments.sweep import load_sweep_config, plan_trials  # noqa: E402
+from cluster_train.experiments.sweep import estimate_sweep, load_sweep_config, plan_trials  # noqa: E402
 from cluster_train.serve.evaluate import format_comparison  # noqa: E402
 from data_prep.config import ConfigError  # noqa: E402
 from data_prep.dataset import DatasetError  # noqa: E402
@@ -20,7 +20,8 @@ from data_prep.dataset import DatasetError  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train a grid of configs x seeds and compare them.")
     parser.add_argument("--config", required=True, help="YAML file of SweepConfig settings (cluster_train/experiments/sweep.py)")
-    parser.add_argument("--dry-run", action="store_true", help="check every trial's config, list them, train nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check every trial's config, list them and time a few steps for the estimate; train nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             for trial in trials:
                 print(f"  {trial.point} seed {trial.seed}: {trial.config.name}")
+            print(estimate_sweep(config, trials))
             return 0
         from cluster_train.experiments.sweep import run_sweep
 

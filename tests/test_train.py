@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -359,11 +360,12 @@ def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
         warn_if_reads_starve(ScalingConfig(num_workers=2, cpus_per_worker=0.5))
 
 
-def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resumes(prepared, tmp_path):
-    """The paper's baselines in the same loop, as a sweep: 2 trials at once (Ray tasks, each training
-    in its own process without Ray Train: `scaling.num_workers=0`), MLflow, the table. The
-    CNN-regressor has no stage 1; the CNN-VAE's stage 1 is the CNN-AE's reconstruction plus the KL.
-    Dataset, checkpoints, best models and the table are all addressed by file:// URIs, as buckets are."""
+def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resumes(prepared, tmp_path, capsys):
+    """The paper's baselines in the same loop, as a sweep: 2 trials at once (each in a process of its
+    own, without Ray: `scaling.num_workers=0`), each an MLflow run under the sweep's parent run, the
+    table, the time estimate printed first. The CNN-regressor has no stage 1; the CNN-VAE's stage 1
+    is the CNN-AE's reconstruction plus the KL. Dataset, checkpoints, best models and the table are
+    all addressed by file:// URIs, as buckets are."""
     from cluster_train.experiments.sweep import load_sweep_config, plan_trials, run_sweep
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -374,23 +376,27 @@ train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
 overrides: [data.dataset={(prepared / 'prepared').as_uri()}, data.batch_size=4, epochs=1,
             clustering.num_clusters=4, scaling.num_workers=0, storage_path={(tmp_path / 'runs').as_uri()},
             tracking.tracking_uri={store}]
-grid:
-  model_kind: [cnn_regressor, cnn_vae]
-reference: model_kind=cnn_regressor
+points:
+  - {{name: regressor, model_kind: cnn_regressor}}
+  - {{model_kind: cnn_vae}}
+reference: regressor
 subsets: 2
 max_concurrent: 2
 output: {(tmp_path / 'sweeps').as_uri()}
 """)
     config = load_sweep_config(sweep_file)
     result = run_sweep(config)
+    printed = capsys.readouterr().out
+    assert "2 of 2 trials to train, 2 at a time" in printed
+    assert re.search(r"regressor: 1 trial\(s\) x \d+ min\n  model_kind=cnn_vae: 1 trial", printed), printed
 
-    points = ["model_kind=cnn_regressor", "model_kind=cnn_vae"]
+    points = ["regressor", "model_kind=cnn_vae"]
     assert list(result.table["models"]) == points
     assert result.table["models"][points[1]]["ccc"]["arousal"]["n"] == 2  # 2 subsets x 1 seed
     assert result.table_file == (tmp_path / "sweeps" / "baselines" / "table.json").as_uri()
     assert json.loads((tmp_path / "sweeps" / "baselines" / "table.json").read_text())["models"] == result.table["models"]
     for run in result.runs:
-        kind = run["point"].split("=")[1]
+        kind = "cnn_regressor" if run["point"] == "regressor" else run["point"].split("=")[1]
         assert run["best_model"] == (tmp_path / "runs" / run["name"] / "best_model").as_uri()
         assert load_bundle(run["best_model"]).model_kind == kind and run["mlflow_run_id"]
         metrics = run["last_epoch"]
@@ -402,21 +408,26 @@ output: {(tmp_path / 'sweeps').as_uri()}
             assert metrics["train/stage1_chunks"] == 8 * 11 and metrics["train/stage1_loss"] > 0
     experiment = MlflowClient(store).get_experiment_by_name("baselines")
     logged = MlflowClient(store).search_runs([experiment.experiment_id])
-    assert sorted(r.data.params["model_kind"] for r in logged) == sorted(k.split("=")[1] for k in points)
+    parent = result.table["parent_run_id"]
+    children = [r for r in logged if r.info.run_id != parent]
+    assert sorted(r.data.params["model_kind"] for r in children) == ["cnn_regressor", "cnn_vae"]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parent}
+    assert MlflowClient(store).get_run(parent).info.status == "FINISHED"
+    assert [f.path for f in MlflowClient(store).list_artifacts(parent)] == ["table.json"]
 
     again = run_sweep(config)  # everything trained already: nothing trains, the same table
     assert all(run.get("reused") for run in again.runs)
     assert [r["mlflow_run_id"] for r in again.runs] == [r["mlflow_run_id"] for r in result.runs]
-    assert again.table["models"] == result.table["models"]
+    assert again.table["models"] == result.table["models"] and again.table["parent_run_id"] == parent
 
     changed = tmp_path / "changed.yaml"  # the same trials with another batch size: not silently reused
     changed.write_text(sweep_file.read_text().replace("data.batch_size=4", "data.batch_size=2"))
-    with pytest.raises(ConfigError, match=r"trial baselines-model_kind_cnn_regressor-seed0 .*differs in data\.batch_size"):
+    with pytest.raises(ConfigError, match=r"trial baselines-regressor-seed0 .*differs in data\.batch_size"):
         run_sweep(load_sweep_config(changed))
 
     typo = tmp_path / "typo.yaml"
     typo.write_text(sweep_file.read_text().replace("epochs=1,", "epochs=1, optim.regressor.lrr=1,"))
-    with pytest.raises(ConfigError, match="trial model_kind=cnn_regressor seed 0: config key 'optim.regressor.lrr'"):
+    with pytest.raises(ConfigError, match="trial regressor seed 0: config key 'optim.regressor.lrr'"):
         plan_trials(load_sweep_config(typo))  # before any trial trains
 
 
@@ -480,3 +491,37 @@ def test_bf16_autocast_trains_as_fp32_does_within_seed_variation(prepared, tmp_p
     assert not np.array_equal(dev["bf16", 0], dev["fp32", 0])  # autocast did change the arithmetic
     seed_spread = np.abs(dev["fp32", 1] - dev["fp32", 0]).max()
     assert np.abs(dev["bf16", 0] - dev["fp32", 0]).max() <= max(2 * seed_spread, 0.05), dev
+
+
+def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
+    """The experiment's controls (docs/RESULTS.md): DeepEmoCluster with stage 1 off (`stages=[2]`)
+    and shuffled pseudo-labels, with the labelled stage repeated (`labeled_passes`); and the rows a
+    run uses with `data.unlabeled_fraction` (nested, the kept labelled rows always in)."""
+    from cluster_train.clustering.labelers import LabelTable
+    from cluster_train.data.batches import kept_label_ids, row_counts
+
+    table = LabelTable.build(np.arange(40), np.arange(40) % 4, num_chunks=4, num_clusters=4)
+    shuffled = table.shuffled(np.random.default_rng(0))
+    assert not np.array_equal(shuffled.labels, table.labels)
+    np.testing.assert_array_equal(np.bincount(shuffled.labels.ravel()), np.bincount(table.labels.ravel()))
+    np.testing.assert_array_equal(shuffled.labels, table.shuffled(np.random.default_rng(0)).labels)
+
+    common = ["scaling.num_workers=0", "tracking.enabled=false", "epochs=1", "model.channels=[8,16]",
+              "model.strides=[2,2]", "model.feature_dim=16", "precise_bn.utterances=0"]
+    once = run_training(_small_run(prepared, tmp_path, "dec-once", *common))
+    control = run_training(_small_run(prepared, tmp_path, "dec-control", *common, "stages=[2]", "labeled_passes=3",
+                                      "clustering.pseudo_labels=shuffled"))
+    assert once.metrics["train/stage1_steps"] == 2 and once.metrics["train/stage2_steps"] == 2  # 8 rows, batch 4
+    assert "train/stage1_steps" not in control.metrics and control.metrics["train/stage2_steps"] == 3 * 2
+    assert control.metrics["cluster/size_min"] >= 0 and "cluster/kmeans_objective" in control.metrics
+    with pytest.raises(ConfigError, match="'stages': must keep the labelled stage"):
+        _small_run(prepared, tmp_path, "x", "stages=[1]")
+
+    dataset = PreparedDataset(str(prepared / "prepared"))
+    config = _small_run(prepared, tmp_path, "rows", "data.label_fraction=0.25").data
+    kept = kept_label_ids(dataset, config, seed=0)
+    counts = {f: row_counts(dataset, dataclasses.replace(config, unlabeled_fraction=f), seed=0) for f in (0, 0.5, 1)}
+    assert len(kept) == 2  # of 8 train utterances; the other 6 are audio-only
+    assert [counts[f]["unlabeled"] for f in (0, 0.5, 1)] == [2, 2 + 3, 8]
+    assert [counts[f]["cluster"] for f in (0, 0.5, 1)] == [2, 2 + 3, 8]
+    assert [counts[f]["labeled"] for f in (0, 0.5, 1)] == [2] * 3

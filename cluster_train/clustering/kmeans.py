@@ -35,6 +35,9 @@ MODES = ("gather", "sample", "allreduce")
 # Stage-1 batches: "all" = every chunk once (the paper); "uniform" = chunks redrawn uniformly over
 # clusters (DeepCluster's sampler).
 SAMPLERS = ("all", "uniform")
+# Where training's pseudo-labels come from: "kmeans" (the method); "shuffled" (a control) K-means's
+# labels permuted over all chunks every epoch: the same cluster sizes, no relation to the audio.
+PSEUDO_LABELS = ("kmeans", "shuffled")
 
 
 @dataclass(kw_only=True)
@@ -77,6 +80,7 @@ class ClusteringConfig:
     # "all" (the paper's): on RAVDESS the uniform sampler gave no measurable gain after one epoch
     # (stage-1 CE 2.24 vs 2.07, dev CCC ~0.005 vs ~0.01; bench/results/clustering_ablation.json).
     stage1_sampler: str = "all"  # one of SAMPLERS
+    pseudo_labels: str = "kmeans"  # one of PSEUDO_LABELS
 
     def __post_init__(self) -> None:
         require(self.num_clusters >= 1, "num_clusters", "must be >= 1")
@@ -91,6 +95,7 @@ class ClusteringConfig:
         require(self.sample_size >= self.num_clusters, "clustering.sample_size", "must be >= num_clusters")
         require(self.actor_restarts >= -1, "clustering.actor_restarts", "must be >= -1 (-1: always)")
         require_choice(self.stage1_sampler, "clustering.stage1_sampler", SAMPLERS)
+        require_choice(self.pseudo_labels, "clustering.pseudo_labels", PSEUDO_LABELS)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ Train initialises it: gloo on CPU, NCCL on GPU), else they are the identity.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -88,6 +89,12 @@ class LabelTable:
         index = np.searchsorted(self.group_keys, group).clip(max=len(self.group_keys) - 1)
         found = self.group_keys[index] == group
         return np.where(found, self.labels[index, chunk].astype(np.int64), UNKNOWN_LABEL)
+
+    def shuffled(self, generator: np.random.Generator) -> "LabelTable":
+        """The same keys and cluster sizes, the labels permuted over all entries (every rank holds
+        the same table, so the same generator gives every rank the same labels)."""
+        labels = self.labels.ravel()[generator.permutation(self.labels.size)].reshape(self.labels.shape)
+        return dataclasses.replace(self, labels=labels)
 
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted chunk keys, int64 labels) of every entry."""

@@ -60,6 +60,17 @@ def kept_label_ids(dataset: PreparedDataset, config: DataConfig, seed: int) -> l
     return sorted(np.asarray(ids, dtype=object)[rng.permutation(len(ids))[:count]].tolist())
 
 
+def kept_unlabeled_ids(dataset: PreparedDataset, config: DataConfig, kept: list[str], seed: int) -> list[str] | None:
+    """Ids of the audio-only utterances (no kept label) that stage 1 and the clustering use
+    (`unlabeled_fraction` of them, nested across fractions for one seed); None: all of them."""
+    if config.unlabeled_fraction >= 1:
+        return None
+    ids = sorted(set(dataset.read_table(_cluster_splits(config), ["id"])["id"].to_pylist()) - set(kept))
+    rng = np.random.default_rng(derive(seed, "unlabeled_subset"))
+    count = round(config.unlabeled_fraction * len(ids))
+    return sorted(np.asarray(ids, dtype=object)[rng.permutation(len(ids))[:count]].tolist())
+
+
 def precise_bn_table(dataset: PreparedDataset, splits: list[str], utterances: int, seed: int) -> pa.Table:
     """`utterances` rows of `splits` drawn at random (seeded), read from as few shards as hold them:
     at MSP-Podcast scale a handful of shards, not the corpus. Sorted by id."""
@@ -80,13 +91,17 @@ def _select(rows, dataset: PreparedDataset, config: DataConfig, seed: int) -> di
     """Each dataset's rows (see the module docstring) through `rows(splits, ids, keep)`."""
     labelled = kept_label_ids(dataset, config, seed)
     unlabeled_splits = _unlabeled_splits(config)
-    return {
-        "labeled": rows(list(config.labeled_splits), ids=labelled),
-        "unlabeled": (rows(unlabeled_splits) if config.labeled_as_unlabeled
-                      else rows(unlabeled_splits + list(config.labeled_splits), ids=labelled, keep=False)),
-        "cluster": rows(_cluster_splits(config)),
-        "development": rows([config.development_split]),
-    }
+    audio_only = kept_unlabeled_ids(dataset, config, labelled, seed)
+    if audio_only is None:
+        unlabeled = (rows(unlabeled_splits) if config.labeled_as_unlabeled
+                     else rows(unlabeled_splits + list(config.labeled_splits), ids=labelled, keep=False))
+        cluster = rows(_cluster_splits(config))
+    else:
+        every = sorted({*audio_only, *labelled})
+        unlabeled = rows(_cluster_splits(config), ids=every if config.labeled_as_unlabeled else audio_only)
+        cluster = rows(_cluster_splits(config), ids=every)
+    return {"labeled": rows(list(config.labeled_splits), ids=labelled), "unlabeled": unlabeled,
+            "cluster": cluster, "development": rows([config.development_split])}
 
 
 def _unlabeled_splits(config: DataConfig) -> list[str]:
@@ -109,6 +124,12 @@ def build_tables(dataset: PreparedDataset, config: DataConfig, seed: int, precis
     if precise_bn_utterances > 0:
         tables["precise_bn"] = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed)
     return tables
+
+
+def row_counts(dataset: PreparedDataset, config: DataConfig, seed: int) -> dict[str, int]:
+    """Utterances in each dataset of a run (the rows `build_tables` holds), read from the ids alone."""
+    table = dataset.read_table([*_cluster_splits(config), config.development_split], ["id", "split"])
+    return {name: rows.num_rows for name, rows in _select(_TableRows(table), dataset, config, seed).items()}
 
 
 def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_memory: bool = False,

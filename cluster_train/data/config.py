@@ -22,6 +22,10 @@ class DataConfig:
     # Keep the labels of this fraction of labelled utterances (a fixed choice per seed); the rest
     # train as unlabeled audio: the scarce-label setting the method is for.
     label_fraction: float = 1.0
+    # Use this fraction of the audio-only utterances (the unlabeled splits and the labelled ones whose
+    # labels `label_fraction` hides) in stage 1 and the clustering: a fixed choice per seed, nested
+    # (a smaller fraction's utterances are part of a larger one's). The paper's Table 4 varies it.
+    unlabeled_fraction: float = 1.0
     batch_size: int = 64  # sentences per step (each C chunks)
     # When the prepared dataset's chunks take at most this many MB (all splits), the driver reads
     # them and hands Ray Data tables (no file listing per dataset), and workers keep their rows in
@@ -32,6 +36,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require(0 < self.label_fraction <= 1, "data.label_fraction", "must be in (0, 1]")
+        require(0 <= self.unlabeled_fraction <= 1, "data.unlabeled_fraction", "must be in [0, 1]")
         require(self.cache_max_mb >= 0, "data.cache_max_mb", "must be >= 0")
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         require(len(self.labeled_splits) > 0, "data.labeled_splits", "name at least one split")

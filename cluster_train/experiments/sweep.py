@@ -4,11 +4,15 @@
     result = run_sweep(config)   # trains what is not trained yet, scores, writes <output>/<name>/table.json
 
 Every trial is the ordinary training job (`launch.run_training`) with the grid point's and the seed's
-overrides; its MLflow run goes to the experiment named after the sweep, so the UI shows them side
-by side. All trials' configs are checked before anything trains. A trial whose best model already
-exists is not trained again: a killed sweep, run again, goes on where it stopped. Up to
-`max_concurrent` trials train at once, each its own Ray Train run (on a cluster the autoscaler adds
-the GPUs they ask for).
+overrides. Grid points are the named `points` (a control is a point: a model kind with the settings
+that make it one) crossed with every combination of `grid`. Each trial's MLflow run is a child of the
+sweep's parent run, in the experiment named after the sweep, so the UI shows them side by side.
+All trials' configs are checked before anything trains, and the sweep prints how long it expects
+to take (`estimate.py`: steps timed here). A trial whose best model already exists is not trained
+again, and a trial killed mid-way resumes from its last checkpoint: a killed sweep, run again, goes
+on where it stopped. Up to `max_concurrent` trials train at once: each its own Ray Train run (on a
+cluster the autoscaler adds the GPUs they ask for), or, when every trial trains without Ray
+(`scaling.num_workers=0`), each in its own process on this machine, with no Ray at all.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class SweepConfig:
     name: str = MISSING  # the MLflow experiment and the folder of the results
     train_config: str = MISSING  # a training config file (configs/train/...)
     overrides: list[str] = field(default_factory=list)  # key=value for every trial
+    # Named grid points, {name: label, key: value, ...} each, crossed with `grid`; a point's own
+    # `seeds: [...]` replaces the sweep's (controls and secondary tables may take fewer). Empty: one
+    # unnamed point.
+    points: list[dict[str, Any]] = field(default_factory=list)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # training key -> values; every combination
     seeds: list[int] = field(default_factory=lambda: [0])  # trials per grid point (the paper: 5)
     reference: str | None = None  # the grid point the others are tested against; None: the first
@@ -50,6 +58,12 @@ class SweepConfig:
         for key, values in self.grid.items():
             require(len(values) > 0, f"grid.{key}", "give at least one value")
             require(key != "seed", f"grid.{key}", "seeds go in `seeds`, not in the grid")
+        for index, point in enumerate(self.points):
+            require("seed" not in point, f"points[{index}].seed", "seeds go in `seeds`")
+            require(bool(set(point) - {"name", "seeds"}), f"points[{index}]", "names no setting")
+            require(len(point.get("seeds", [0])) > 0, f"points[{index}].seeds", "name at least one seed")
+        labels = [label for label, _, _ in grid_points(self)]
+        require(len(set(labels)) == len(labels), "points", f"two points have one label: {labels}")
 
 
 @dataclass(frozen=True)
@@ -70,30 +84,48 @@ def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
     return load_config(SweepConfig, path, overrides)
 
 
-def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+def grid_points(config: SweepConfig) -> list[tuple[str, dict[str, Any], list[int]]]:
+    """(label, settings, seeds) of every point: each named point (or one empty point) with each
+    combination of the grid. The label is the point's name, else its settings, then the grid's
+    values, e.g. "deepemocluster,clustering.num_clusters=20" or "model_kind=cnn_regressor"."""
+    keys = list(config.grid)
+    combinations = [dict(zip(keys, values)) for values in itertools.product(*(config.grid[k] for k in keys))]
+    found = []
+    for point in config.points or [{}]:
+        settings = {key: value for key, value in point.items() if key not in ("name", "seeds")}
+        seeds = [int(seed) for seed in point.get("seeds", config.seeds)]
+        for combination in combinations:
+            named = [str(point["name"])] if "name" in point else _labels(settings)
+            found.append((",".join([*named, *_labels(combination)]) or "base", {**settings, **combination}, seeds))
+    return found
 
 
-def point_label(point: dict[str, Any]) -> str:
-    return ",".join(f"{key}={value}" for key, value in point.items()) or "base"
+def _labels(settings: dict[str, Any]) -> list[str]:
+    return [f"{key}={_override_value(value)}" for key, value in settings.items()]
+
+
+def _override_value(value: Any) -> str:
+    """A YAML value as an override's right-hand side (lists as [a,b])."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
 
 
 def plan_trials(config: SweepConfig) -> list[Trial]:
     """Every trial's training config, validated: a wrong key or value fails here, before Ray starts."""
     trials = []
-    for point in grid_points(config.grid):
-        label = point_label(point)
-        for seed in config.seeds:
+    points = grid_points(config)
+    for label, settings, seeds in points:
+        for seed in seeds:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-            overrides = [*(f"{k}={v}" for k, v in point.items()), f"seed={seed}",
+            overrides = [*(f"{k}={_override_value(v)}" for k, v in settings.items()), f"seed={seed}",
                          f"name={config.name}-{slug}-seed{seed}", f"tracking.experiment={config.name}"]
             try:  # the file and the sweep's overrides serve every kind: a trial keeps what its kind reads
                 train = load_train_config(config.train_config, overrides, shared_overrides=config.overrides)
             except ConfigError as error:
                 raise ConfigError(f"sweep {config.name}, trial {label} seed {seed}: {error}") from error
             trials.append(Trial(label, seed, train))
-    labels = [point_label(p) for p in grid_points(config.grid)]
+    labels = [label for label, _, _ in points]
     if config.reference is not None and config.reference not in labels:
         raise ConfigError(f"config key 'reference': {config.reference!r} is none of the grid points {labels}")
     return trials
@@ -118,7 +150,8 @@ def _trained(config: TrainConfig) -> dict | None:
     run = folder.read_json(RUN_FILE)
     before, now = run.pop("config", None), _config_record(config)
     # Keys the record lacks were added to the code later; their defaults keep the old behaviour.
-    keys = sorted(k for k in (before or {}) if before[k] != now.get(k))
+    # Where a run is tracked changes no result (a parent run, a store moved): not compared.
+    keys = sorted(k for k in (before or {}) if before[k] != now.get(k) and not k.startswith("tracking."))
     if keys:
         raise ConfigError(f"trial {config.name} was trained in {folder.location} with another config "
                           f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
@@ -139,53 +172,137 @@ def _train(config: TrainConfig) -> dict:
     return run
 
 
-def run_sweep(config: SweepConfig) -> SweepResult:
-    import ray
+PARENT_FILE = "parent_run.json"  # beside table.json: the sweep's MLflow parent run, re-opened on a rerun
 
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    """Train what is not trained yet (saying first how long it should take), score every trial's best
+    model on `split`, write `<output>/<name>/table.json` and log it to the sweep's parent run."""
     from cluster_train.serve.bundle import load_bundle
     from cluster_train.serve.evaluate import compare_models, predict_split
     from data_prep.dataset import PreparedDataset
 
     trials = [dataclasses.replace(t, config=pin_local_paths(t.config)) for t in plan_trials(config)]
     dataset = PreparedDataset(trials[0].config.data.dataset)  # a missing dataset fails before training
-    runs: list[dict | None] = [None] * len(trials)
-    pending = []
-    for index, trial in enumerate(trials):
-        runs[index] = _trained(trial.config)
-        if runs[index] is None:
-            pending.append(index)
-    if pending and not ray.is_initialized():
-        ray.init(logging_level="WARNING")
-    if pending and config.max_concurrent > 1:
-        warn_if_reads_starve(trials[0].config.scaling, runs=min(config.max_concurrent, len(pending)))
-        if trials[0].config.tracking.enabled:
-            from cluster_train.tracking import RunTracker
-
-            RunTracker(trials[0].config.tracking).prepare_experiment()
-    if config.max_concurrent == 1:
-        for index in pending:
-            runs[index] = _train(trials[index].config)
-    else:
-        train_task = ray.remote(num_cpus=0, max_retries=0)(_train)
-        waiting: dict = {}
-        queue = list(pending)
-        while queue or waiting:
-            while queue and len(waiting) < config.max_concurrent:
-                index = queue.pop(0)
-                waiting[train_task.remote(trials[index].config)] = index
-            ready, _ = ray.wait(list(waiting), num_returns=1)
-            index = waiting.pop(ready[0])
-            runs[index] = ray.get(ready[0])
+    folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
+    folder.make()
+    parent = _ParentRun(config, trials[0].config.tracking, folder)
+    trials = [dataclasses.replace(t, config=dataclasses.replace(t.config, tracking=dataclasses.replace(
+        t.config.tracking, parent_run_id=parent.run_id))) for t in trials]
+    runs: list[dict | None] = [_trained(trial.config) for trial in trials]
+    pending = [index for index, run in enumerate(runs) if run is None]
+    if pending:
+        concurrent = min(config.max_concurrent, len(pending))
+        print(f"sweep {config.name}: {len(pending)} of {len(trials)} trials to train, {concurrent} at a time", flush=True)
+        print(_estimate([trials[i] for i in pending], dataset, concurrent), flush=True)
+        local = all(trials[i].config.scaling.num_workers == 0 for i in pending)
+        train_all = _train_in_processes if local else _train_on_ray
+        for index, run in train_all([trials[i].config for i in pending], concurrent).items():
+            runs[pending[index]] = run
+        failed = [trials[i].config.name for i in pending if isinstance(runs[i], BaseException)]
+        if failed:
+            error = next(runs[i] for i in pending if isinstance(runs[i], BaseException))
+            parent.fail(error)
+            raise RuntimeError(f"sweep {config.name}: {len(failed)} trial(s) failed ({', '.join(failed)}); the "
+                               f"others are saved, and a rerun trains only what is missing") from error
 
     predictions: dict[str, list] = {}
     for trial, run in zip(trials, runs):
-        assert run is not None
+        assert isinstance(run, dict)
         run |= {"point": trial.point, "seed": trial.seed, "name": trial.config.name}
         bundle = load_bundle(run["best_model"])
         predictions.setdefault(trial.point, []).append(predict_split(bundle, dataset, config.split))
     table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets)
-    table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location, "runs": runs}
-    folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
-    folder.make()
+    table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location,
+              "parent_run_id": parent.run_id, "runs": runs}
     folder.write_json("table.json", table)
-    return SweepResult(table, [r for r in runs if r is not None], folder.uri("table.json"))
+    parent.finish(table)
+    return SweepResult(table, [r for r in runs if isinstance(r, dict)], folder.uri("table.json"))
+
+
+def estimate_sweep(config: SweepConfig, trials: list[Trial]) -> str:
+    """The estimate `run_sweep` prints, for the trials not trained yet, without training."""
+    from data_prep.dataset import PreparedDataset
+
+    pending = [trial for trial in trials if _trained(pin_local_paths(trial.config)) is None]
+    if not pending:
+        return f"sweep {config.name}: every trial is trained"
+    dataset = PreparedDataset(pending[0].config.data.dataset)
+    return _estimate(pending, dataset, min(config.max_concurrent, len(pending)))
+
+
+def _estimate(pending: list[Trial], dataset, concurrent: int) -> str:
+    from cluster_train.experiments.estimate import format_estimate, time_steps
+    from cluster_train.train.launch import with_dataset_shape
+
+    pending = [dataclasses.replace(t, config=with_dataset_shape(t.config, dataset)) for t in pending]
+    costs = {}
+    for trial in pending:
+        if trial.config.model_kind not in costs:
+            costs[trial.config.model_kind] = time_steps(trial.config)
+    return format_estimate(pending, costs, concurrent)
+
+
+def _train_in_processes(configs: list[TrainConfig], concurrent: int) -> dict[int, dict | BaseException]:
+    """Each trial in a process of its own on this machine (no Ray), `concurrent` at a time; a trial
+    that fails leaves the others training."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if concurrent == 1:
+        return {index: _train_or_error(config) for index, config in enumerate(configs)}
+    with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_or_error, config): index for index, config in enumerate(configs)}
+        return {futures[future]: future.result() for future in as_completed(futures)}
+
+
+def _train_on_ray(configs: list[TrainConfig], concurrent: int) -> dict[int, dict | BaseException]:
+    """Each trial its own Ray Train run, driven from a Ray task, `concurrent` at a time."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+    if concurrent == 1:
+        return {index: _train_or_error(config) for index, config in enumerate(configs)}
+    warn_if_reads_starve(configs[0].scaling, runs=concurrent)
+    train_task = ray.remote(num_cpus=0, max_retries=0)(_train_or_error)
+    done: dict[int, dict | BaseException] = {}
+    waiting: dict = {}
+    queue = list(enumerate(configs))
+    while queue or waiting:
+        while queue and len(waiting) < concurrent:
+            index, config = queue.pop(0)
+            waiting[train_task.remote(config)] = index
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        done[waiting.pop(ready[0])] = ray.get(ready[0])
+    return done
+
+
+def _train_or_error(config: TrainConfig) -> dict | BaseException:
+    try:
+        return _train(config)
+    except Exception as error:  # noqa: BLE001 - the sweep reports it once every trial has ended
+        print(f"trial {config.name} failed: {type(error).__name__}: {error}", flush=True)
+        return error
+
+
+class _ParentRun:
+    """The sweep's MLflow run, parent of its trials' runs: created once, its id kept in the sweep's
+    folder (`PARENT_FILE`) so a rerun re-opens it; it holds the table when the sweep ends."""
+
+    def __init__(self, config: SweepConfig, tracking, folder: OutputFolder):
+        from cluster_train.tracking import RunTracker
+
+        self.tracker = RunTracker(dataclasses.replace(tracking, run_name=config.name, parent_run_id=None))
+        saved = folder.read_json(PARENT_FILE)["run_id"] if folder.exists(PARENT_FILE) else None
+        params = {key: json.dumps(value) for key, value in to_flat_dict(config).items()}
+        self.run_id = self.tracker.start(params, {"sweep": config.name}, run_id=saved)
+        if self.run_id is not None and self.run_id != saved:
+            folder.write_json(PARENT_FILE, {"run_id": self.run_id})
+
+    def finish(self, table: dict) -> None:
+        self.tracker.log_dict(table, "table.json")
+        self.tracker.end()
+
+    def fail(self, error: BaseException) -> None:
+        self.tracker.fail(error)

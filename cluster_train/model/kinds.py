@@ -46,8 +46,10 @@ class ModelKind:
     clusters: ClassVar[bool] = False  # trains on K-means pseudo-labels of its embeddings
     settings: ClassVar[tuple[str, ...]] = ()  # TrainConfig keys (or key prefixes) only this kind reads
 
-    def __init__(self, weights: LossWeights = LossWeights()) -> None:
+    def __init__(self, weights: LossWeights = LossWeights(), stages: tuple[int, ...] | None = None) -> None:
         self.weights = weights
+        if stages is not None:  # a subset of the kind's stages, e.g. DeepEmoCluster without stage 1 (a control)
+            self.stages = tuple(stage for stage in type(self).stages if stage.number in stages)
 
     def build(self, config: ModelConfig) -> nn.Module:
         return self.network(config)
@@ -144,9 +146,10 @@ MODEL_KINDS = tuple(KINDS)
 KIND_SETTINGS = sorted({key for kind in KINDS.values() for key in kind.settings})
 
 
-def get_kind(name: str, weights: LossWeights = LossWeights()) -> ModelKind:
+def get_kind(name: str, weights: LossWeights = LossWeights(), stages: tuple[int, ...] | None = None) -> ModelKind:
+    """The kind `name`; `stages`: the stage numbers it trains (None: all of its stages)."""
     require_choice(name, "model_kind", MODEL_KINDS)
-    return KINDS[name](weights)
+    return KINDS[name](weights, stages)
 
 
 def build_model(kind: str, config: ModelConfig) -> nn.Module:

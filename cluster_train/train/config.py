@@ -103,6 +103,12 @@ class TrainConfig:
     precision: str = "auto"
     epochs: int = 50
     patience: int = 5  # epochs without a better development loss before stopping
+    # The stage numbers to train (model/kinds.py); None: all of the kind's. [2] for DeepEmoCluster is
+    # the "stage 1 off" control: unlabeled audio then only shapes the clustering.
+    stages: list[int] | None = None
+    # Passes over the labelled rows per epoch (the labelled stage repeated, each pass reshuffled): the
+    # control that gives the CNN-regressor as many steps as DeepEmoCluster takes (docs/RESULTS.md).
+    labeled_passes: int = 1
     cluster_weight: float = 1.0  # lambda of (1 - CCC) + lambda * CE
     reconstruction_weight: float = 1.0  # CNN-AE / CNN-VAE
     kl_weight: float = 1.0  # CNN-VAE: on the KL per reconstructed element (losses.vae_kl)
@@ -117,11 +123,20 @@ class TrainConfig:
         require(self.epochs >= 1, "epochs", "must be >= 1")
         require(self.patience >= 1, "patience", "must be >= 1")
         require_choice(self.precision, "precision", PRECISIONS)
+        require(self.labeled_passes >= 1, "labeled_passes", "must be >= 1")
+        if self.stages is not None:
+            own = [stage.number for stage in get_kind(self.model_kind).stages]
+            wrong = sorted(set(self.stages) - set(own))
+            require(not wrong, "stages", f"model_kind {self.model_kind} has stages {own}, not {wrong}")
+            labelled = [stage.number for stage in get_kind(self.model_kind).stages if stage.shard == "labeled"]
+            require(set(labelled) <= set(self.stages), "stages",
+                    f"must keep the labelled stage {labelled} (the regressor learns there)")
         self.model.num_clusters = self.clustering.num_clusters  # one source: the clustering's K
 
     @property
     def kind(self) -> ModelKind:
-        return get_kind(self.model_kind, LossWeights(self.cluster_weight, self.reconstruction_weight, self.kl_weight))
+        weights = LossWeights(self.cluster_weight, self.reconstruction_weight, self.kl_weight)
+        return get_kind(self.model_kind, weights, None if self.stages is None else tuple(self.stages))
 
     @property
     def clusters(self) -> bool:

@@ -132,8 +132,9 @@ class Trainer:
             metrics |= cluster_metrics
         for stage in self.kind.stages:
             started = time.perf_counter()
-            loss, chunks = self._stage(stage, epoch, pseudo)
-            metrics[f"train/stage{stage.number}_loss"], metrics[f"train/stage{stage.number}_chunks"] = loss, chunks
+            loss, chunks, steps = self._stage(stage, epoch, pseudo)
+            name = f"train/stage{stage.number}"
+            metrics |= {f"{name}_loss": loss, f"{name}_chunks": chunks, f"{name}_steps": steps}
             timings[f"stage{stage.number}"] = time.perf_counter() - started
         self._refresh_batchnorm(timings)
         started = time.perf_counter()
@@ -170,6 +171,9 @@ class Trainer:
         timings["embedding"] = time.perf_counter() - started
         started = time.perf_counter()
         result = self.labeler.label(epoch, keys, features, self.num_chunks)
+        if self.config.clustering.pseudo_labels == "shuffled":  # the control: sizes kept, audio ignored
+            generator = np.random.default_rng(derive(self.config.seed, "shuffled_labels", epoch))
+            result = dataclasses.replace(result, table=result.table.shuffled(generator))
         timings["clustering"] = time.perf_counter() - started
         # Labels permute between clusterings: re-initialised layers, the same on every rank.
         generator = torch.Generator().manual_seed(derive(self.config.seed, "cluster_top", epoch))
@@ -202,27 +206,30 @@ class Trainer:
             return np.empty(0, np.int64), np.empty((0, self.config.model.feature_dim), np.float32)
         return np.concatenate(keys), np.concatenate(features)
 
-    def _stage(self, stage: Stage, epoch: int, pseudo: LabelTable | None) -> tuple[float, int]:
-        """Mean loss of one pass over this rank's shard, and the chunks it trained on."""
+    def _stage(self, stage: Stage, epoch: int, pseudo: LabelTable | None) -> tuple[float, int, int]:
+        """Mean loss of the stage's passes over this rank's shard (`labeled_passes` for the labelled
+        stage, else one), the chunks and the steps it trained on."""
         self.model.train()
         self.bn_current = False  # on every rank alike, whether or not its shard held a batch
         total, steps, chunks = 0.0, 0, 0
-        shuffle = derive(self.config.seed, f"shuffle_stage{stage.number}", epoch)
-        shard = self.runtime.shard(stage.shard)
-        for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=shuffle):
-            for group in stage.groups:
-                self.optimizers[group].zero_grad(set_to_none=True)
-            batch = self._stage1_sample(stage, batch, pseudo)
-            labels = None if pseudo is None else torch.from_numpy(pseudo.lookup(batch.keys)).to(self.device)
-            with self.precision.autocast():
-                outputs = self.model(batch.chunks)
-            loss = self.kind.loss(stage, Precision.outputs(outputs), batch.chunks, batch.targets, batch.num_chunks,
-                                  labels)
-            loss.backward()
-            for group in stage.groups:
-                self.optimizers[group].step()
-            total, steps, chunks = total + float(loss.detach()), steps + 1, chunks + len(batch.keys)
-        return total / max(steps, 1), chunks
+        passes = self.config.labeled_passes if stage.shard == "labeled" else 1
+        for number in range(passes):  # pass p of epoch e shuffles as epoch e * passes + p
+            shuffle = derive(self.config.seed, f"shuffle_stage{stage.number}", epoch * passes + number)
+            shard = self.runtime.shard(stage.shard)
+            for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=shuffle):
+                for group in stage.groups:
+                    self.optimizers[group].zero_grad(set_to_none=True)
+                batch = self._stage1_sample(stage, batch, pseudo)
+                labels = None if pseudo is None else torch.from_numpy(pseudo.lookup(batch.keys)).to(self.device)
+                with self.precision.autocast():
+                    outputs = self.model(batch.chunks)
+                loss = self.kind.loss(stage, Precision.outputs(outputs), batch.chunks, batch.targets,
+                                      batch.num_chunks, labels)
+                loss.backward()
+                for group in stage.groups:
+                    self.optimizers[group].step()
+                total, steps, chunks = total + float(loss.detach()), steps + 1, chunks + len(batch.keys)
+        return total / max(steps, 1), chunks, steps
 
     def _stage1_sample(self, stage: Stage, batch: Batch, pseudo: LabelTable | None) -> Batch:
         """Stage 1 with clustering.stage1_sampler = "uniform": the batch's chunks redrawn uniformly
