@@ -425,6 +425,18 @@ output: {(tmp_path / 'sweeps').as_uri()}
     with pytest.raises(ConfigError, match=r"trial baselines-regressor-seed0 .*differs in data\.batch_size"):
         run_sweep(load_sweep_config(changed))
 
+    from cluster_train.experiments.report import write_report
+
+    report = write_report(config, tmp_path / "report")  # tables, curves, logged to the parent run
+    assert (report.trained, report.planned) == (2, 2) and list(report.tables) == ["regressor"]
+    assert "| regressor | 1 |" in report.markdown and "| model_kind=cnn_vae | 1 |" in report.markdown
+    vae = report.tables["regressor"]["models"]["model_kind=cnn_vae"]["ccc"]["arousal"]
+    assert vae["mean"] == pytest.approx(result.table["models"]["model_kind=cnn_vae"]["ccc"]["arousal"]["mean"])
+    assert (tmp_path / "report" / "learning_curves.png").stat().st_size > 10_000
+    logged = {f.path for f in MlflowClient(store).list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/tables.json", "report/learning_curves.png"} <= logged
+    assert MlflowClient(store).get_run(parent).info.status == "FINISHED"
+
     typo = tmp_path / "typo.yaml"
     typo.write_text(sweep_file.read_text().replace("epochs=1,", "epochs=1, optim.regressor.lrr=1,"))
     with pytest.raises(ConfigError, match="trial regressor seed 0: config key 'optim.regressor.lrr'"):
@@ -514,8 +526,10 @@ def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     assert once.metrics["train/stage1_steps"] == 2 and once.metrics["train/stage2_steps"] == 2  # 8 rows, batch 4
     assert "train/stage1_steps" not in control.metrics and control.metrics["train/stage2_steps"] == 3 * 2
     assert control.metrics["cluster/size_min"] >= 0 and "cluster/kmeans_objective" in control.metrics
-    with pytest.raises(ConfigError, match="'stages': must keep the labelled stage"):
-        _small_run(prepared, tmp_path, "x", "stages=[1]")
+    with pytest.raises(ConfigError, match=r"'stages': model_kind cnn_regressor has stages \[2\], not \[1\]"):
+        _small_run(prepared, tmp_path, "x", "stages=[1]", "model_kind=cnn_regressor")
+    with pytest.raises(ConfigError, match="'stages': name at least one of"):
+        _small_run(prepared, tmp_path, "x", "stages=[]")
 
     dataset = PreparedDataset(str(prepared / "prepared"))
     config = _small_run(prepared, tmp_path, "rows", "data.label_fraction=0.25").data
@@ -525,3 +539,18 @@ def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     assert [counts[f]["unlabeled"] for f in (0, 0.5, 1)] == [2, 2 + 3, 8]
     assert [counts[f]["cluster"] for f in (0, 0.5, 1)] == [2, 2 + 3, 8]
     assert [counts[f]["labeled"] for f in (0, 0.5, 1)] == [2] * 3
+
+
+def test_report_figures_cluster_and_project_a_trained_model(prepared, tracked_run, tmp_path):
+    """The report's Fig. 3 (arousal of the highest- and lowest-arousal K-means clusters of the train
+    chunks' embeddings) and its 2-D projection, from the tracked DeepEmoCluster run's best model."""
+    from cluster_train.experiments.report import TrainedTrial, cluster_figure, projection_figure
+    from cluster_train.experiments.sweep import Trial
+
+    result, _ = tracked_run
+    item = TrainedTrial(Trial("deepemocluster", 0, _small_run(prepared, tmp_path, "smoke")), {"best_model": result.best_bundle})
+    dataset = PreparedDataset(str(prepared / "prepared"))
+    found = cluster_figure({"DeepEmoCluster": item}, dataset, tmp_path / "clusters.png")["DeepEmoCluster"]
+    assert found["chunks"] == 8 * 11 and 1 <= found["mean_low"] < found["mean_high"] <= 7
+    projection_figure(item, dataset, "test", tmp_path / "projection.png")
+    assert (tmp_path / "clusters.png").stat().st_size > 10_000 and (tmp_path / "projection.png").stat().st_size > 10_000

@@ -186,10 +186,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     dataset = PreparedDataset(trials[0].config.data.dataset)  # a missing dataset fails before training
     folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
     folder.make()
+    runs: list[dict | None] = [_trained(trial.config) for trial in trials]  # a trial of another config fails here
     parent = _ParentRun(config, trials[0].config.tracking, folder)
     trials = [dataclasses.replace(t, config=dataclasses.replace(t.config, tracking=dataclasses.replace(
         t.config.tracking, parent_run_id=parent.run_id))) for t in trials]
-    runs: list[dict | None] = [_trained(trial.config) for trial in trials]
     pending = [index for index, run in enumerate(runs) if run is None]
     if pending:
         concurrent = min(config.max_concurrent, len(pending))

@@ -1,0 +1,289 @@
+"""A sweep's report: the paper's tables, its Fig. 3, learning curves and a 2-D map of the embeddings,
+as Markdown + PNG in a folder and as artifacts of the sweep's MLflow parent run.
+
+    report = write_report(load_sweep_config("configs/sweep/ravdess_quarter.yaml"), "docs/results/ravdess-quarter")
+
+Works on a sweep still training: it reports the trials trained so far (a table row says how many
+runs it holds). Test-split predictions are cached per trial under `<folder>/predictions/`.
+  - tables: mean test CCC per attribute over subsets x seeds, one t-test column per reference
+    (the sweep's reference, and DeepEmoCluster where the sweep has it: the controls are tested
+    against both)
+  - Fig. 3: arousal histograms of the clusters with the highest and lowest mean arousal, for the
+    model trained without the regressor (`stages=[1]`, the paper's "unsupervised") beside
+    DeepEmoCluster: K-means (the run's settings) on the embeddings of every train chunk
+  - learning curves: development CCC per epoch from MLflow, mean over seeds, one line per point
+  - projection: PCA of DeepEmoCluster's test-chunk embeddings, coloured by K-means cluster and by
+    each attribute's label
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster_train.experiments.sweep import SweepConfig, Trial, _trained, plan_trials
+from cluster_train.serve.evaluate import SplitPredictions, compare_models, predict_split
+from cluster_train.train.launch import pin_local_paths
+from data_prep.dataset import PreparedDataset
+
+ATTRIBUTE_NAMES = ("arousal", "dominance", "valence")
+MARKS = ("*", "†")  # significance against the first and the second reference
+
+
+@dataclass
+class TrainedTrial:
+    trial: Trial
+    run: dict  # the sweep's run.json record: best_model, mlflow_run_id, seconds, epochs_run, scores
+
+
+@dataclass
+class Report:
+    markdown: str
+    folder: Path
+    tables: dict  # reference -> compare_models table
+    trained: int
+    planned: int
+
+
+def trained_trials(config: SweepConfig) -> tuple[list[TrainedTrial], int]:
+    """The sweep's trials trained so far, and how many it plans."""
+    trials = plan_trials(config)
+    found = []
+    for trial in trials:
+        run = _trained(pin_local_paths(trial.config))
+        if run is not None:
+            found.append(TrainedTrial(trial, run))
+    return found, len(trials)
+
+
+def _predictions(trained: TrainedTrial, dataset: PreparedDataset, split: str, cache: Path) -> SplitPredictions:
+    from cluster_train.serve.bundle import load_bundle
+
+    file = cache / f"{trained.trial.config.name}.{split}.json"
+    if file.exists():
+        saved = json.loads(file.read_text())
+        return SplitPredictions(saved["ids"], np.array(saved["prediction"]), np.array(saved["labels"], dtype=float),
+                                tuple(saved["attributes"]))
+    result = predict_split(load_bundle(trained.run["best_model"]), dataset, split)
+    cache.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"ids": result.ids, "prediction": result.prediction.tolist(),
+                                "labels": np.where(np.isnan(result.labels), None, result.labels).tolist(),
+                                "attributes": list(result.attributes)}))
+    return result
+
+
+def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset: PreparedDataset,
+                      cache: Path) -> dict[str, dict]:
+    """Reference -> compare_models table over the points with a trained trial."""
+    predictions: dict[str, list[SplitPredictions]] = {}
+    for item in trained:
+        predictions.setdefault(item.trial.point, []).append(_predictions(item, dataset, config.split, cache))
+    references = [config.reference or trained[0].trial.point]
+    if "deepemocluster" in predictions and "deepemocluster" not in references:
+        references.append("deepemocluster")
+    return {reference: compare_models(predictions, reference, k=config.subsets)
+            for reference in references if reference in predictions}
+
+
+def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial]) -> str:
+    references = list(tables)
+    first = tables[references[0]]
+    seconds: dict[str, list[float]] = {}
+    for item in trained:
+        seconds.setdefault(item.trial.point, []).append(item.run.get("seconds", float("nan")))
+    header = ("| point | runs | " + " | ".join(ATTRIBUTE_NAMES) + " | "
+              + " | ".join(f"p vs {r} (A / D / V)" for r in references) + " | minutes per run |")
+    lines = [header, "|" + "---|" * (4 + len(references) + 1)]
+    for point, entry in first["models"].items():
+        cells = []
+        for attribute in ATTRIBUTE_NAMES:
+            row = entry["ccc"][attribute]
+            marks = "".join(mark for mark, reference in zip(MARKS, references)
+                            if tables[reference]["models"][point]["ccc"][attribute]["significant"])
+            cells.append(f"{row['mean']:.3f} ± {row['std']:.3f}{marks}")
+        p_values = []
+        for reference in references:
+            rows = tables[reference]["models"][point]["ccc"]
+            p_values.append(" / ".join("—" if rows[a]["p_vs_reference"] is None else f"{rows[a]['p_vs_reference']:.3g}"
+                                       for a in ATTRIBUTE_NAMES))
+        minutes = np.nanmean(seconds.get(point, [np.nan])) / 60
+        lines.append(f"| {point} | {entry['runs']} | " + " | ".join(cells) + " | " + " | ".join(p_values)
+                     + f" | {minutes:.0f} |")
+    legend = "; ".join(f"{mark} p < {first['alpha']} against {reference}" for mark, reference in zip(MARKS, references))
+    lines.append("")
+    lines.append(f"Mean ± sd of test CCC over {first['subsets']} random test subsets x runs (seeds); two-tailed "
+                 f"t-tests, paired by subset and seed where both points have the same seeds, else Welch's. {legend}.")
+    return "\n".join(lines)
+
+
+def learning_curves(trained: list[TrainedTrial], tracking_uri: str, file: Path) -> bool:
+    """Development CCC per epoch (MLflow metric history), mean over seeds, one line per point."""
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    figure = Figure(figsize=(13, 3.8), dpi=100)
+    axes = figure.subplots(1, 3, sharey=True)
+    drawn = False
+    by_point: dict[str, list[str]] = {}
+    for item in trained:
+        if item.run.get("mlflow_run_id"):
+            by_point.setdefault(item.trial.point, []).append(item.run["mlflow_run_id"])
+    for point, run_ids in by_point.items():
+        for axis, attribute in zip(axes, ATTRIBUTE_NAMES):
+            curves = [[m.value for m in sorted(client.get_metric_history(r, f"dev/ccc_{attribute}"),
+                                               key=lambda m: m.step)] for r in run_ids]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = max(len(c) for c in curves)
+            padded = np.array([c + [np.nan] * (length - len(c)) for c in curves])
+            axis.plot(np.arange(1, length + 1), np.nanmean(padded, axis=0), marker=".", label=point)
+            drawn = True
+    for axis, attribute in zip(axes, ATTRIBUTE_NAMES):
+        axis.set_title(f"development CCC, {attribute}")
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    if drawn:
+        figure.savefig(file)
+    return drawn
+
+
+def _split_embeddings(bundle, dataset: PreparedDataset, splits: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(chunk embeddings (N * C, d), labels per chunk (N * C, A)) of `splits`, the model in eval mode."""
+    from cluster_train.data.labels import label_matrix
+
+    table = dataset.read_table(splits, ["id", *ATTRIBUTE_NAMES, "chunks"])
+    model = bundle.model.eval()
+    features = []
+    with torch.inference_mode():
+        for start in range(0, table.num_rows, 64):
+            chunks = table.slice(start, 64)["chunks"].combine_chunks().to_numpy_ndarray()
+            x = bundle.normalizer.torch(torch.tensor(chunks).flatten(0, 1).float())
+            features.append(model.embed(x).float().numpy())
+    labels = np.repeat(label_matrix(table, ATTRIBUTE_NAMES), int(dataset.settings["chunks"]["num_chunks"]), axis=0)
+    return np.concatenate(features), labels
+
+
+def _clusters(features: np.ndarray, config, seed: int = 0) -> np.ndarray:
+    from cluster_train.clustering.kmeans import fit_preprocessor, run_kmeans
+
+    return run_kmeans(fit_preprocessor(features, config.clustering).apply(features), config.clustering, seed).assignments
+
+
+def cluster_figure(models: dict[str, TrainedTrial], dataset: PreparedDataset, file: Path) -> dict[str, dict]:
+    """The paper's Fig. 3 for each model given: arousal histograms of its highest- and lowest-arousal
+    K-means clusters over the train chunks; returns the two means and their gap per model."""
+    from matplotlib.figure import Figure
+
+    from cluster_train.serve.bundle import load_bundle
+
+    figure = Figure(figsize=(5.5 * len(models), 3.6), dpi=100)
+    axes = np.atleast_1d(figure.subplots(1, len(models), sharey=True))
+    bins = np.linspace(1, 7, 25)
+    found = {}
+    for axis, (title, item) in zip(axes, models.items()):
+        features, labels = _split_embeddings(load_bundle(item.run["best_model"]), dataset,
+                                             item.trial.config.data.labeled_splits)
+        clusters = _clusters(features, item.trial.config, item.trial.seed)
+        arousal = labels[:, 0]
+        means = {int(c): float(arousal[clusters == c].mean()) for c in np.unique(clusters)}
+        high, low = max(means, key=means.get), min(means, key=means.get)
+        for cluster, colour, name in ((high, "tab:red", "highest"), (low, "tab:blue", "lowest")):
+            values = arousal[clusters == cluster]
+            axis.hist(values, bins=bins, alpha=0.6, color=colour, density=True,
+                      label=f"cluster {cluster}: {name} mean {values.mean():.2f} (n={len(values)})")
+        axis.set_title(f"{title}\n({item.trial.config.name})", fontsize=9)
+        axis.set_xlabel("arousal label of the chunk's utterance (1-7)")
+        axis.legend(fontsize=7)
+        found[title] = {"run": item.trial.config.name, "mean_high": means[high], "mean_low": means[low],
+                        "gap": means[high] - means[low], "chunks": int(len(arousal))}
+    axes[0].set_ylabel("density of train chunks")
+    figure.tight_layout()
+    figure.savefig(file)
+    return found
+
+
+def projection_figure(item: TrainedTrial, dataset: PreparedDataset, split: str, file: Path) -> None:
+    """PCA of one model's `split` chunk embeddings: by K-means cluster, then by each attribute."""
+    from matplotlib.figure import Figure
+
+    from cluster_train.serve.bundle import load_bundle
+
+    features, labels = _split_embeddings(load_bundle(item.run["best_model"]), dataset, [split])
+    clusters = _clusters(features, item.trial.config, item.trial.seed)
+    centred = features - features.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    points = centred @ components[:2].T
+    figure = Figure(figsize=(16, 3.9), dpi=100)
+    axes = figure.subplots(1, 4)
+    axes[0].scatter(points[:, 0], points[:, 1], c=clusters, cmap="tab20", s=3)
+    axes[0].set_title(f"K-means cluster (K={item.trial.config.clustering.num_clusters})")
+    for axis, (index, attribute) in zip(axes[1:], enumerate(ATTRIBUTE_NAMES)):
+        shown = axis.scatter(points[:, 0], points[:, 1], c=labels[:, index], cmap="coolwarm", s=3)
+        figure.colorbar(shown, ax=axis)
+        axis.set_title(f"{attribute} label")
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(f"PCA of {item.trial.config.name}'s {split} chunk embeddings", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(file)
+
+
+def write_report(config: SweepConfig, folder: str | Path) -> Report:
+    """Tables and figures of the trials trained so far into `folder` (report.md + PNGs + tables.json),
+    and the same files as artifacts `report/` of the sweep's parent MLflow run."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    trained, planned = trained_trials(config)
+    if not trained:
+        raise ValueError(f"sweep {config.name}: no trial is trained yet ({planned} planned)")
+    first = pin_local_paths(trained[0].trial.config)
+    dataset = PreparedDataset(first.data.dataset)
+    tables = comparison_tables(config, trained, dataset, folder / "predictions")
+    (folder / "tables.json").write_text(json.dumps(tables, indent=1) + "\n")
+    sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
+                f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
+                "## Test CCC", "", table_markdown(tables, trained), ""]
+    if learning_curves(trained, first.tracking.tracking_uri, folder / "learning_curves.png"):
+        sections += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
+    by_point = {item.trial.point: item for item in sorted(trained, key=lambda t: t.trial.seed, reverse=True)}
+    pair = {name: by_point[point] for name, point in (("unsupervised only (no regressor)", "dec_unsupervised_only"),
+                                                      ("DeepEmoCluster", "deepemocluster")) if point in by_point}
+    if pair:
+        gaps = cluster_figure(pair, dataset, folder / "clusters_arousal.png")
+        sections += ["## Arousal per cluster (the paper's Fig. 3)", "", "![clusters](clusters_arousal.png)", "",
+                     *(f"- {name} ({g['run']}): highest-arousal cluster mean {g['mean_high']:.2f}, lowest "
+                       f"{g['mean_low']:.2f}, gap {g['gap']:.2f}" for name, g in gaps.items()), ""]
+    if "deepemocluster" in by_point:
+        projection_figure(by_point["deepemocluster"], dataset, config.split, folder / "projection.png")
+        sections += ["## Embeddings in two dimensions", "", "![projection](projection.png)", ""]
+    markdown = "\n".join(sections)
+    (folder / "report.md").write_text(markdown)
+    _log_to_parent(config, first, folder)
+    return Report(markdown, folder, tables, len(trained), planned)
+
+
+def _log_to_parent(config: SweepConfig, train_config, folder: Path) -> None:
+    """The report's files as artifacts `report/` of the sweep's parent run (its status untouched:
+    a sweep still training keeps it RUNNING)."""
+    from mlflow import MlflowClient
+
+    from cluster_train.experiments.sweep import PARENT_FILE
+    from data_prep.storage import OutputFolder
+
+    sweep_folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
+    if not train_config.tracking.enabled or not sweep_folder.exists(PARENT_FILE):
+        return
+    client = MlflowClient(train_config.tracking.tracking_uri)
+    run_id = sweep_folder.read_json(PARENT_FILE)["run_id"]
+    for file in sorted(folder.glob("*")):
+        if file.is_file():
+            client.log_artifact(run_id, str(file), "report")
