@@ -7,7 +7,10 @@ data, checkpoints and the MLflow store live outside it, as they must on a cluste
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import pytest
 from conftest import train_sample_manifest
 from mlflow import MlflowClient
 from mlflow_server import free_port, mlflow_server
+from s3_server import bucket_keys, read_parquet, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -59,37 +63,85 @@ def cluster(tmp_path_factory):
         current.unlink()
 
 
-def submit(cluster, *command: str) -> subprocess.CompletedProcess:
+def submit(cluster, *command: str, env_vars: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     address, env = cluster
-    return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", *command],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", *runtime_env, "--",
+                           *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_prep_then_train_submitted_to_a_cluster_track_to_an_mlflow_server(cluster, tmp_path):
+def _ok(job: subprocess.CompletedProcess) -> bool:
+    return job.returncode == 0 and "succeeded" in job.stdout
+
+
+def test_jobs_submitted_to_a_cluster_keep_everything_in_a_bucket_and_track_to_an_mlflow_server(cluster, tmp_path):
+    """Every job as a user submits it, every output on s3:// (a real S3 server on 127.0.0.1, moto):
+    prep's dataset, training's checkpoints and best model, the MLflow server's artifacts
+    (`--artifacts-destination s3://...`), a resumed run that goes on from the bucket's checkpoint, batch
+    predictions, and a 2-trial sweep with its table. Only the audio and the sqlite store stay local."""
     manifest = train_sample_manifest(tmp_path)
-    prepared = tmp_path / "prepared"
+    bucket = "deepemo"
+    with s3_server(tmp_path / "s3", bucket) as aws:
+        job = functools.partial(submit, cluster, env_vars=aws)
+        prep = job("python", "jobs/prep.py", "--config", "configs/prep/ravdess_sample.yaml",
+                   f"sources=[{{kind: csv, path: {manifest}}}]", f"output=s3://{bucket}/prepared", "progress=false")
+        assert _ok(prep), prep.stdout[-3000:] + prep.stderr[-3000:]
+        assert {"prepared/dataset.json", "prepared/settings.json"} <= set(bucket_keys(aws, bucket, "prepared/"))
 
-    prep = submit(cluster, "python", "jobs/prep.py", "--config", "configs/prep/ravdess_sample.yaml",
-                  f"sources=[{{kind: csv, path: {manifest}}}]", f"output={prepared}", "progress=false")
-    assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
-    assert "succeeded" in prep.stdout and (prepared / "dataset.json").is_file()
+        server_env = {**aws, "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/mlflow"}
+        with mlflow_server(tmp_path / "mlflow", env=server_env) as uri:
+            training = ["python", "jobs/train.py", "--config", "configs/train/ravdess_sample.yaml",
+                        f"data.dataset=s3://{bucket}/prepared", "data.batch_size=4", "clustering.num_clusters=4",
+                        "scaling.cpus_per_worker=0.5", f"storage_path=s3://{bucket}/runs", f"tracking.tracking_uri={uri}",
+                        "name=submitted"]
+            train = job(*training, "epochs=1")
+            assert _ok(train) and "MLflow run" in train.stdout, train.stdout[-3000:] + train.stderr[-3000:]
+            resumed = job(*training, "epochs=2")  # the same name and storage: it goes on from epoch 1's checkpoint
+            assert _ok(resumed), resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
-    with mlflow_server(tmp_path / "mlflow") as uri:
-        train = submit(cluster, "python", "jobs/train.py", "--config", "configs/train/ravdess_sample.yaml",
-                       f"data.dataset={prepared}", "data.batch_size=4", "epochs=1",
-                       "clustering.num_clusters=4", "scaling.cpus_per_worker=0.5", f"storage_path={tmp_path / 'runs'}",
-                       f"tracking.tracking_uri={uri}", "name=submitted")
-        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-        assert "succeeded" in train.stdout and "MLflow run" in train.stdout
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("deepemocluster")
+            [run] = client.search_runs([experiment.experiment_id])  # the resumed training re-opened its run
+            assert run.info.status == "FINISHED" and run.data.params["name"] == "submitted"
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "dev/loss")] == [0, 1]
+            assert {"train/stage1_loss", "cluster/kmeans_objective", "test/ccc_arousal"} <= set(run.data.metrics)
+            assert [m.name for m in client.search_logged_models([experiment.experiment_id])] == ["best_model", "best_model"]
+            assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the server, kept in the bucket
+            artifacts = bucket_keys(aws, bucket, "mlflow/")
+            assert any(key.endswith("/config.yaml") for key in artifacts), artifacts[:20]
+            assert any(key.endswith("/model.pt") for key in artifacts), artifacts[:20]
 
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("deepemocluster")
-        [run] = client.search_runs([experiment.experiment_id])
-        assert run.info.status == "FINISHED" and run.data.params["name"] == "submitted"
-        assert {"dev/loss", "train/stage1_loss", "cluster/kmeans_objective", "test/ccc_arousal"} <= set(run.data.metrics)
-        assert [m.name for m in client.search_logged_models([experiment.experiment_id])] == ["best_model"]
-    assert (tmp_path / "runs" / "submitted" / "best_model" / "model.pt").is_file()
-    assert not (REPO / "runs").exists()  # outputs went where the config said, not into the working dir
+            runs = bucket_keys(aws, bucket, "runs/submitted/")
+            assert "runs/submitted/best_model/model.pt" in runs
+            checkpoints = {key.split("/")[2] for key in runs if re.match(r"checkpoint_\d{4}-", key.split("/")[2])}
+            assert len(checkpoints) == 2, runs  # one an epoch, the first written by the first job
+
+            predict = job("python", "jobs/predict.py", "--model", f"s3://{bucket}/runs/submitted/best_model",
+                          "--input", str(manifest), "--output", f"s3://{bucket}/predictions/sample.parquet")
+            assert _ok(predict), predict.stdout[-3000:] + predict.stderr[-3000:]
+            table = read_parquet(aws, f"{bucket}/predictions/sample.parquet")
+            assert table.num_rows == 24 and {"arousal", "dominance", "valence"} <= set(table.column_names)
+
+            sweep_file = tmp_path / "sweep.yaml"
+            sweep_file.write_text(f"""
+name: bucket
+train_config: configs/train/ravdess_sample.yaml
+overrides: [data.dataset=s3://{bucket}/prepared, data.batch_size=4, epochs=1, clustering.num_clusters=4,
+            scaling.num_workers=0, storage_path=s3://{bucket}/sweep-runs, tracking.tracking_uri={uri}]
+grid:
+  model_kind: [cnn_regressor]
+seeds: [0, 1]
+subsets: 2
+max_concurrent: 2
+output: s3://{bucket}/sweeps
+""")
+            sweep = job("python", "jobs/sweep.py", "--config", str(sweep_file))
+            assert _ok(sweep), sweep.stdout[-3000:] + sweep.stderr[-3000:]
+            assert "model_kind=cnn_regressor" in sweep.stdout
+            assert {"sweeps/bucket/table.json", "sweeps/bucket/parent_run.json"} <= set(bucket_keys(aws, bucket, "sweeps/"))
+            trials = {key.split("/")[1] for key in bucket_keys(aws, bucket, "sweep-runs/") if key.endswith("run.json")}
+            assert trials == {"bucket-model_kind_cnn_regressor-seed0", "bucket-model_kind_cnn_regressor-seed1"}
+    assert not (REPO / "runs").exists() and not (REPO / "outputs" / "sweeps" / "bucket").exists()
 
 
 def test_a_failing_job_gives_its_error_and_status_to_the_submitter(cluster, tmp_path):
