@@ -4,7 +4,8 @@ as Markdown + PNG in a folder and as artifacts of the sweep's MLflow parent run.
     report = write_report(load_sweep_config("configs/sweep/ravdess_quarter.yaml"), "docs/results/ravdess-quarter")
 
 Works on a sweep still training: it reports the trials trained so far (a table row says how many
-runs it holds). Test-split predictions are cached per trial under `<folder>/predictions/`.
+runs it holds). Test-split predictions are cached per trial beside the sweep's table
+(`<output>/<name>/predictions/`).
   - tables: mean test CCC per attribute over subsets x seeds, one t-test column per reference
     (the sweep's reference, and DeepEmoCluster where the sweep has it: the controls are tested
     against both)
@@ -247,7 +248,9 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
         raise ValueError(f"sweep {config.name}: no trial is trained yet ({planned} planned)")
     first = pin_local_paths(trained[0].trial.config)
     dataset = PreparedDataset(first.data.dataset)
-    tables = comparison_tables(config, trained, dataset, folder / "predictions")
+    local_output = "://" not in config.output  # the cache beside the sweep's table, else beside the report
+    cache = Path(config.output) / config.name / "predictions" if local_output else folder / "predictions"
+    tables = comparison_tables(config, trained, dataset, cache)
     (folder / "tables.json").write_text(json.dumps(tables, indent=1) + "\n")
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
                 f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
