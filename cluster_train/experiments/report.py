@@ -98,7 +98,7 @@ def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial]) -> str:
         seconds.setdefault(item.trial.point, []).append(item.run.get("seconds", float("nan")))
     header = ("| point | runs | " + " | ".join(ATTRIBUTE_NAMES) + " | "
               + " | ".join(f"p vs {r} (A / D / V)" for r in references) + " | minutes per run |")
-    lines = [header, "|" + "---|" * (4 + len(references) + 1)]
+    lines = [header, "|" + "---|" * (2 + len(ATTRIBUTE_NAMES) + len(references) + 1)]
     for point, entry in first["models"].items():
         cells = []
         for attribute in ATTRIBUTE_NAMES:
