@@ -92,6 +92,7 @@ def test_jobs_submitted_to_a_cluster_keep_everything_in_a_bucket_and_track_to_an
         with mlflow_server(tmp_path / "mlflow", env=server_env) as uri:
             training = ["python", "jobs/train.py", "--config", "configs/train/ravdess_sample.yaml",
                         f"data.dataset=s3://{bucket}/prepared", "data.batch_size=4", "clustering.num_clusters=4",
+                        "model.channels=[8,16]", "model.strides=[2,2]", "model.feature_dim=16",  # small: the bucket is tested
                         "scaling.cpus_per_worker=0.5", f"storage_path=s3://{bucket}/runs", f"tracking.tracking_uri={uri}",
                         "name=submitted"]
             train = job(*training, "epochs=1")
@@ -127,6 +128,7 @@ def test_jobs_submitted_to_a_cluster_keep_everything_in_a_bucket_and_track_to_an
 name: bucket
 train_config: configs/train/ravdess_sample.yaml
 overrides: [data.dataset=s3://{bucket}/prepared, data.batch_size=4, epochs=1, clustering.num_clusters=4,
+            "model.channels=[8,16]", "model.strides=[2,2]", model.feature_dim=16, precise_bn.utterances=8,
             scaling.num_workers=0, storage_path=s3://{bucket}/sweep-runs, tracking.tracking_uri={uri}]
 grid:
   model_kind: [cnn_regressor]

@@ -53,6 +53,11 @@ def prepared(tmp_path_factory) -> Path:
             ray.shutdown()
 
 
+# A model a tenth the paper's width and depth: for tests of what surrounds the computation (recovery,
+# sweeps, controls), where the paper's model would only add minutes.
+TINY_MODEL = ("model.channels=[8,16]", "model.strides=[2,2]", "model.feature_dim=16")
+
+
 def _small_run(prepared: Path, runs: Path, name: str, *overrides: str):
     """The small DeepEmoCluster run of these tests: 24 utterances, batch 4, K = 4, 2 epochs unless overridden."""
     return load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
@@ -229,7 +234,7 @@ def test_killed_kmeans_actor_and_killed_ddp_worker_both_recover(prepared, tmp_pa
     config = _small_run(prepared, tmp_path / "runs", "actor-killed", f"tracking.tracking_uri={store}",
                          "clustering.mode=sample", "clustering.sample_size=64",
                          "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "data.cache_max_mb=0",
-                         "precise_bn.utterances=0")
+                         "precise_bn.utterances=0", *TINY_MODEL)
     seen: dict = {}
     killed: list[int] = []
     watchers = [threading.Thread(target=_kill_actor_in_epoch, args=("kmeans-actor-killed", 0, seen)),
@@ -356,10 +361,11 @@ def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resum
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep_file = tmp_path / "sweep.yaml"
+    tiny = ", ".join(f"'{setting}'" for setting in TINY_MODEL)
     sweep_file.write_text(f"""
 name: baselines
 train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
-overrides: [data.dataset={(prepared / 'prepared').as_uri()}, data.batch_size=4, epochs=1,
+overrides: [data.dataset={(prepared / 'prepared').as_uri()}, data.batch_size=4, epochs=1, {tiny},
             clustering.num_clusters=4, scaling.num_workers=0, storage_path={(tmp_path / 'runs').as_uri()},
             tracking.tracking_uri={store}]
 points:
@@ -508,8 +514,7 @@ def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     np.testing.assert_array_equal(np.bincount(shuffled.labels.ravel()), np.bincount(table.labels.ravel()))
     np.testing.assert_array_equal(shuffled.labels, table.shuffled(np.random.default_rng(0)).labels)
 
-    common = ["scaling.num_workers=0", "tracking.enabled=false", "epochs=1", "model.channels=[8,16]",
-              "model.strides=[2,2]", "model.feature_dim=16", "precise_bn.utterances=0"]
+    common = ["scaling.num_workers=0", "tracking.enabled=false", "epochs=1", *TINY_MODEL, "precise_bn.utterances=0"]
     once = run_training(_small_run(prepared, tmp_path, "dec-once", *common))
     control = run_training(_small_run(prepared, tmp_path, "dec-control", *common, "stages=[2]", "labeled_passes=3",
                                       "clustering.pseudo_labels=shuffled"))
