@@ -27,8 +27,6 @@ from mlflow_server import free_port
 @contextlib.contextmanager
 def s3_server(root: Path, bucket: str, timeout_s: float = 120.0) -> Iterator[dict[str, str]]:
     """Start the server with an empty `bucket`; yield the environment that points clients at it."""
-    import boto3
-
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -48,9 +46,7 @@ def s3_server(root: Path, bucket: str, timeout_s: float = 120.0) -> Iterator[dic
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto server did not start:\n{log.read_text()[-3000:]}") from None
                 time.sleep(0.25)
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                              region_name="us-east-1")
-        client.create_bucket(Bucket=bucket)  # pyarrow will not create buckets
+        _client(aws).create_bucket(Bucket=bucket)  # pyarrow will not create buckets
         yield aws
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -58,14 +54,18 @@ def s3_server(root: Path, bucket: str, timeout_s: float = 120.0) -> Iterator[dic
         process.wait(timeout=10)
 
 
-def bucket_keys(aws: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
-    """Every object key under `prefix` in `bucket`."""
+def _client(aws: dict[str, str]):
+    """A boto3 S3 client of the server `aws` points at."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
+    return boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"], region_name=aws["AWS_DEFAULT_REGION"])
+
+
+def bucket_keys(aws: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
+    """Every object key under `prefix` in `bucket`."""
     keys = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for page in _client(aws).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys += [item["Key"] for item in page.get("Contents", [])]
     return keys
 
@@ -76,6 +76,7 @@ def read_parquet(aws: dict[str, str], path: str):
     import pyarrow.parquet as pq
 
     endpoint = aws["AWS_ENDPOINT_URL"]
-    fs = pafs.S3FileSystem(access_key="test", secret_key="test", region="us-east-1",
+    fs = pafs.S3FileSystem(access_key=aws["AWS_ACCESS_KEY_ID"], secret_key=aws["AWS_SECRET_ACCESS_KEY"],
+                           region=aws["AWS_DEFAULT_REGION"],
                            endpoint_override=endpoint.split("://", 1)[1], scheme=endpoint.split("://", 1)[0])
     return pq.read_table(path, filesystem=fs)

@@ -72,7 +72,7 @@ class ClusterDiagnostics:
         figure = None
         labelled = np.isfinite(arousal)
         if labelled.any():
-            high, low, means = _extreme_clusters(labels[labelled], arousal[labelled])
+            high, low, means = extreme_clusters(labels[labelled], arousal[labelled])
             if high is not None:
                 metrics["cluster/arousal_mean_high"], metrics["cluster/arousal_mean_low"] = means[high], means[low]
                 figure = arousal_figure(labels[labelled], arousal[labelled], high, low)
@@ -86,7 +86,7 @@ class ClusterDiagnostics:
         return np.where(self.utterance_keys[index] == utterance_keys, index, -1)
 
 
-def _extreme_clusters(labels: np.ndarray, arousal: np.ndarray):
+def extreme_clusters(labels: np.ndarray, arousal: np.ndarray):
     """(cluster with the highest mean arousal, with the lowest, {cluster: mean})."""
     clusters = np.unique(labels)
     means = {int(c): float(arousal[labels == c].mean()) for c in clusters
@@ -103,13 +103,18 @@ def arousal_figure(labels: np.ndarray, arousal: np.ndarray, high: int, low: int)
 
     figure = Figure(figsize=(6, 3.5), dpi=100)
     axes = figure.subplots()
+    draw_arousal_histograms(axes, labels, arousal, high, low)
+    axes.set_ylabel("density of chunks")
+    figure.tight_layout()
+    return figure
+
+
+def draw_arousal_histograms(axes, labels: np.ndarray, arousal: np.ndarray, high: int, low: int) -> None:
+    """On matplotlib `axes`: arousal histograms of clusters `high` (red) and `low` (blue), one count per chunk."""
     bins = np.linspace(1, 7, 25)
     for cluster, colour, name in ((high, "tab:red", "highest"), (low, "tab:blue", "lowest")):
         values = arousal[labels == cluster]
         axes.hist(values, bins=bins, alpha=0.6, color=colour, density=True,
                   label=f"cluster {cluster} ({name} mean {values.mean():.2f}, n={len(values)})")
     axes.set_xlabel("arousal (1-7)")
-    axes.set_ylabel("density of chunks")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure

@@ -1,8 +1,8 @@
 """How long a sweep will take, said before it trains: a few timed steps of each model kind on this
 machine x the chunks each trial passes through per epoch x its epochs.
 
-    costs = time_steps(trials)             # seconds per chunk, training and forward-only, per kind
-    print(format_estimate(trials, costs, concurrent=2))
+    costs = {kind: time_steps(config) for ...}  # seconds per chunk, training and forward-only, per kind
+    print(format_estimate(trials, costs, concurrent=2, dataset=dataset))
 
 An upper bound per trial: early stopping (`patience`) often ends a trial sooner.
 """
@@ -54,15 +54,10 @@ def time_steps(config: TrainConfig, steps: int = 2, chunks: int = 32) -> StepCos
         torch.set_num_threads(threads)
 
 
-def _num_chunks(config: TrainConfig) -> int:
-    return int(PreparedDataset(config.data.dataset).settings["chunks"]["num_chunks"])
-
-
-def epoch_chunks(config: TrainConfig) -> tuple[int, int]:
-    """(chunks trained on, chunks passed forward only) in one epoch of `config`, all workers together."""
-    dataset = PreparedDataset(config.data.dataset)
-    rows = row_counts(dataset, config.data, config.seed)
-    per_row, batch = _num_chunks(config), config.data.batch_size
+def epoch_chunks(config: TrainConfig, dataset: PreparedDataset, rows: dict[str, int]) -> tuple[int, int]:
+    """(chunks trained on, chunks passed forward only) in one epoch of `config`, all workers together;
+    `rows`: the run's utterances per dataset (`data.batches.row_counts`)."""
+    per_row, batch = int(dataset.settings["chunks"]["num_chunks"]), config.data.batch_size
     kind = config.kind
     train = 0
     for stage in kind.stages:
@@ -76,18 +71,23 @@ def epoch_chunks(config: TrainConfig) -> tuple[int, int]:
     return train, forward
 
 
-def trial_seconds(config: TrainConfig, cost: StepCost) -> float:
+def trial_seconds(config: TrainConfig, cost: StepCost, dataset: PreparedDataset, rows: dict[str, int]) -> float:
     """At most this many seconds for `config` (every epoch run; one worker's speed x its workers)."""
-    train, forward = epoch_chunks(config)
+    train, forward = epoch_chunks(config, dataset, rows)
     workers = max(1, config.scaling.num_workers)
     return config.epochs * (train * cost.train + forward * cost.forward) / workers
 
 
-def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int) -> str:
+def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, dataset: PreparedDataset) -> str:
     """Lines for the console: seconds per trial by grid point, and the total wall time."""
     by_point: dict[str, list[float]] = {}
+    rows: dict[tuple, dict[str, int]] = {}  # trials of one data config and seed read the same rows
     for trial in pending:
-        by_point.setdefault(trial.point, []).append(trial_seconds(trial.config, costs[trial.config.model_kind]))
+        key = (repr(trial.config.data), trial.config.seed)
+        if key not in rows:
+            rows[key] = row_counts(dataset, trial.config.data, trial.config.seed)
+        seconds = trial_seconds(trial.config, costs[trial.config.model_kind], dataset, rows[key])
+        by_point.setdefault(trial.point, []).append(seconds)
     total = sum(sum(seconds) for seconds in by_point.values())
     lines = [f"estimate, from {', '.join(f'{k} {c.train * 1e3:.1f} ms/chunk' for k, c in costs.items())} "
              f"timed here (an upper bound: every epoch run):"]

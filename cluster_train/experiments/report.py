@@ -4,8 +4,8 @@ as Markdown + PNG in a folder and as artifacts of the sweep's MLflow parent run.
     report = write_report(load_sweep_config("configs/sweep/ravdess_quarter.yaml"), "docs/results/ravdess-quarter")
 
 Works on a sweep still training: it reports the trials trained so far (a table row says how many
-runs it holds). Test-split predictions are cached per trial beside the sweep's table
-(`<output>/<name>/predictions/`).
+runs it holds). It reads each trial's test-split predictions where the sweep left them
+(`sweep.trial_predictions`), predicting only those not there yet.
   - tables: mean test CCC per attribute over subsets x seeds, one t-test column per reference
     (the sweep's reference, and DeepEmoCluster where the sweep has it: the controls are tested
     against both)
@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster_train.experiments.sweep import SweepConfig, Trial, _trained, plan_trials
-from cluster_train.serve.evaluate import SplitPredictions, compare_models, predict_split
+from cluster_train.experiments.sweep import SweepConfig, Trial, _trained, plan_trials, trial_predictions
+from cluster_train.serve.evaluate import SplitPredictions, compare_models
 from cluster_train.train.launch import pin_local_paths
 from data_prep.dataset import PreparedDataset
+from data_prep.manifest import ATTRIBUTES
 
-ATTRIBUTE_NAMES = ("arousal", "dominance", "valence")
 MARKS = ("*", "†")  # significance against the first and the second reference
 
 
@@ -61,28 +61,12 @@ def trained_trials(config: SweepConfig) -> tuple[list[TrainedTrial], int]:
     return found, len(trials)
 
 
-def _predictions(trained: TrainedTrial, dataset: PreparedDataset, split: str, cache: Path) -> SplitPredictions:
-    from cluster_train.serve.bundle import load_bundle
-
-    file = cache / f"{trained.trial.config.name}.{split}.json"
-    if file.exists():
-        saved = json.loads(file.read_text())
-        return SplitPredictions(saved["ids"], np.array(saved["prediction"]), np.array(saved["labels"], dtype=float),
-                                tuple(saved["attributes"]))
-    result = predict_split(load_bundle(trained.run["best_model"]), dataset, split)
-    cache.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps({"ids": result.ids, "prediction": result.prediction.tolist(),
-                                "labels": np.where(np.isnan(result.labels), None, result.labels).tolist(),
-                                "attributes": list(result.attributes)}))
-    return result
-
-
-def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset: PreparedDataset,
-                      cache: Path) -> dict[str, dict]:
+def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset: PreparedDataset) -> dict[str, dict]:
     """Reference -> compare_models table over the points with a trained trial."""
     predictions: dict[str, list[SplitPredictions]] = {}
     for item in trained:
-        predictions.setdefault(item.trial.point, []).append(_predictions(item, dataset, config.split, cache))
+        predictions.setdefault(item.trial.point, []).append(
+            trial_predictions(config, item.trial.config.name, item.run, dataset))
     references = [config.reference or trained[0].trial.point]
     if "deepemocluster" in predictions and "deepemocluster" not in references:
         references.append("deepemocluster")
@@ -96,12 +80,12 @@ def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial]) -> str:
     seconds: dict[str, list[float]] = {}
     for item in trained:
         seconds.setdefault(item.trial.point, []).append(item.run.get("seconds", float("nan")))
-    header = ("| point | runs | " + " | ".join(ATTRIBUTE_NAMES) + " | "
+    header = ("| point | runs | " + " | ".join(ATTRIBUTES) + " | "
               + " | ".join(f"p vs {r} (A / D / V)" for r in references) + " | minutes per run |")
-    lines = [header, "|" + "---|" * (2 + len(ATTRIBUTE_NAMES) + len(references) + 1)]
+    lines = [header, "|" + "---|" * (2 + len(ATTRIBUTES) + len(references) + 1)]
     for point, entry in first["models"].items():
         cells = []
-        for attribute in ATTRIBUTE_NAMES:
+        for attribute in ATTRIBUTES:
             row = entry["ccc"][attribute]
             marks = "".join(mark for mark, reference in zip(MARKS, references)
                             if tables[reference]["models"][point]["ccc"][attribute]["significant"])
@@ -110,7 +94,7 @@ def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial]) -> str:
         for reference in references:
             rows = tables[reference]["models"][point]["ccc"]
             p_values.append(" / ".join("—" if rows[a]["p_vs_reference"] is None else f"{rows[a]['p_vs_reference']:.3g}"
-                                       for a in ATTRIBUTE_NAMES))
+                                       for a in ATTRIBUTES))
         minutes = np.nanmean(seconds.get(point, [np.nan])) / 60
         lines.append(f"| {point} | {entry['runs']} | " + " | ".join(cells) + " | " + " | ".join(p_values)
                      + f" | {minutes:.0f} |")
@@ -135,7 +119,7 @@ def learning_curves(trained: list[TrainedTrial], tracking_uri: str, file: Path) 
         if item.run.get("mlflow_run_id"):
             by_point.setdefault(item.trial.point, []).append(item.run["mlflow_run_id"])
     for point, run_ids in by_point.items():
-        for axis, attribute in zip(axes, ATTRIBUTE_NAMES):
+        for axis, attribute in zip(axes, ATTRIBUTES):
             curves = [[m.value for m in sorted(client.get_metric_history(r, f"dev/ccc_{attribute}"),
                                                key=lambda m: m.step)] for r in run_ids]
             curves = [c for c in curves if c]
@@ -145,7 +129,7 @@ def learning_curves(trained: list[TrainedTrial], tracking_uri: str, file: Path) 
             padded = np.array([c + [np.nan] * (length - len(c)) for c in curves])
             axis.plot(np.arange(1, length + 1), np.nanmean(padded, axis=0), marker=".", label=point)
             drawn = True
-    for axis, attribute in zip(axes, ATTRIBUTE_NAMES):
+    for axis, attribute in zip(axes, ATTRIBUTES):
         axis.set_title(f"development CCC, {attribute}")
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
@@ -160,7 +144,7 @@ def _split_embeddings(bundle, dataset: PreparedDataset, splits: list[str]) -> tu
     """(chunk embeddings (N * C, d), labels per chunk (N * C, A)) of `splits`, the model in eval mode."""
     from cluster_train.data.labels import label_matrix
 
-    table = dataset.read_table(splits, ["id", *ATTRIBUTE_NAMES, "chunks"])
+    table = dataset.read_table(splits, ["id", *ATTRIBUTES, "chunks"])
     model = bundle.model.eval()
     features = []
     with torch.inference_mode():
@@ -168,14 +152,14 @@ def _split_embeddings(bundle, dataset: PreparedDataset, splits: list[str]) -> tu
             chunks = table.slice(start, 64)["chunks"].combine_chunks().to_numpy_ndarray()
             x = bundle.normalizer.torch(torch.tensor(chunks).flatten(0, 1).float())
             features.append(model.embed(x).float().numpy())
-    labels = np.repeat(label_matrix(table, ATTRIBUTE_NAMES), int(dataset.settings["chunks"]["num_chunks"]), axis=0)
+    labels = np.repeat(label_matrix(table, ATTRIBUTES), int(dataset.settings["chunks"]["num_chunks"]), axis=0)
     return np.concatenate(features), labels
 
 
 def _clusters(features: np.ndarray, config, seed: int = 0) -> np.ndarray:
-    from cluster_train.clustering.kmeans import fit_preprocessor, run_kmeans
+    from cluster_train.clustering.kmeans import fit_clusters
 
-    return run_kmeans(fit_preprocessor(features, config.clustering).apply(features), config.clustering, seed).assignments
+    return fit_clusters(features, config.clustering, seed)[1].assignments
 
 
 def cluster_figure(models: dict[str, TrainedTrial], dataset: PreparedDataset, file: Path) -> dict[str, dict]:
@@ -183,26 +167,21 @@ def cluster_figure(models: dict[str, TrainedTrial], dataset: PreparedDataset, fi
     K-means clusters over the train chunks; returns the two means and their gap per model."""
     from matplotlib.figure import Figure
 
+    from cluster_train.clustering.diagnostics import draw_arousal_histograms, extreme_clusters
     from cluster_train.serve.bundle import load_bundle
 
     figure = Figure(figsize=(5.5 * len(models), 3.6), dpi=100)
     axes = np.atleast_1d(figure.subplots(1, len(models), sharey=True))
-    bins = np.linspace(1, 7, 25)
     found = {}
     for axis, (title, item) in zip(axes, models.items()):
         features, labels = _split_embeddings(load_bundle(item.run["best_model"]), dataset,
                                              item.trial.config.data.labeled_splits)
         clusters = _clusters(features, item.trial.config, item.trial.seed)
         arousal = labels[:, 0]
-        means = {int(c): float(arousal[clusters == c].mean()) for c in np.unique(clusters)}
-        high, low = max(means, key=means.get), min(means, key=means.get)
-        for cluster, colour, name in ((high, "tab:red", "highest"), (low, "tab:blue", "lowest")):
-            values = arousal[clusters == cluster]
-            axis.hist(values, bins=bins, alpha=0.6, color=colour, density=True,
-                      label=f"cluster {cluster}: {name} mean {values.mean():.2f} (n={len(values)})")
+        high, low, means = extreme_clusters(clusters, arousal)
+        draw_arousal_histograms(axis, clusters, arousal, high, low)
         axis.set_title(f"{title}\n({item.trial.config.name})", fontsize=9)
         axis.set_xlabel("arousal label of the chunk's utterance (1-7)")
-        axis.legend(fontsize=7)
         found[title] = {"run": item.trial.config.name, "mean_high": means[high], "mean_low": means[low],
                         "gap": means[high] - means[low], "chunks": int(len(arousal))}
     axes[0].set_ylabel("density of train chunks")
@@ -226,7 +205,7 @@ def projection_figure(item: TrainedTrial, dataset: PreparedDataset, split: str, 
     axes = figure.subplots(1, 4)
     axes[0].scatter(points[:, 0], points[:, 1], c=clusters, cmap="tab20", s=3)
     axes[0].set_title(f"K-means cluster (K={item.trial.config.clustering.num_clusters})")
-    for axis, (index, attribute) in zip(axes[1:], enumerate(ATTRIBUTE_NAMES)):
+    for axis, (index, attribute) in zip(axes[1:], enumerate(ATTRIBUTES)):
         shown = axis.scatter(points[:, 0], points[:, 1], c=labels[:, index], cmap="coolwarm", s=3)
         figure.colorbar(shown, ax=axis)
         axis.set_title(f"{attribute} label")
@@ -248,9 +227,7 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
         raise ValueError(f"sweep {config.name}: no trial is trained yet ({planned} planned)")
     first = pin_local_paths(trained[0].trial.config)
     dataset = PreparedDataset(first.data.dataset)
-    local_output = "://" not in config.output  # the cache beside the sweep's table, else beside the report
-    cache = Path(config.output) / config.name / "predictions" if local_output else folder / "predictions"
-    tables = comparison_tables(config, trained, dataset, cache)
+    tables = comparison_tables(config, trained, dataset)
     (folder / "tables.json").write_text(json.dumps(tables, indent=1) + "\n")
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
                 f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from omegaconf import MISSING
 
+from cluster_train.serve.evaluate import SplitPredictions
 from cluster_train.train.config import TrainConfig, load_train_config
 from cluster_train.train.launch import pin_local_paths, warn_if_reads_starve
 from data_prep.config import ConfigError, load_config, require, to_flat_dict
@@ -173,13 +175,34 @@ def _train(config: TrainConfig) -> dict:
 
 
 PARENT_FILE = "parent_run.json"  # beside table.json: the sweep's MLflow parent run, re-opened on a rerun
+PREDICTIONS_FOLDER = "predictions"  # beside table.json: each trial's predictions, computed once
+
+
+def trial_predictions(config: SweepConfig, name: str, run: dict, dataset) -> SplitPredictions:
+    """The predictions of trial `name`'s best model on the sweep's split: computed once, then read
+    from `<output>/<name>/predictions/` (the sweep's table and the report share them). The file names
+    the trial's MLflow run, so a trial trained again is predicted again."""
+    from cluster_train.serve.bundle import load_bundle
+    from cluster_train.serve.evaluate import predict_split
+
+    folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}/{PREDICTIONS_FOLDER}")
+    file = f"{name}.{run.get('mlflow_run_id') or 'untracked'}.{config.split}.json"
+    if folder.exists(file):
+        saved = folder.read_json(file)
+        return SplitPredictions(saved["ids"], np.array(saved["prediction"]), np.array(saved["labels"], dtype=float),
+                                tuple(saved["attributes"]))
+    result = predict_split(load_bundle(run["best_model"]), dataset, config.split)
+    folder.make()
+    folder.write_json(file, {"ids": result.ids, "prediction": result.prediction.tolist(),
+                             "labels": np.where(np.isnan(result.labels), None, result.labels).tolist(),
+                             "attributes": list(result.attributes)})
+    return result
 
 
 def run_sweep(config: SweepConfig) -> SweepResult:
     """Train what is not trained yet (saying first how long it should take), score every trial's best
     model on `split`, write `<output>/<name>/table.json` and log it to the sweep's parent run."""
-    from cluster_train.serve.bundle import load_bundle
-    from cluster_train.serve.evaluate import compare_models, predict_split
+    from cluster_train.serve.evaluate import compare_models
     from data_prep.dataset import PreparedDataset
 
     trials = [dataclasses.replace(t, config=pin_local_paths(t.config)) for t in plan_trials(config)]
@@ -196,7 +219,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         print(f"sweep {config.name}: {len(pending)} of {len(trials)} trials to train, {concurrent} at a time", flush=True)
         print(_estimate([trials[i] for i in pending], dataset, concurrent), flush=True)
         local = all(trials[i].config.scaling.num_workers == 0 for i in pending)
-        train_all = _train_in_processes if local else _train_on_ray
+        train_all = _train_one_by_one if concurrent == 1 else _train_in_processes if local else _train_on_ray
         for index, run in train_all([trials[i].config for i in pending], concurrent).items():
             runs[pending[index]] = run
         failed = [trials[i].config.name for i in pending if isinstance(runs[i], BaseException)]
@@ -210,8 +233,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     for trial, run in zip(trials, runs):
         assert isinstance(run, dict)
         run |= {"point": trial.point, "seed": trial.seed, "name": trial.config.name}
-        bundle = load_bundle(run["best_model"])
-        predictions.setdefault(trial.point, []).append(predict_split(bundle, dataset, config.split))
+        predictions.setdefault(trial.point, []).append(trial_predictions(config, trial.config.name, run, dataset))
     table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets)
     table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location,
               "parent_run_id": parent.run_id, "runs": runs}
@@ -240,7 +262,12 @@ def _estimate(pending: list[Trial], dataset, concurrent: int) -> str:
     for trial in pending:
         if trial.config.model_kind not in costs:
             costs[trial.config.model_kind] = time_steps(trial.config)
-    return format_estimate(pending, costs, concurrent)
+    return format_estimate(pending, costs, concurrent, dataset)
+
+
+def _train_one_by_one(configs: list[TrainConfig], concurrent: int = 1) -> dict[int, dict | BaseException]:
+    """Each trial here, one after the other (a Ray trial starts its own Ray, `launch.run_training`)."""
+    return {index: _train_or_error(config) for index, config in enumerate(configs)}
 
 
 def _train_in_processes(configs: list[TrainConfig], concurrent: int) -> dict[int, dict | BaseException]:
@@ -249,8 +276,6 @@ def _train_in_processes(configs: list[TrainConfig], concurrent: int) -> dict[int
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    if concurrent == 1:
-        return {index: _train_or_error(config) for index, config in enumerate(configs)}
     with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_train_or_error, config): index for index, config in enumerate(configs)}
         return {futures[future]: future.result() for future in as_completed(futures)}
@@ -262,8 +287,6 @@ def _train_on_ray(configs: list[TrainConfig], concurrent: int) -> dict[int, dict
 
     if not ray.is_initialized():
         ray.init(logging_level="WARNING")
-    if concurrent == 1:
-        return {index: _train_or_error(config) for index, config in enumerate(configs)}
     warn_if_reads_starve(configs[0].scaling, runs=concurrent)
     train_task = ray.remote(num_cpus=0, max_retries=0)(_train_or_error)
     done: dict[int, dict | BaseException] = {}

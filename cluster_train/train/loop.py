@@ -217,19 +217,22 @@ class Trainer:
             shuffle = derive(self.config.seed, f"shuffle_stage{stage.number}", epoch * passes + number)
             shard = self.runtime.shard(stage.shard)
             for batch in self.batches(shard, self.config.data.batch_size, drop_last=True, seed=shuffle):
-                for group in stage.groups:
-                    self.optimizers[group].zero_grad(set_to_none=True)
                 batch = self._stage1_sample(stage, batch, pseudo)
-                labels = None if pseudo is None else torch.from_numpy(pseudo.lookup(batch.keys)).to(self.device)
-                with self.precision.autocast():
-                    outputs = self.model(batch.chunks)
-                loss = self.kind.loss(stage, Precision.outputs(outputs), batch.chunks, batch.targets,
-                                      batch.num_chunks, labels)
-                loss.backward()
-                for group in stage.groups:
-                    self.optimizers[group].step()
-                total, steps, chunks = total + float(loss.detach()), steps + 1, chunks + len(batch.keys)
+                total, steps, chunks = total + self._step(stage, batch, pseudo), steps + 1, chunks + len(batch.keys)
         return total / max(steps, 1), chunks, steps
+
+    def _step(self, stage: Stage, batch: Batch, pseudo: LabelTable | None) -> float:
+        """One optimizer step of `stage`'s groups on `batch`; its loss."""
+        for group in stage.groups:
+            self.optimizers[group].zero_grad(set_to_none=True)
+        labels = None if pseudo is None else torch.from_numpy(pseudo.lookup(batch.keys)).to(self.device)
+        with self.precision.autocast():
+            outputs = self.model(batch.chunks)
+        loss = self.kind.loss(stage, Precision.outputs(outputs), batch.chunks, batch.targets, batch.num_chunks, labels)
+        loss.backward()
+        for group in stage.groups:
+            self.optimizers[group].step()
+        return float(loss.detach())
 
     def _stage1_sample(self, stage: Stage, batch: Batch, pseudo: LabelTable | None) -> Batch:
         """Stage 1 with clustering.stage1_sampler = "uniform": the batch's chunks redrawn uniformly
