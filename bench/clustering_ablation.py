@@ -69,12 +69,13 @@ def preprocessing_part(data: str, encoder: str | None, seeds: int = 10) -> dict:
     from cluster_train.model.blocks import ModelConfig
     from cluster_train.model.kinds import build_model
     from cluster_train.serve.bundle import load_bundle
+    from data_prep.config import ChunkConfig
     from data_prep.dataset import PreparedDataset
 
     torch.set_num_threads(1)
     dataset = PreparedDataset(data)
-    table = dataset.read_table(["train"], ["id", "category", "chunks"])
-    chunks = table["chunks"].combine_chunks().to_numpy_ndarray()  # (U, C, frames, mels)
+    table = dataset.read_table(["train"], ["id", "category", "frames"])
+    chunks = dataset.frame_format.chunks_of(table["frames"], ChunkConfig())  # (U, C, frames, mels), the paper's chunking
     categories = np.repeat(np.asarray(table["category"].to_pylist(), dtype=str), chunks.shape[1])
     x = dataset.normalizer().torch(torch.from_numpy(chunks.astype(np.float32))).reshape(-1, *chunks.shape[2:])
     encoders = {"random_init": build_model("deepemocluster", ModelConfig())}

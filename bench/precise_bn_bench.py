@@ -40,12 +40,13 @@ from cluster_train.serve.evaluate import evaluate_split  # noqa: E402
 from cluster_train.tracking import git_commit  # noqa: E402
 from cluster_train.train.config import load_train_config  # noqa: E402
 from cluster_train.train.precise_bn import batchnorm_layers  # noqa: E402
+from data_prep.config import ChunkConfig  # noqa: E402
 
 VARIANTS = {"running_averages": 0, "precise_bn": None}  # precise_bn.utterances; None: the default
 
 
-def chunks_of(dataset, split: str, normalizer) -> torch.Tensor:
-    table = dataset.read_table([split], ["chunks"])["chunks"].combine_chunks().to_numpy_ndarray()
+def split_chunks(dataset, split: str, normalizer, chunks: ChunkConfig) -> torch.Tensor:
+    table = dataset.frame_format.chunks_of(dataset.read_table([split], ["frames"])["frames"], chunks)
     return normalizer.torch(torch.tensor(table).float()).flatten(0, 1)
 
 
@@ -92,10 +93,11 @@ def main(argv=None) -> int:
             result = run_training(config)
             bundle = load_bundle(result.best_bundle)
             saved = evaluate_split(bundle, dataset, "development")["ccc"]
-            dev = chunks_of(dataset, "development", bundle.normalizer)
+            dev = split_chunks(dataset, "development", bundle.normalizer, bundle.chunks)
             ratios = variance_ratios(bundle.model, dev)
             recomputed_model = copy.deepcopy(bundle.model)
-            torch.optim.swa_utils.update_bn([chunks_of(dataset, "train", bundle.normalizer)], recomputed_model)
+            torch.optim.swa_utils.update_bn([split_chunks(dataset, "train", bundle.normalizer, bundle.chunks)],
+                                            recomputed_model)
             recomputed = evaluate_split(dataclasses.replace(bundle, model=recomputed_model.eval()), dataset,
                                         "development")["ccc"]
             results[variant] = {

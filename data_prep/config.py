@@ -122,14 +122,15 @@ class FeatureConfig:
 
 @dataclass
 class ChunkConfig:
+    """How a run cuts each utterance's frames into chunks when it reads them (Eq. 1-2): an option
+    of training (`data.chunks`), kept in the model bundle for prediction; prep stores frames only."""
+
     num_chunks: int = 11  # paper Eq. 1: C = ceil(T_max / w_c) with T_max = 11 s, w_c = 1 s
     chunk_frames: int = 62  # w_c = 1 s at a 16 ms hop
-    min_seconds: float = 0.25  # shorter audio is rejected; up to one chunk it is repeated to fill it
 
     def __post_init__(self) -> None:
-        require(self.num_chunks >= 1, "chunks.num_chunks", "must be at least 1")
-        require(self.chunk_frames >= 1, "chunks.chunk_frames", "must be at least 1")
-        require(self.min_seconds >= 0, "chunks.min_seconds", "must not be negative")
+        require(self.num_chunks >= 1, "data.chunks.num_chunks", "must be at least 1")
+        require(self.chunk_frames >= 1, "data.chunks.chunk_frames", "must be at least 1")
 
 
 @dataclass
@@ -137,7 +138,7 @@ class PrepConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     output: str = MISSING  # local folder or URI (s3://, gs://) of the prepared dataset
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    chunks: ChunkConfig = field(default_factory=ChunkConfig)
+    min_seconds: float = 0.25  # shorter audio is rejected; a reader repeats audio under one chunk to fill it
     storage_dtype: str = "float16"
     compression: str = "zstd"
     stats_splits: list[str] = field(default_factory=lambda: ["train"])
@@ -149,6 +150,7 @@ class PrepConfig:
 
     def __post_init__(self) -> None:
         require(len(self.sources) > 0, "sources", "at least one source is needed")
+        require(self.min_seconds >= 0, "min_seconds", "must not be negative")
         require_choice(self.storage_dtype, "storage_dtype", STORAGE_DTYPES)
         require_choice(self.compression, "compression", COMPRESSIONS)
         require(self.shard_size >= 1, "shard_size", "must be at least 1")
@@ -161,7 +163,7 @@ def output_settings(config: PrepConfig) -> dict[str, object]:
     """The settings that decide an output's content: a rerun must match them to resume."""
     return {
         "features": dataclasses.asdict(config.features),
-        "chunks": dataclasses.asdict(config.chunks),
+        "min_seconds": config.min_seconds,
         "storage_dtype": config.storage_dtype,
         "compression": config.compression,
         "stats_splits": list(config.stats_splits),

@@ -1,4 +1,5 @@
-"""Reading a prepared dataset: its description, its normalisation, its shards by split."""
+"""Reading a prepared dataset: its description, its normalisation, its shards by split, and how its
+rows hold their frames (`frame_format`: `.chunks_of(rows["frames"], chunks)` cuts the chunks)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from data_prep.pipeline import FORMAT
+from data_prep.frames import FORMAT, OLD_FORMATS, FrameFormat
 from data_prep.stats import Normalizer
 from data_prep.storage import OutputFolder
 
@@ -27,6 +29,11 @@ class PreparedDataset:
         if not self.folder.exists("dataset.json"):
             raise DatasetError(f"{self.location}: no dataset.json; run the prep job (python -m data_prep) first")
         self.info = self.folder.read_json("dataset.json")
+        if self.info.get("format") in OLD_FORMATS:
+            raise DatasetError(
+                f"{self.location}: prepared in an older layout ({self.info['format']}: chunks cut by prep); this "
+                f"version stores frames once and cuts chunks as it reads (data.chunks). Prepare it again: "
+                f"python jobs/prep.py --config <its prep config> output=<a new folder> (or overwrite=true)")
         if self.info.get("format") != FORMAT:
             raise DatasetError(f"{self.location}/dataset.json: format {self.info.get('format')!r}, expected {FORMAT!r}")
 
@@ -44,13 +51,15 @@ class PreparedDataset:
             raise DatasetError(f"{self.location}: no normalisation statistics (no frames in {stats['splits']})")
         return Normalizer(np.asarray(stats["mean"]), np.asarray(stats["std"]), clip)
 
-    def chunk_bytes(self) -> int:
-        """Bytes of every utterance's chunks in memory (all splits), from dataset.json alone."""
-        settings = self.settings
-        chunks, features = settings["chunks"], settings["features"]
-        utterances = sum(int(shard["utterances"]) for shard in self.info["shards"])
-        itemsize = np.dtype(settings["storage_dtype"]).itemsize
-        return utterances * chunks["num_chunks"] * chunks["chunk_frames"] * features["n_mels"] * itemsize
+    @property
+    def frame_format(self) -> FrameFormat:
+        return FrameFormat.from_settings(self.settings)
+
+    def frame_bytes(self) -> int:
+        """Bytes of every utterance's frames in memory (all splits), from dataset.json alone."""
+        frames = sum(int(shard["frames"]) for shard in self.info["shards"])
+        itemsize = np.dtype(self.settings["storage_dtype"]).itemsize
+        return frames * self.settings["features"]["n_mels"] * itemsize
 
     def shard_uris(self) -> list[str]:
         return [self.folder.uri(shard["file"]) for shard in self.info["shards"]]
@@ -69,17 +78,34 @@ class PreparedDataset:
         return dataset.to_table(columns=list(columns) if columns else None, filter=where)
 
     def ray_dataset(self, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None,
-                    read_cpus: float = 1.0):
-        """The rows of the given splits (all when None) as a Ray Dataset, read in parallel.
+                    read_cpus: float = 1.0, ids: Sequence[str] | None = None, keep: bool = True,
+                    read_tasks: int | None = None):
+        """The rows of the given splits (all when None) as a Ray Dataset, a read task per shard; with
+        `ids`, only those rows (`keep`) or all but those (not `keep`).
 
+        Each task reads its shard with pyarrow and filters it there: Ray Data's own `read_parquet`
+        delivered a tenth of the rows per CPU-second on these shards (bench/read_path_bench.py).
         `read_cpus`: CPUs each read task reserves; below 1 lets reads run beside training workers
-        that hold most of a small machine's CPUs.
+        that hold most of a small machine's CPUs. `read_tasks`: at most that many at once (None: as
+        the CPUs allow); with fractional `read_cpus`, Ray otherwise starts more worker processes than
+        the node has CPUs and stops them again between passes.
         """
         import ray.data
-        from ray.data.expressions import col
 
-        wanted = None if columns is None else list(dict.fromkeys([*columns, *(["split"] if splits else [])]))
-        dataset = ray.data.read_parquet(self.shard_uris(), num_cpus=read_cpus)
-        if wanted is not None:
-            dataset = dataset.select_columns(wanted)  # pushed down into the read by Ray Data's optimizer
-        return dataset if splits is None else dataset.filter(expr=col("split").is_in(list(splits)))
+        items = [{"shard": index} for index in range(len(self.info["shards"]))]
+        rows = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        read = {"location": self.location, "splits": None if splits is None else list(splits),
+                "columns": None if columns is None else list(columns), "ids": None if ids is None else list(ids),
+                "keep": keep}
+        return rows.map_batches(_read_shards, fn_kwargs=read, batch_size=None, batch_format="pyarrow",
+                                num_cpus=read_cpus, compute=ray.data.TaskPoolStrategy(size=read_tasks))
+
+
+def _read_shards(batch: pa.Table, location: str, splits: list[str] | None, columns: list[str] | None,
+                 ids: list[str] | None, keep: bool) -> pa.Table:
+    """Ray Data task: shard indices -> their rows (the wanted splits, ids and columns) as one table."""
+    table = PreparedDataset(location).read_table(splits, columns, shards=batch["shard"].to_pylist())
+    if ids is None:
+        return table
+    wanted = pc.is_in(table["id"], value_set=pa.array(ids, pa.string()))
+    return table.filter(wanted if keep else pc.invert(wanted))

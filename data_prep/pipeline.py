@@ -1,7 +1,7 @@
 """The prep job: manifest -> shards processed in parallel by Ray Data -> one dataset folder.
 
 Output layout (local folder or URI):
-    part-NNNNN-<hash>.parquet   mel chunks of one shard (schema: `shards.chunk_schema`)
+    part-NNNNN-<hash>.parquet   mel frames of one shard's utterances (schema: `shards.frame_schema`)
     part-NNNNN-<hash>.json      that shard's summary: counts, statistics, rejects (marks it done)
     settings.json               the settings the output was made with (a rerun must match them)
     dataset.json                counts, settings, normalisation statistics, listing hash, shards
@@ -24,13 +24,13 @@ import ray
 from tqdm import tqdm
 
 from data_prep.config import ConfigError, PrepConfig, output_settings
+from data_prep.frames import FORMAT
 from data_prep.importers import build_manifest
 from data_prep.manifest import Utterance, listing_hash, manifest_table
 from data_prep.shards import ShardPlan, plan_shards, write_shard
 from data_prep.stats import RunningStats
 from data_prep.storage import OutputFolder
 
-FORMAT = "deepemocluster-mel-chunks/1"
 log = logging.getLogger(__name__)
 
 
@@ -130,11 +130,13 @@ def _finalize(output: OutputFolder, plans: list[ShardPlan], manifest: list[Utter
     stats = RunningStats.empty(settings["features"]["n_mels"])
     utterances: Counter = Counter()
     seconds: Counter = Counter()
+    frames: Counter = Counter()
     rejects: list[dict] = []
     for summary in summaries:
         stats = stats.merge(RunningStats.from_dict(summary["stats"]))
         utterances.update(summary["utterances"])
         seconds.update(summary["audio_seconds"])
+        frames.update(summary["frames"])
         rejects.extend(summary["rejects"])
     kinds = Counter(reject["reason"].split(":", 1)[0] for reject in rejects)
     warnings = []
@@ -146,10 +148,12 @@ def _finalize(output: OutputFolder, plans: list[ShardPlan], manifest: list[Utter
         "settings": settings,
         "listing_hash": listing,
         "dataset_hash": hashlib.sha256((listing + json.dumps(settings, sort_keys=True)).encode()).hexdigest(),
-        "shards": [{"file": plan.parquet, "utterances": sum(s["utterances"].values())} for plan, s in zip(plans, summaries)],
+        "shards": [{"file": plan.parquet, "utterances": sum(s["utterances"].values()), "frames": sum(s["frames"].values())}
+                   for plan, s in zip(plans, summaries)],
         "counts": {
             "utterances": dict(sorted(utterances.items())),
             "audio_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
+            "frames": dict(sorted(frames.items())),
             "rejected": len(rejects),
             "rejected_by_kind": dict(sorted(kinds.items())),
         },

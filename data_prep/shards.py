@@ -1,4 +1,6 @@
-"""One shard: a fixed group of utterances -> one Parquet file of mel chunks + a JSON summary.
+"""One shard: a fixed group of utterances -> one Parquet file of mel frames + a JSON summary.
+
+Each utterance is stored once, as its (T, n_mels) frames; readers cut chunks (`chunking.cut_chunks`).
 
 The pipeline plans shards deterministically from the manifest (sorted ids, fixed size, a name that
 hashes the rows and the settings) so a rerun finds the shards already written and skips them.
@@ -19,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.audio import AudioRejected, load_audio
-from data_prep.chunking import chunk_starts, split_into_chunks
 from data_prep.config import ChunkConfig, FeatureConfig, PrepConfig
+from data_prep.frames import FrameFormat
 from data_prep.manifest import ATTRIBUTES, Utterance
 from data_prep.mel import MelSpectrogram
 from data_prep.stats import RunningStats
@@ -57,11 +59,8 @@ def plan_shards(manifest: list[Utterance], settings: dict, shard_size: int) -> l
     return plans
 
 
-def chunk_schema(config: PrepConfig) -> pa.Schema:
-    """The Parquet schema of every shard; the settings travel in the schema metadata."""
-    value_type = pa.float16() if config.storage_dtype == "float16" else pa.float32()
-    chunks = config.chunks
-    shape = (chunks.num_chunks, chunks.chunk_frames, config.features.n_mels)
+def frame_schema(config: PrepConfig) -> pa.Schema:
+    """The Parquet schema of every shard: `frames` holds an utterance's mel frames (`FrameFormat`)."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
@@ -70,11 +69,10 @@ def chunk_schema(config: PrepConfig) -> pa.Schema:
         pa.field("speaker", pa.string()),
         pa.field("duration", pa.float32(), nullable=False),
         pa.field("n_frames", pa.int32(), nullable=False),
-        pa.field("chunk_starts", pa.list_(pa.int32(), chunks.num_chunks), nullable=False),
-        pa.field("chunks", pa.fixed_shape_tensor(value_type, shape), nullable=False),
+        pa.field("frames", pa.binary(), nullable=False),
     ]
-    metadata = {SCHEMA_METADATA_KEY: json.dumps({"chunk_shape": shape}).encode()}
-    return pa.schema(fields, metadata=metadata)
+    layout = {"frames": {"dtype": config.storage_dtype, "n_mels": config.features.n_mels, "order": "frame-major"}}
+    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(layout).encode()})
 
 
 def to_storage_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -98,67 +96,80 @@ def mel_for(config: PrepConfig) -> MelSpectrogram:
     return mel_extractor(config.features)
 
 
-# The settings that decide what chunks a file gives: a model trained on a dataset keeps them
-# (its bundle's `features`) so that prediction on raw audio computes the very same chunks.
-CHUNK_SETTINGS = ("features", "chunks", "storage_dtype")
+# The settings that decide what chunks a file gives: a model keeps them (its bundle's `features`):
+# the dataset's frame settings and the run's `data.chunks`, so that prediction on raw audio
+# computes the very chunks the model was trained on.
+CHUNK_SETTINGS = ("features", "chunks", "storage_dtype", "min_seconds")
 
 
 @dataclass(frozen=True)
 class ChunkRecipe:
-    """Audio file -> a sentence's C chunks: the part of a dataset's settings a model's input depends on."""
+    """Audio file -> a sentence's C chunks: what a model's input depends on."""
 
     features: FeatureConfig
     chunks: ChunkConfig
     storage_dtype: str = "float16"
+    min_seconds: float = 0.25
 
     @classmethod
-    def from_config(cls, config: PrepConfig) -> "ChunkRecipe":
-        return cls(config.features, config.chunks, config.storage_dtype)
+    def for_dataset(cls, settings: dict, chunks: ChunkConfig) -> "ChunkRecipe":
+        """A prepared dataset's frames (its `dataset.json` settings), cut as a run's `data.chunks` says."""
+        return cls.from_settings({**settings, "chunks": dataclasses.asdict(chunks)})
 
     @classmethod
     def from_settings(cls, settings: dict) -> "ChunkRecipe":
-        """From a dataset's settings (`dataset.json`) or a bundle's `features`; ValueError when incomplete."""
-        missing = [key for key in CHUNK_SETTINGS if key not in settings]
+        """From a bundle's `features` (or dataset settings plus `chunks`); ValueError when incomplete.
+        Bundles saved when prep cut the chunks keep `min_seconds` inside `chunks`."""
+        missing = [key for key in ("features", "chunks", "storage_dtype") if key not in settings]
         if missing:
             raise ValueError(f"settings lack {', '.join(missing)} (need {', '.join(CHUNK_SETTINGS)})")
+        chunks = dict(settings["chunks"])
+        min_seconds = settings.get("min_seconds", chunks.pop("min_seconds", 0.25))
+        chunks.pop("min_seconds", None)
         try:
-            return cls(FeatureConfig(**settings["features"]), ChunkConfig(**settings["chunks"]),
-                       str(settings["storage_dtype"]))
+            return cls(FeatureConfig(**settings["features"]), ChunkConfig(**chunks), str(settings["storage_dtype"]),
+                       float(min_seconds))
         except TypeError as error:  # an unknown or missing key inside features / chunks
             raise ValueError(f"settings do not fit this version's FeatureConfig / ChunkConfig: {error}") from error
 
+    @property
+    def frame_format(self) -> FrameFormat:
+        return FrameFormat(self.storage_dtype, self.features.n_mels)
+
+    def settings(self) -> dict:
+        """The CHUNK_SETTINGS as plain values (what a bundle keeps)."""
+        return {"features": dataclasses.asdict(self.features), "chunks": dataclasses.asdict(self.chunks),
+                "storage_dtype": self.storage_dtype, "min_seconds": self.min_seconds}
+
 
 @dataclass(frozen=True)
-class ChunkedAudio:
-    """One file as prep stores it: its mel spectrogram and the C chunks cut from it."""
+class AudioFrames:
+    """One file as prep stores it: its duration and mel frames."""
 
-    duration: float  # seconds, at the recipe's sample rate
+    duration: float  # seconds, at the features' sample rate
     mel: np.ndarray  # (T, n_mels) float32, un-normalised
-    chunks: np.ndarray  # (C, w_c, n_mels) in the recipe's storage dtype
+    stored: np.ndarray  # (T, n_mels) in the storage dtype: what prep writes and readers cut chunks from
 
 
-def chunk_audio(location: str, recipe: ChunkRecipe, expected_duration: float | None = None) -> ChunkedAudio:
-    """Read, decode, check and cut one file into chunks; raises AudioRejected with the reason.
+def load_frames(location: str, features: FeatureConfig, storage_dtype: str, min_seconds: float,
+                expected_duration: float | None = None) -> AudioFrames:
+    """Read, decode, check and turn one file into mel frames; raises AudioRejected with the reason.
 
-    The one implementation of audio -> chunks: prep's shards and prediction both call it.
+    The one implementation of audio -> frames: prep's shards and prediction both call it.
     """
-    features, chunking = recipe.features, recipe.chunks
     try:
         data = read_bytes(location)
     except OSError as error:
         raise AudioRejected(f"unreadable: {error}") from error
     wave = load_audio(data, location, features.sample_rate, expected_duration)
     duration = len(wave) / features.sample_rate
-    if duration < chunking.min_seconds:
-        raise AudioRejected(f"too short: {duration:.3f} s is below chunks.min_seconds = {chunking.min_seconds} s")
+    if duration < min_seconds:
+        raise AudioRejected(f"too short: {duration:.3f} s is below min_seconds = {min_seconds} s")
     mel = mel_extractor(features)(wave)
     largest = float(np.abs(mel).max())
-    if largest > np.finfo(recipe.storage_dtype).max:
-        raise AudioRejected(
-            f"overflow: mel value {largest:.4g} exceeds {recipe.storage_dtype}; use storage_dtype=float32"
-        )
-    stored = to_storage_dtype(mel, recipe.storage_dtype)
-    return ChunkedAudio(duration, mel, split_into_chunks(stored, chunking.num_chunks, chunking.chunk_frames))
+    if largest > np.finfo(storage_dtype).max:
+        raise AudioRejected(f"overflow: mel value {largest:.4g} exceeds {storage_dtype}; use storage_dtype=float32")
+    return AudioFrames(duration, mel, to_storage_dtype(mel, storage_dtype))
 
 
 def reject_reason(error: Exception) -> str:
@@ -173,12 +184,12 @@ class ShardBuilder:
 
     def __init__(self, config: PrepConfig):
         self.config = config
-        self.recipe = ChunkRecipe.from_config(config)
-        self.columns: dict[str, list] = {name: [] for name in chunk_schema(config).names}
+        self.columns: dict[str, list] = {name: [] for name in frame_schema(config).names}
         self.stats = RunningStats.empty(config.features.n_mels)
         self.rejects: list[dict] = []
         self.seconds_by_split: Counter = Counter()
         self.count_by_split: Counter = Counter()
+        self.frames_by_split: Counter = Counter()
 
     def add(self, row: Utterance) -> None:
         try:
@@ -187,38 +198,31 @@ class ShardBuilder:
             self.rejects.append({"id": row.id, "audio": row.audio, "split": row.split, "reason": reject_reason(error)})
 
     def _add(self, row: Utterance) -> None:
-        chunking = self.config.chunks
-        audio = chunk_audio(row.audio, self.recipe, row.duration)
-        mel = audio.mel
-        if row.split in self.config.stats_splits:
-            self.stats.update(mel)
+        config = self.config
+        audio = load_frames(row.audio, config.features, config.storage_dtype, config.min_seconds, row.duration)
+        if row.split in config.stats_splits:
+            self.stats.update(audio.mel)
         values = {
             "id": row.id,
             "split": row.split,
             "category": row.category,
             "speaker": row.speaker,
             "duration": audio.duration,
-            "n_frames": len(mel),
-            "chunk_starts": chunk_starts(len(mel), chunking.num_chunks, chunking.chunk_frames).tolist(),
-            "chunks": audio.chunks,
+            "n_frames": len(audio.mel),
+            "frames": audio.stored,
         }
         values.update({name: getattr(row, name) for name in ATTRIBUTES})
         for name, value in values.items():
             self.columns[name].append(value)
         self.seconds_by_split[row.split] += audio.duration
         self.count_by_split[row.split] += 1
+        self.frames_by_split[row.split] += len(audio.mel)
 
     def table(self) -> pa.Table:
-        schema = chunk_schema(self.config)
-        arrays = []
-        for field in schema:
-            if field.name == "chunks":
-                flat = [chunk.reshape(-1) for chunk in self.columns["chunks"]]
-                values = np.concatenate(flat) if flat else np.empty(0, self.config.storage_dtype)
-                storage = pa.FixedSizeListArray.from_arrays(pa.array(values), field.type.storage_type.list_size)
-                arrays.append(pa.ExtensionArray.from_storage(field.type, storage))
-            else:
-                arrays.append(pa.array(self.columns[field.name], type=field.type))
+        schema = frame_schema(self.config)
+        frames = FrameFormat(self.config.storage_dtype, self.config.features.n_mels)
+        arrays = [frames.column(self.columns["frames"]) if field.name == "frames"
+                  else pa.array(self.columns[field.name], type=field.type) for field in schema]
         return pa.Table.from_arrays(arrays, schema=schema)
 
     def summary(self, name: str, seconds: float) -> dict:
@@ -226,6 +230,7 @@ class ShardBuilder:
             "name": name,
             "utterances": dict(self.count_by_split),
             "audio_seconds": dict(self.seconds_by_split),
+            "frames": dict(self.frames_by_split),
             "stats": self.stats.to_dict(),
             "rejects": self.rejects,
             "processing_seconds": seconds,

@@ -5,9 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ ! -f outputs/ravdess_full/prepared/dataset.json ]; then
-  .venv/bin/python jobs/prep.py --config configs/prep/ravdess_full.yaml
-fi
+.venv/bin/python jobs/prep.py --config configs/prep/ravdess_full.yaml  # does nothing once prepared
 for sweep in ravdess_quarter ravdess_table2; do
   .venv/bin/python jobs/sweep.py --config "configs/sweep/$sweep.yaml"
   .venv/bin/python jobs/report.py --config "configs/sweep/$sweep.yaml" --output "docs/results/${sweep//_/-}"

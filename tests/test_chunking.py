@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from data_prep.chunking import chunk_starts, chunks_for_duration, split_into_chunks
+from data_prep.chunking import chunk_starts, chunks_for_duration, cut_chunks, split_into_chunks
+from data_prep.config import ChunkConfig
+from data_prep.frames import FrameFormat
 
 C, W, N_MELS = 11, 62, 8
 
@@ -92,3 +96,34 @@ def test_invalid_input():
         chunk_starts(100, 0, W)
     with pytest.raises(ValueError, match="chunk_frames"):
         chunk_starts(100, C, 0)
+
+
+def test_cut_chunks_of_a_batch_is_each_utterance_cut_alone():
+    """The readers' one vectorised cut (any lengths, shorter than a chunk included) gives what
+    Eq. 1-2 gives each utterance on its own."""
+    rng = np.random.default_rng(1)
+    mels = [rng.standard_normal((n, 5)).astype(np.float32) for n in (1, 7, 62, 63, 300)]
+    lengths = np.array([len(m) for m in mels])
+    for num_chunks, chunk_frames in ((11, 62), (1, 62), (4, 31), (3, 1)):
+        batch = cut_chunks(np.concatenate(mels), lengths, num_chunks, chunk_frames)
+        assert batch.shape == (5, num_chunks, chunk_frames, 5)
+        for row, mel in zip(batch, mels):
+            np.testing.assert_array_equal(row, split_into_chunks(mel, num_chunks, chunk_frames))
+    with pytest.raises(ValueError, match="add up to 9 frames, the array has 8"):
+        cut_chunks(np.zeros((8, 5)), np.array([4, 5]), 2, 3)
+
+
+def test_frames_column_round_trips_through_parquet_and_is_read_in_slices(tmp_path):
+    frames = FrameFormat("float16", 6)
+    rng = np.random.default_rng(2)
+    mels = [rng.random((n, 6)).astype(np.float16) for n in (3, 70, 200)]
+    pq.write_table(pa.table({"frames": frames.column(mels)}), tmp_path / "x.parquet")
+    column = pq.read_table(tmp_path / "x.parquet")["frames"]
+    values, lengths = frames.frames_of(column.slice(1, 2))
+    assert lengths.tolist() == [70, 200]
+    np.testing.assert_array_equal(values, np.concatenate(mels[1:]))
+    chunks = frames.chunks_of(column, ChunkConfig(num_chunks=4, chunk_frames=31))
+    assert chunks.shape == (3, 4, 31, 6) and chunks.dtype == np.float16
+    np.testing.assert_array_equal(chunks[2], split_into_chunks(mels[2], 4, 31))
+    with pytest.raises(ValueError, match="not a whole number .* of 6-band float32 frames"):
+        FrameFormat("float32", 6).frames_of(column)

@@ -38,7 +38,7 @@ def test_a_kind_key_in_the_file_is_an_error_naming_the_file(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("override, source", [
-    ("model.num_clusters=4", "clustering.num_clusters"), ("model.chunk_frames=30", "prepared dataset"),
+    ("model.num_clusters=4", "clustering.num_clusters"), ("model.chunk_frames=30", "data.chunks.chunk_frames"),
     ("model.n_mels=40", "prepared dataset"),
 ])
 def test_a_derived_value_has_one_source(override: str, source: str) -> None:

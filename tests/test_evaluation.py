@@ -36,7 +36,7 @@ from cluster_train.serve.evaluate import (
     subset_scores,
     welch_t_test,
 )
-from data_prep.config import PrepConfig, load_config
+from data_prep.config import ChunkConfig, PrepConfig, load_config
 from data_prep.dataset import PreparedDataset
 from data_prep.importers import import_ravdess
 from data_prep.pipeline import run_prep
@@ -155,14 +155,14 @@ def test_label_scaler_round_trip_and_missing_labels():
 def test_sentence_prediction_is_mean_of_chunk_predictions(bundle_dir, dataset):
     bundle = load_bundle(bundle_dir)
     table = dataset.read_table(["development", "test"])
-    chunks = table["chunks"].combine_chunks().to_numpy_ndarray()
+    chunks = dataset.frame_format.chunks_of(table["frames"], ChunkConfig())
     assert chunks.dtype == np.float16 and chunks.shape[1:] == (11, 62, 128)
     with torch.no_grad():
         per_chunk = [bundle.model(torch.from_numpy(bundle.normalizer(s)))["prediction"].numpy() for s in chunks]
     expected = bundle.label_scaler.from_z(np.stack([p.mean(axis=0) for p in per_chunk]))
     bundle.model.train()
     pred = predict_table(bundle.model, table, batch_size=3, normalizer=bundle.normalizer,
-                         label_scaler=bundle.label_scaler)
+                         label_scaler=bundle.label_scaler, chunks=ChunkConfig(), frames=dataset.frame_format)
     assert bundle.model.training  # put back as it was
     assert pred.shape == (8, 3)
     np.testing.assert_allclose(pred, expected, rtol=1e-4, atol=1e-4)

@@ -23,7 +23,7 @@ from data_prep.importers import (
     import_ravdess,
 )
 from data_prep.manifest import SPLITS, ManifestError, Utterance
-from data_prep.shards import ChunkRecipe, chunk_audio, reject_reason
+from data_prep.shards import load_frames, reject_reason
 from data_prep.storage import read_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,11 +379,10 @@ def test_folder_lists_what_is_named_like_audio_but_unreadable_so_prep_rejects_it
     manifest = import_folder(str(root))
     assert [u.id for u in manifest] == ["dangling.wav", "folder.wav", "good.wav"]
     prep = load_config(PrepConfig, None, [f"sources=[{{kind: folder, path: {root}}}]", f"output={tmp_path / 'out'}"])
-    recipe = ChunkRecipe.from_config(prep)
     reasons = {}
     for utterance in manifest[:2]:
         with pytest.raises(AudioRejected) as error:
-            chunk_audio(utterance.audio, recipe)
+            load_frames(utterance.audio, prep.features, prep.storage_dtype, prep.min_seconds)
         reasons[utterance.id] = reject_reason(error.value)
     assert reasons == {"dangling.wav": f"unreadable: [Errno 2] No such file or directory: '{root / 'dangling.wav'}'",
                        "folder.wav": f"unreadable: [Errno 21] Is a directory: '{root / 'folder.wav'}'"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +19,8 @@ import ray
 import soundfile as sf
 
 from data_prep.chunking import chunk_starts
-from data_prep.config import ConfigError, PrepConfig, load_config
-from data_prep.dataset import PreparedDataset
+from data_prep.config import ChunkConfig, ConfigError, PrepConfig, load_config
+from data_prep.dataset import DatasetError, PreparedDataset
 from data_prep.importers import import_ravdess
 from data_prep.manifest import ManifestError
 from data_prep.mel import MelSpectrogram
@@ -88,7 +89,7 @@ def digest_folder(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_prep_writes_chunks_rejects_and_stats(tmp_path, ray_cluster):
+def test_prep_writes_frames_once_rejects_and_stats(tmp_path, ray_cluster):
     good = good_rows(12)
     bad = bad_rows(tmp_path / "bad")
     manifest = write_csv(tmp_path / "manifest.csv", good + list(bad.values()))
@@ -107,17 +108,20 @@ def test_prep_writes_chunks_rejects_and_stats(tmp_path, ray_cluster):
         assert by_id[row["id"]].startswith(expected), (keyword, by_id[row["id"]])
         assert row["audio"] in [r["audio"] for r in rejects]
 
-    # The schema a reader can trust: fixed-shape chunks, chunk positions per Eq. 2, labels.
-    chunks = table["chunks"].combine_chunks().to_numpy_ndarray()
-    assert chunks.shape == (12, 11, 62, 128) and chunks.dtype == np.float32
+    # The schema a reader can trust: each utterance's frames once, chunks cut per Eq. 2 on reading.
+    frames, lengths = dataset.frame_format.frames_of(table["frames"])
+    assert frames.dtype == np.float32 and frames.shape == (int(lengths.sum()), 128)
+    assert lengths.tolist() == table["n_frames"].to_pylist()
     mel = MelSpectrogram()
     first = table.slice(0, 1).to_pylist()[0]
     source = next(r for r in good if r["id"] == first["id"])
     wave, _ = sf.read(source["audio"], dtype="float32")
     expected_mel = mel(wave)
     assert first["n_frames"] == len(expected_mel)
+    np.testing.assert_allclose(frames[: lengths[0]], expected_mel, rtol=1e-5, atol=1e-6)
+    chunks = dataset.frame_format.chunks_of(table["frames"], ChunkConfig(num_chunks=11, chunk_frames=62))
+    assert chunks.shape == (12, 11, 62, 128) and chunks.dtype == np.float32
     starts = chunk_starts(len(expected_mel), 11, 62)
-    assert first["chunk_starts"] == starts.tolist()
     np.testing.assert_allclose(chunks[0][-1], expected_mel[starts[-1] : starts[-1] + 62], rtol=1e-5, atol=1e-6)
     assert first["arousal"] == pytest.approx(source["arousal"])
 
@@ -130,8 +134,15 @@ def test_prep_writes_chunks_rejects_and_stats(tmp_path, ray_cluster):
     np.testing.assert_allclose(info["stats"]["std"], frames.std(0), rtol=1e-6)
     assert info["counts"]["utterances"] == {s: sum(r["split"] == s for r in good) for s in {r["split"] for r in good}}
     assert info["counts"]["rejected"] == len(bad)
+    assert sum(info["counts"]["frames"].values()) == int(lengths.sum()) == sum(s["frames"] for s in info["shards"])
     normalized = dataset.normalizer()(chunks[0])
     assert normalized.min() >= -3 and normalized.max() <= 3
+
+
+def test_a_dataset_of_the_old_chunk_layout_is_refused_with_what_to_run(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"format": "deepemocluster-mel-chunks/1", "settings": {}}))
+    with pytest.raises(DatasetError, match=r"older layout .*python jobs/prep.py --config"):
+        PreparedDataset(str(tmp_path))
 
 
 def test_second_run_changes_nothing(tmp_path, ray_cluster):

@@ -37,10 +37,11 @@ from cluster_train.serve.predict import (
     predict_file,
     run_prediction,
 )
-from data_prep.config import ConfigError, PrepConfig, load_config
+from data_prep.config import ChunkConfig, ConfigError, PrepConfig, load_config
 from data_prep.dataset import PreparedDataset
 from data_prep.importers import import_ravdess
 from data_prep.pipeline import run_prep
+from data_prep.shards import ChunkRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRS = ("arousal", "dominance", "valence")
@@ -75,6 +76,11 @@ def dataset(utterances, ray_cluster, tmp_path_factory) -> PreparedDataset:
     return PreparedDataset(config.output)
 
 
+def chunk_settings(dataset: PreparedDataset, chunks: ChunkConfig | None = None) -> dict:
+    """What training keeps in a bundle: the dataset's frame settings and the run's chunking."""
+    return ChunkRecipe.for_dataset(dataset.settings, chunks or ChunkConfig()).settings()
+
+
 def make_bundle(dataset: PreparedDataset, path: Path, features: dict | None) -> str:
     torch.manual_seed(0)
     model = build_model("deepemocluster", ModelConfig())
@@ -88,7 +94,7 @@ def make_bundle(dataset: PreparedDataset, path: Path, features: dict | None) -> 
 
 @pytest.fixture(scope="module")
 def bundle_dir(dataset, tmp_path_factory) -> str:
-    return make_bundle(dataset, tmp_path_factory.mktemp("bundle"), dataset.settings)
+    return make_bundle(dataset, tmp_path_factory.mktemp("bundle"), chunk_settings(dataset))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +227,7 @@ def test_models_from_mlflow_runs_and_the_registry(bundle_dir, audio_folder, tmp_
 def test_predictions_stay_in_the_range_of_the_training_labels_unless_raw(dataset, utterances, tmp_path):
     """A model's values can leave the 1-7 scale (one file got dominance 7.82); predictions are
     clipped to the range of the labels it was trained on, kept in its bundle."""
-    bundle = load_bundle(make_bundle(dataset, tmp_path / "bundle", dataset.settings))
+    bundle = load_bundle(make_bundle(dataset, tmp_path / "bundle", chunk_settings(dataset)))
     audio = utterances[0].audio
     raw = predict_file(bundle, audio, raw=True)
     middle = np.array([raw[a] for a in ATTRS])
@@ -230,7 +236,7 @@ def test_predictions_stay_in_the_range_of_the_training_labels_unless_raw(dataset
     clipped = predict_file(bundle, audio)
     assert [clipped[a] for a in ATTRS] == pytest.approx(list(middle + 0.5))
     assert predict_file(bundle, audio, raw=True) == pytest.approx(raw)
-    stored = load_bundle(make_bundle(dataset, tmp_path / "stored", dataset.settings)).label_scaler
+    stored = load_bundle(make_bundle(dataset, tmp_path / "stored", chunk_settings(dataset))).label_scaler
     labels = dataset.read_table(["train"], list(ATTRS))
     assert stored.low.tolist() == [min(labels[a].to_pylist()) for a in ATTRS]  # the train labels' range
     assert stored.high.tolist() == [max(labels[a].to_pylist()) for a in ATTRS]
@@ -244,7 +250,7 @@ def test_a_bundle_without_features_is_refused_by_name(dataset, audio_folder, ray
     assert not (tmp_path / "p.parquet").exists()
     code, _, err = run_job(job, capsys, "--model", old, str(sorted(audio_folder.glob("*.flac"))[0]))
     assert code == 2 and f"model bundle {old}: it has no feature settings" in err
-    other = {**dataset.settings, "features": {**dataset.settings["features"], "n_mels": 64}}
+    other = {**chunk_settings(dataset), "features": {**dataset.settings["features"], "n_mels": 64}}
     with pytest.raises(ValueError, match=r"chunks of \(62, 64\)"):
         make_bundle(dataset, tmp_path / "mismatch", features=other)
-    assert chunk_recipe(load_bundle(make_bundle(dataset, tmp_path / "new", dataset.settings))).features.n_mels == 128
+    assert chunk_recipe(load_bundle(make_bundle(dataset, tmp_path / "new", chunk_settings(dataset)))).features.n_mels == 128

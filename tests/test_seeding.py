@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from cluster_train.clustering.kmeans import ClusteringConfig, run_kmeans
@@ -31,12 +32,12 @@ def test_every_stream_seed_epoch_and_rank_gets_its_own_seed() -> None:
 def test_two_seeds_share_no_shuffle_order() -> None:
     """The batch orders the trainer draws (stage s of epoch e shuffles with
     derive(seed, "shuffle_stage<s>", e)): all distinct over 5 seeds x 12 epochs x 2 stages."""
-    rows = InMemoryRows({"id": np.array([f"u{i:02d}" for i in range(40)])})
+    rows = InMemoryRows(pa.table({"id": [f"u{i:02d}" for i in range(40)]}))
     orders = {}
     for seed, epoch, stage in itertools.product(SEEDS, EPOCHS, (1, 2)):
         shuffle = derive(seed, f"shuffle_stage{stage}", epoch)
         batches = rows.iter_batches(batch_size=8, drop_last=True, local_shuffle_seed=shuffle)
-        orders[seed, epoch, stage] = tuple(i for batch in batches for i in batch["id"])
+        orders[seed, epoch, stage] = tuple(i for batch in batches for i in batch["id"].to_pylist())
     assert len(set(orders.values())) == len(orders)
 
 

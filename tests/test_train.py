@@ -22,6 +22,8 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -33,7 +35,7 @@ from cluster_train.serve.evaluate import evaluate_split, predict_split, score
 from cluster_train.train.checkpointer import TrainState
 from cluster_train.train.config import load_train_config
 from cluster_train.train.launch import run_training
-from data_prep.config import ConfigError
+from data_prep.config import ChunkConfig, ConfigError
 from data_prep.dataset import PreparedDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +130,7 @@ def test_saved_model_has_batchnorm_statistics_of_its_weights(prepared, tracked_r
     dataset = PreparedDataset(str(prepared / "prepared"))
     bundle = load_bundle(result.best_bundle)
     saved = predict_split(bundle, dataset, "development")
-    train = dataset.read_table(["train"], ["chunks"])["chunks"].combine_chunks().to_numpy_ndarray()
+    train = dataset.frame_format.chunks_of(dataset.read_table(["train"], ["frames"])["frames"], bundle.chunks)
     update_bn([bundle.normalizer.torch(torch.tensor(train).float()).flatten(0, 1)], bundle.model)
     bundle.model.eval()
     recomputed = predict_split(bundle, dataset, "development")
@@ -291,13 +293,14 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
 
     dataset = PreparedDataset(str(prepared / "prepared"))
     rows = InMemoryRows.read(dataset.ray_dataset(["train"], ROW_COLUMNS).iterator())
-    assert rows.num_rows == 8 and list(rows.columns["id"]) == sorted(rows.columns["id"])
-    assert rows.columns["chunks"].shape == (8, 11, 62, 128)
+    ids = rows.table["id"].to_pylist()
+    assert rows.num_rows == 8 and ids == sorted(ids)
+    assert dataset.frame_format.chunks_of(rows.table["frames"], ChunkConfig()).shape == (8, 11, 62, 128)
     again = InMemoryRows.from_arrow(dataset.read_table(["train"], ROW_COLUMNS))  # another reader, same rows
-    first = [b["id"].tolist() for b in rows.iter_batches(3, drop_last=True, local_shuffle_seed=5)]
-    assert first == [b["id"].tolist() for b in again.iter_batches(3, drop_last=True, local_shuffle_seed=5)]
+    first = [b["id"].to_pylist() for b in rows.iter_batches(3, drop_last=True, local_shuffle_seed=5)]
+    assert first == [b["id"].to_pylist() for b in again.iter_batches(3, drop_last=True, local_shuffle_seed=5)]
     assert len(first) == 2 and len({i for ids in first for i in ids}) == 6
-    assert first != [b["id"].tolist() for b in rows.iter_batches(3, drop_last=True, local_shuffle_seed=6)]
+    assert first != [b["id"].to_pylist() for b in rows.iter_batches(3, drop_last=True, local_shuffle_seed=6)]
     cache = ShardCache(enabled=True)
     held = cache("train", dataset.ray_dataset(["train"], ROW_COLUMNS).iterator())
     assert cache("train", None) is held  # read once, then kept
@@ -308,12 +311,11 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
     config = DataConfig(dataset=str(prepared / "prepared"), label_fraction=0.5, labeled_as_unlabeled=False)
     held = {name: InMemoryRows.read(rows_of.iterator())
             for name, rows_of in build_datasets(dataset, config, seed=0, in_memory=True).items()}
-    assert list(held["cluster"].columns["id"]) == list(rows.columns["id"])  # no "unlabeled" split here
-    assert held["cluster"].columns["chunks"].dtype == rows.columns["chunks"].dtype
-    np.testing.assert_array_equal(held["cluster"].columns["chunks"], rows.columns["chunks"])
+    assert held["cluster"].table["id"].to_pylist() == ids  # no "unlabeled" split here
+    assert held["cluster"].table["frames"].equals(rows.table["frames"])
     kept = kept_label_ids(dataset, config, seed=0)
-    assert len(kept) == 4 and list(held["labeled"].columns["id"]) == kept
-    assert sorted(held["unlabeled"].columns["id"]) == sorted(set(rows.columns["id"]) - set(kept))
+    assert len(kept) == 4 and held["labeled"].table["id"].to_pylist() == kept
+    assert sorted(held["unlabeled"].table["id"].to_pylist()) == sorted(set(ids) - set(kept))
     assert held["development"].num_rows == 8
 
 
@@ -534,6 +536,28 @@ def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     assert [counts[f]["unlabeled"] for f in (0, 0.5, 1)] == [2, 2 + 3, 8]
     assert [counts[f]["cluster"] for f in (0, 0.5, 1)] == [2, 2 + 3, 8]
     assert [counts[f]["labeled"] for f in (0, 0.5, 1)] == [2] * 3
+
+
+def test_the_chunking_is_a_training_option_that_the_bundle_keeps_for_prediction(prepared, tmp_path):
+    """C and w_c (`data.chunks`) are cut from the stored frames when rows are read: another chunking
+    needs no new prep, the model takes chunks of that length, and prediction on raw audio cuts the
+    same chunks from the bundle's settings as evaluation cuts from the dataset's frames."""
+    from cluster_train.serve.evaluate import predict_table
+    from cluster_train.serve.predict import predict_file
+
+    result = run_training(_small_run(prepared, tmp_path, "chunks-4x31", "scaling.num_workers=0", "tracking.enabled=false",
+                                     "epochs=1", *TINY_MODEL, "precise_bn.utterances=0", "stages=[2]",
+                                     "data.chunks.num_chunks=4", "data.chunks.chunk_frames=31"))
+    assert result.metrics["train/stage2_chunks"] == 8 * 4  # 8 labelled train utterances x 4 chunks
+    bundle = load_bundle(result.best_bundle)
+    assert bundle.chunks == ChunkConfig(num_chunks=4, chunk_frames=31) and bundle.model_config.chunk_frames == 31
+    dataset = PreparedDataset(str(prepared / "prepared"))
+    row = dataset.read_table(["test"]).slice(0, 1)
+    manifest = pq.read_table(prepared / "prepared" / "manifest.parquet")
+    audio = manifest.filter(pc.equal(manifest["id"], row["id"][0]))["audio"][0].as_py()
+    from_frames = predict_table(bundle, row)[0]
+    from_audio = predict_file(bundle, audio, raw=True)
+    assert [from_audio[a] for a in bundle.label_scaler.attributes] == pytest.approx(from_frames.tolist(), abs=1e-5)
 
 
 def test_report_figures_cluster_and_project_a_trained_model(prepared, tracked_run, tmp_path):

@@ -7,7 +7,8 @@ The driver builds four datasets from one prepared dataset (`build_datasets`):
     development  early stopping; every worker reads all of it
     precise_bn   a fixed sample of training utterances the BatchNorm statistics are recomputed on
                  (`train/precise_bn.py`); every worker reads all of it and keeps it in memory
-Workers turn rows into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`. On data
+Rows hold each utterance's frames; workers cut them into chunks (`data.chunks`, the paper's Eq. 1-2)
+and turn them into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`. On data
 small enough (`DataConfig.cache_max_mb`) the driver reads the rows itself and hands Ray Data tables,
 and workers read each shard once and keep it (`ShardCache`); larger data streams from the shards.
 A pseudo-label is keyed by utterance and chunk (`chunk_keys`), never by worker.
@@ -28,12 +29,14 @@ import torch
 from cluster_train.data.config import DataConfig
 from cluster_train.data.labels import LabelScaler
 from cluster_train.seeding import derive
+from data_prep.config import ChunkConfig
 from data_prep.dataset import PreparedDataset
+from data_prep.frames import FrameFormat
 from data_prep.manifest import ATTRIBUTES
 from data_prep.stats import Normalizer
 
 SPLIT_DATASETS = ["labeled", "unlabeled", "cluster"]
-ROW_COLUMNS = ["id", *ATTRIBUTES, "chunks"]
+ROW_COLUMNS = ["id", *ATTRIBUTES, "frames"]
 READ_CPUS = 0.25  # Parquet reads are light; a full CPU each would starve beside the training workers
 
 
@@ -138,8 +141,7 @@ def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_m
 
     `in_memory` (data within `cache_max_mb`, see `cache_shards`): the driver reads the rows once with
     pyarrow (`build_tables`) and hands them to Ray Data as tables; workers still get their shards
-    from Ray Data's split. Streamed from the Parquet files instead, each dataset starts with a
-    file-listing task: 13 s of the 15 s a 24-utterance dataset took to reach its worker on 2 CPUs.
+    from Ray Data's split. Streamed instead, a read task per Parquet shard, `config.read_tasks` at once.
     """
     import ray.data
 
@@ -147,7 +149,7 @@ def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_m
         datasets = {name: ray.data.from_arrow(table)
                     for name, table in build_tables(dataset, config, seed, precise_bn_utterances).items()}
     else:
-        datasets = _select(_ParquetRows(dataset), dataset, config, seed)
+        datasets = _select(_ParquetRows(dataset, config.read_tasks), dataset, config, seed)
         if precise_bn_utterances > 0:
             table = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed)
             datasets["precise_bn"] = ray.data.from_arrow(table)
@@ -160,17 +162,12 @@ def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_m
 class _ParquetRows:
     """Rows of some splits, streamed from the Parquet shards by Ray Data's read tasks."""
 
-    def __init__(self, dataset: PreparedDataset):
-        self.dataset = dataset
+    def __init__(self, dataset: PreparedDataset, read_tasks: int):
+        self.dataset, self.read_tasks = dataset, read_tasks
 
     def __call__(self, splits: list[str], ids: list[str] | None = None, keep: bool = True):
-        from ray.data.expressions import col
-
-        rows = self.dataset.ray_dataset(splits, columns=ROW_COLUMNS, read_cpus=READ_CPUS)
-        if ids is None:
-            return rows
-        wanted = col("id").is_in(ids)
-        return rows.filter(expr=wanted if keep else ~wanted)
+        return self.dataset.ray_dataset(splits, columns=ROW_COLUMNS, read_cpus=READ_CPUS, ids=ids, keep=keep,
+                                        read_tasks=self.read_tasks)
 
 
 class _TableRows:
@@ -195,35 +192,33 @@ def as_float(values: np.ndarray) -> np.ndarray:
 
 
 class InMemoryRows:
-    """Rows held as numpy columns, served through the `iter_batches` call `ChunkBatches` makes on a
-    Ray DataIterator. Rows are in id order; a shuffle seed permutes them all (not a local buffer)."""
+    """Rows held as one Arrow table, served through the `iter_batches(batch_format="pyarrow")` call
+    `ChunkBatches` makes on a Ray DataIterator. Rows are in id order; a shuffle seed permutes them
+    all (not a local buffer)."""
 
-    def __init__(self, columns: dict[str, np.ndarray]):
-        order = np.argsort(columns["id"].astype(str), kind="stable")
-        self.columns = {name: values[order] for name, values in columns.items()}
-        self.num_rows = len(order)
+    def __init__(self, table: pa.Table):
+        self.table = table.take(pc.sort_indices(table, [("id", "ascending")])) if table.num_rows else table
+        self.num_rows = table.num_rows
 
     @classmethod
-    def from_arrow(cls, table) -> "InMemoryRows":
-        return cls({name: table[name].combine_chunks().to_numpy_ndarray() if name == "chunks"
-                    else table[name].to_numpy(zero_copy_only=False) for name in table.column_names})
+    def from_arrow(cls, table: pa.Table) -> "InMemoryRows":
+        return cls(table)
 
     @classmethod
     def read(cls, iterator, read_batch_size: int = 1024) -> "InMemoryRows":
-        parts = list(iterator.iter_batches(batch_size=read_batch_size, batch_format="numpy"))
-        names = parts[0].keys() if parts else ROW_COLUMNS
-        return cls({name: np.concatenate([np.asarray(part[name]) for part in parts]) if parts else np.empty(0)
-                    for name in names})
+        parts = list(iterator.iter_batches(batch_size=read_batch_size, batch_format="pyarrow"))
+        return cls(pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string())}))
 
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False,
+    def iter_batches(self, batch_size: int, batch_format: str = "pyarrow", drop_last: bool = False,
                      local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None):
+        if batch_format != "pyarrow":
+            raise ValueError(f"InMemoryRows serves pyarrow batches, not {batch_format!r}")
         order = np.arange(self.num_rows)
         if local_shuffle_seed is not None:
             order = np.random.default_rng(local_shuffle_seed).permutation(self.num_rows)
         stop = self.num_rows - self.num_rows % batch_size if drop_last else self.num_rows
         for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size]
-            yield {name: values[index] for name, values in self.columns.items()}
+            yield self.table.take(order[start : start + batch_size])
 
 
 class ShardCache:
@@ -244,7 +239,7 @@ class ShardCache:
 
 
 def cache_shards(dataset: PreparedDataset, config: DataConfig) -> bool:
-    return dataset.chunk_bytes() <= config.cache_max_mb * 1e6
+    return dataset.frame_bytes() <= config.cache_max_mb * 1e6
 
 
 @dataclass
@@ -256,15 +251,19 @@ class Batch:
 
 
 class ChunkBatches:
-    """Rows of a Ray DataIterator -> `Batch`es on `device`, normalised as the dataset prescribes."""
+    """Rows of a Ray DataIterator -> `Batch`es on `device`: chunks cut from each row's frames (held
+    as `frames` says, cut as `chunks` says), normalised as the dataset prescribes."""
 
-    def __init__(self, normalizer: Normalizer, scaler: LabelScaler, device: torch.device):
+    def __init__(self, normalizer: Normalizer, scaler: LabelScaler, device: torch.device, frames: FrameFormat,
+                 chunks: ChunkConfig):
         self.normalizer, self.scaler, self.device = normalizer, scaler, device
+        self.frames, self.chunks = frames, chunks
         self.loading_seconds = 0.0  # waiting on Ray Data + turning rows into tensors, all calls so far
 
     def __call__(self, iterator, batch_size: int, drop_last: bool, seed: int | None = None) -> Iterator[Batch]:
         shuffle = {} if seed is None else {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": seed}
-        rows_iter = iter(iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle))
+        rows_iter = iter(iterator.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
+                                               **shuffle))
         while True:
             started = time.perf_counter()
             batch = self._next_batch(rows_iter)
@@ -277,10 +276,10 @@ class ChunkBatches:
         rows = next(rows_iter, None)
         if rows is None:
             return None
-        chunks = np.asarray(rows["chunks"])
+        chunks = self.frames.chunks_of(rows["frames"], self.chunks)
         batch, num_chunks = chunks.shape[0], chunks.shape[1]
         x = torch.from_numpy(chunks).to(self.device).float()
         x = self.normalizer.torch(x).reshape(batch * num_chunks, *chunks.shape[2:])
-        labels = np.stack([as_float(rows[a]) for a in self.scaler.attributes], axis=1)
+        labels = np.stack([as_float(rows[a].to_numpy(zero_copy_only=False)) for a in self.scaler.attributes], axis=1)
         targets = torch.from_numpy(self.scaler.to_z(labels).astype(np.float32)).to(self.device)
-        return Batch(chunk_keys(rows["id"], num_chunks), x, targets, num_chunks)
+        return Batch(chunk_keys(rows["id"].to_pylist(), num_chunks), x, targets, num_chunks)

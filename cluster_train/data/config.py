@@ -1,4 +1,4 @@
-"""What training reads from a prepared dataset: splits, label fraction, batch size, caching."""
+"""What training reads from a prepared dataset: splits, label fraction, chunking, batch size, caching."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from data_prep.config import require
+from data_prep.config import ChunkConfig, require
 
 
 @dataclass(kw_only=True)
@@ -27,16 +27,25 @@ class DataConfig:
     # (a smaller fraction's utterances are part of a larger one's). The paper's Table 4 varies it.
     unlabeled_fraction: float = 1.0
     batch_size: int = 64  # sentences per step (each C chunks)
+    # How each utterance's frames are cut when read (Eq. 1-2): C chunks of w_c frames. The model's
+    # input and its bundle follow it; another chunking needs no new prep.
+    chunks: ChunkConfig = field(default_factory=ChunkConfig)
     # When the prepared dataset's chunks take at most this many MB (all splits), the driver reads
     # them and hands Ray Data tables (no file listing per dataset), and workers keep their rows in
     # memory after the first read (a worker then holds up to ~3x its share plus the development
     # split): later passes skip Ray Data's per-pass start-up, several seconds each, which dominates
     # an epoch on small data. 0: stream from the shards every pass (what MSP-Podcast scale needs).
     cache_max_mb: float = 512
+    # Streamed data (beyond cache_max_mb): read tasks at once per dataset. Each reads a shard with
+    # pyarrow and delivers ~30K chunks per CPU-second here (bench/results/read_path.json), so two keep
+    # one H100 (23K chunks/s) fed; raise it with the GPUs per dataset. Many more tasks than free
+    # CPUs make Ray start and stop a worker process per task, every pass: 10x slower.
+    read_tasks: int = 2
 
     def __post_init__(self) -> None:
         require(0 < self.label_fraction <= 1, "data.label_fraction", "must be in (0, 1]")
         require(0 <= self.unlabeled_fraction <= 1, "data.unlabeled_fraction", "must be in [0, 1]")
         require(self.cache_max_mb >= 0, "data.cache_max_mb", "must be >= 0")
+        require(self.read_tasks >= 1, "data.read_tasks", "must be >= 1")
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         require(len(self.labeled_splits) > 0, "data.labeled_splits", "name at least one split")

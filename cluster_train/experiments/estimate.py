@@ -57,7 +57,7 @@ def time_steps(config: TrainConfig, steps: int = 2, chunks: int = 32) -> StepCos
 def epoch_chunks(config: TrainConfig, dataset: PreparedDataset, rows: dict[str, int]) -> tuple[int, int]:
     """(chunks trained on, chunks passed forward only) in one epoch of `config`, all workers together;
     `rows`: the run's utterances per dataset (`data.batches.row_counts`)."""
-    per_row, batch = int(dataset.settings["chunks"]["num_chunks"]), config.data.batch_size
+    per_row, batch = config.data.chunks.num_chunks, config.data.batch_size
     kind = config.kind
     train = 0
     for stage in kind.stages:

@@ -144,15 +144,15 @@ def _split_embeddings(bundle, dataset: PreparedDataset, splits: list[str]) -> tu
     """(chunk embeddings (N * C, d), labels per chunk (N * C, A)) of `splits`, the model in eval mode."""
     from cluster_train.data.labels import label_matrix
 
-    table = dataset.read_table(splits, ["id", *ATTRIBUTES, "chunks"])
+    table = dataset.read_table(splits, ["id", *ATTRIBUTES, "frames"])
     model = bundle.model.eval()
     features = []
     with torch.inference_mode():
         for start in range(0, table.num_rows, 64):
-            chunks = table.slice(start, 64)["chunks"].combine_chunks().to_numpy_ndarray()
+            chunks = dataset.frame_format.chunks_of(table.slice(start, 64)["frames"], bundle.chunks)
             x = bundle.normalizer.torch(torch.tensor(chunks).flatten(0, 1).float())
             features.append(model.embed(x).float().numpy())
-    labels = np.repeat(label_matrix(table, ATTRIBUTES), int(dataset.settings["chunks"]["num_chunks"]), axis=0)
+    labels = np.repeat(label_matrix(table, ATTRIBUTES), bundle.chunks.num_chunks, axis=0)
     return np.concatenate(features), labels
 
 

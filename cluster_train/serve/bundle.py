@@ -11,9 +11,9 @@ it and no pickled object is ever executed on load:
     normalizer    {"mean": [...], "std": [...], "clip": float}: the features' z-normalisation
     label_scaler  LabelScaler.to_dict(): the model predicts z-scored labels
     extra         free plain values: epoch, metrics, dataset hash, ...
-    features      the prepared dataset's settings that made the model's input chunks
-                  (`data_prep.shards.CHUNK_SETTINGS`: features, chunks, storage_dtype), so that
-                  prediction on raw audio computes the same chunks; absent in older bundles
+    features      the settings that made the model's input chunks (`data_prep.shards.CHUNK_SETTINGS`:
+                  the dataset's features, storage_dtype and min_seconds, the run's data.chunks), so
+                  that prediction on raw audio computes the same chunks; absent in older bundles
 
 MLflow convention. A run logs the bundle under a model name `<name>` (e.g. "model") so that the
 run's artifact `<name>/bundle/model.pt` is the bundle file: `log_bundle` attaches it to an MLflow
@@ -41,7 +41,9 @@ from torch import nn
 from cluster_train.data.labels import LabelScaler
 from cluster_train.model.blocks import ModelConfig
 from cluster_train.model.kinds import build_model
-from data_prep.shards import CHUNK_SETTINGS, ChunkRecipe
+from data_prep.config import ChunkConfig
+from data_prep.frames import FrameFormat
+from data_prep.shards import ChunkRecipe
 from data_prep.stats import Normalizer
 from data_prep.storage import read_bytes
 
@@ -65,6 +67,21 @@ class Bundle:
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     features: dict[str, Any] | None = None  # the chunk settings (CHUNK_SETTINGS); None in older bundles
+
+    @property
+    def chunks(self) -> ChunkConfig:
+        """How the model's inputs are cut (Eq. 1-2); a bundle older than its feature settings gets the
+        paper's C = 11 chunks of the model's own chunk length."""
+        if self.features is None:
+            return ChunkConfig(chunk_frames=self.model_config.chunk_frames)
+        return ChunkRecipe.from_settings(self.features).chunks
+
+    @property
+    def frame_format(self) -> FrameFormat:
+        """How the frames of the model's training data were stored (what prediction decodes audio to)."""
+        if self.features is None:
+            return FrameFormat("float16", self.model_config.n_mels)
+        return ChunkRecipe.from_settings(self.features).frame_format
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -94,13 +111,13 @@ def plain(value: Any, where: str = "extra") -> Any:
 
 
 def chunk_features(settings: dict, model_config: ModelConfig) -> dict:
-    """The CHUNK_SETTINGS part of a prepared dataset's settings, checked against the model's input."""
+    """The CHUNK_SETTINGS (`ChunkRecipe.settings()`), checked against the model's input."""
     recipe = ChunkRecipe.from_settings(settings)
     shape = (recipe.chunks.chunk_frames, recipe.features.n_mels)
     if shape != (model_config.chunk_frames, model_config.n_mels):
         raise ValueError(f"features make chunks of {shape} (frames, mels), the model takes "
                          f"{(model_config.chunk_frames, model_config.n_mels)}")
-    return plain({key: settings[key] for key in CHUNK_SETTINGS}, "features")
+    return plain(recipe.settings(), "features")
 
 
 def _payload(model: nn.Module, model_kind: str, model_config: ModelConfig, normalizer: Normalizer,
@@ -135,8 +152,8 @@ def save_bundle(
 ) -> str:
     """Write `<path>/model.pt` (atomically: a reader never sees half a file); returns its path.
 
-    `features`: the prepared dataset's settings (`PreparedDataset(...).settings`; only
-    CHUNK_SETTINGS are kept), which prediction on raw audio needs; None leaves them out.
+    `features`: the chunk settings (`ChunkRecipe.for_dataset(dataset.settings, data.chunks).settings()`),
+    which prediction on raw audio needs; None leaves them out.
     """
     payload = _payload(model, model_kind, model_config, normalizer, label_scaler, extra, features)
     folder = Path(path)

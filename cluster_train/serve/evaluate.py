@@ -1,6 +1,7 @@
 """Sentence-level prediction and CCC scoring of a model bundle, and the paper's statistics.
 
-A sentence's prediction is the mean of its C chunk predictions (REFERENCE "Features"), mapped back
+A sentence's prediction is the mean of its C chunk predictions (REFERENCE "Features"; the chunks cut
+from its frames as the model's bundle says, `Bundle.chunks`), mapped back
 to the raw 1-7 label scale; CCC comes from `losses.ccc`, the one implementation. The paper splits the
 test set at random into 4 subsets and trains 5 seeds: 20 CCCs per model and attribute, compared with
 a two-tailed t-test (p < 0.05).
@@ -20,7 +21,9 @@ from torch import nn
 from cluster_train.data.labels import LabelScaler, label_matrix
 from cluster_train.model.losses import ccc, sentence_mean
 from cluster_train.serve.bundle import Bundle
+from data_prep.config import ChunkConfig
 from data_prep.dataset import PreparedDataset
+from data_prep.frames import FrameFormat
 from data_prep.manifest import ATTRIBUTES
 from data_prep.stats import Normalizer
 
@@ -38,19 +41,19 @@ class SplitPredictions:
 
 
 def _parts(
-    source: Bundle | nn.Module, normalizer: Normalizer | None, scaler: LabelScaler | None
-) -> tuple[nn.Module, Normalizer, LabelScaler]:
+    source: Bundle | nn.Module, normalizer: Normalizer | None, scaler: LabelScaler | None, chunks: ChunkConfig | None
+) -> tuple[nn.Module, Normalizer, LabelScaler, ChunkConfig]:
     if isinstance(source, Bundle):
-        return source.model, normalizer or source.normalizer, scaler or source.label_scaler
-    if normalizer is None or scaler is None:
-        raise ValueError("predict_table with a bare model needs its normalizer and label_scaler")
-    return source, normalizer, scaler
+        return source.model, normalizer or source.normalizer, scaler or source.label_scaler, chunks or source.chunks
+    if normalizer is None or scaler is None or chunks is None:
+        raise ValueError("predict_table with a bare model needs its normalizer, label_scaler and chunks")
+    return source, normalizer, scaler, chunks
 
 
-def _chunk_batches(table: pa.Table, batch_size: int) -> Iterator[np.ndarray]:
-    for batch in table.select(["chunks"]).to_batches(max_chunksize=batch_size):
+def _chunk_batches(table: pa.Table, batch_size: int, frames: FrameFormat, chunks: ChunkConfig) -> Iterator[np.ndarray]:
+    for batch in table.select(["frames"]).to_batches(max_chunksize=batch_size):
         if batch.num_rows:
-            yield batch.column(0).to_numpy_ndarray()  # (B, C, frames, mels), storage dtype
+            yield frames.chunks_of(batch.column(0), chunks)  # (B, C, frames, mels), storage dtype
 
 
 def predict_table(
@@ -59,23 +62,29 @@ def predict_table(
     batch_size: int = 64,
     normalizer: Normalizer | None = None,
     label_scaler: LabelScaler | None = None,
+    chunks: ChunkConfig | None = None,
+    frames: FrameFormat | None = None,
 ) -> np.ndarray:
-    """(N, A) float64 sentence predictions on the raw label scale for the rows of `table`.
+    """(N, A) float64 sentence predictions on the raw label scale for the rows of `table`: its
+    `frames` column (`frames`: how it holds them; a prepared dataset's `frame_format`, by default the
+    bundle's own, which decoded audio has: `predict.frames_table`).
 
-    `source`: a Bundle, or a model with its `normalizer` and `label_scaler`. The model runs in eval
-    mode on its own device (a model in training mode is put back in it afterwards).
+    `source`: a Bundle, or a model with its `normalizer`, `label_scaler`, `chunks` and `frames`. The
+    model runs in eval mode on its own device (a model in training mode is put back in it afterwards).
     """
-    model, normalizer, scaler = _parts(source, normalizer, label_scaler)
+    model, normalizer, scaler, chunking = _parts(source, normalizer, label_scaler, chunks)
+    frames = frames or (source.frame_format if isinstance(source, Bundle) else None)
+    if frames is None:
+        raise ValueError("predict_table with a bare model needs the table's frame format (frames=)")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outputs = []
     try:
         with torch.inference_mode():
-            for chunks in _chunk_batches(table, batch_size):
-                num_chunks = chunks.shape[1]
-                x = torch.tensor(chunks, device=device).flatten(0, 1)  # (B * C, frames, mels)
-                z = sentence_mean(model(normalizer.torch(x))["prediction"], num_chunks)
+            for batch in _chunk_batches(table, batch_size, frames, chunking):
+                x = torch.tensor(batch, device=device).flatten(0, 1)  # (B * C, frames, mels)
+                z = sentence_mean(model(normalizer.torch(x))["prediction"], chunking.num_chunks)
                 outputs.append(scaler.from_z(z.double()).cpu().numpy())
     finally:
         model.train(was_training)
@@ -107,20 +116,19 @@ def predict_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_si
     known = {name: n for name, n in dataset.info["counts"]["utterances"].items() if n}
     if split not in known:
         raise EvaluationError(f"{dataset.location}: no utterances in split {split!r}; it has {', '.join(known)}")
-    shape = (dataset.settings["chunks"]["chunk_frames"], dataset.settings["features"]["n_mels"])
-    config = bundle.model_config
-    if shape != (config.chunk_frames, config.n_mels):
-        raise EvaluationError(f"{dataset.location}: chunks of {shape} (frames, mels), the model takes "
-                              f"{(config.chunk_frames, config.n_mels)}")
+    n_mels = dataset.settings["features"]["n_mels"]
+    if n_mels != bundle.model_config.n_mels:
+        raise EvaluationError(f"{dataset.location}: frames of {n_mels} mel bands, the model takes "
+                              f"{bundle.model_config.n_mels}")
     attributes = bundle.label_scaler.attributes
     ids, preds, labels = [], [], []
     for shard in dataset.info["shards"]:
         part = pads.dataset(dataset.folder.path(shard["file"]), format="parquet", filesystem=dataset.folder.fs)
-        columns, where = ["id", *attributes, "chunks"], pads.field("split") == split
+        columns, where = ["id", *attributes, "frames"], pads.field("split") == split
         for batch in part.to_batches(columns=columns, filter=where, batch_size=batch_size):
             table = pa.Table.from_batches([batch])
             ids.extend(table["id"].to_pylist())
-            preds.append(predict_table(bundle, table, batch_size))
+            preds.append(predict_table(bundle, table, batch_size, frames=dataset.frame_format))
             labels.append(label_matrix(table, attributes))
     return SplitPredictions(ids, np.concatenate(preds), np.concatenate(labels), attributes)
 

@@ -3,8 +3,9 @@
 Batch (`run_prediction`):
 
     input (folder, .txt listing, manifest CSV, ...) -> manifest (data_prep.importers)
-      -> read, decode, mel, chunks (data_prep.shards.chunk_audio: prep's own code)
-      -> Ray Data actor pool: the model, batched; sentence = mean of its chunk predictions on the
+      -> read, decode, mel frames (data_prep.shards.load_frames: prep's own code)
+      -> Ray Data actor pool: the model, batched; chunks cut as in training (the bundle's chunk
+         settings, data_prep.chunking.cut_chunks); sentence = mean of its chunk predictions on the
          raw label scale (evaluation.predict_table), clipped to the range of the training labels
          (the bundle's; `raw=True` keeps the model's values)
       -> one Parquet or CSV file (by the output's extension): id, audio, duration, one column per
@@ -14,9 +15,9 @@ Batch (`run_prediction`):
 On a cluster with GPUs, Ray Data tasks decode on the CPUs and each model actor holds one GPU. On
 CPUs only, the model costs far more than the decoding (one thread here: 930 ms against 15 ms per
 RAVDESS file, 11 chunks of 0.3 GFLOP each), so each actor decodes its own files: one actor per
-`cpus_per_actor` CPUs, and no chunks cross the object store.
+`cpus_per_actor` CPUs, and no frames cross the object store.
 
-One file (`predict_file`): the same chunks and model in this process, no Ray.
+One file (`predict_file`): the same frames, chunks and model in this process, no Ray.
 
 The bundle must carry the feature settings of the dataset it was trained on (`Bundle.features`):
 the chunks are computed with them, and its normaliser and label scaler are applied as in training.
@@ -49,7 +50,7 @@ from cluster_train.serve.evaluate import predict_table
 from data_prep.config import require, require_choice
 from data_prep.importers import SourceSpec, build_manifest
 from data_prep.manifest import Utterance
-from data_prep.shards import ChunkRecipe, chunk_audio, reject_reason
+from data_prep.shards import ChunkRecipe, load_frames, reject_reason
 from data_prep.storage import open_filesystem
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
@@ -140,19 +141,21 @@ def chunk_recipe(bundle: Bundle) -> ChunkRecipe:
         raise PredictError(f"model bundle {bundle.source}: unusable feature settings: {error}") from error
 
 
-def chunks_table(chunks: np.ndarray) -> pa.Table:
-    """(N, C, frames, mels) chunks -> the one-column table `evaluation.predict_table` reads."""
-    chunks = np.ascontiguousarray(chunks)
-    if chunks.strides[0] != chunks[0].nbytes:  # e.g. x[None]: numpy calls it contiguous, Arrow does not
-        chunks = chunks.copy()
-    return pa.table({"chunks": pa.FixedShapeTensorArray.from_numpy_ndarray(chunks)})
+def frames_table(frames: list[np.ndarray], recipe: ChunkRecipe) -> pa.Table:
+    """Decoded files' (T_i, mels) frames -> the one-column table `evaluation.predict_table` reads."""
+    return pa.table({"frames": recipe.frame_format.column(frames)})
+
+
+def _load_frames(location: str, recipe: ChunkRecipe, expected_duration: float | None = None):
+    return load_frames(location, recipe.features, recipe.storage_dtype, recipe.min_seconds, expected_duration)
 
 
 def predict_file(bundle: Bundle, location: str, raw: bool = False) -> dict[str, float]:
     """{attribute: value} on the label scale for one audio file, clipped to the range of the training
     labels unless `raw`; AudioRejected names a bad file."""
-    audio = chunk_audio(location, chunk_recipe(bundle))
-    prediction = predict_table(bundle, chunks_table(audio.chunks[None]))[0]
+    recipe = chunk_recipe(bundle)
+    audio = _load_frames(location, recipe)
+    prediction = predict_table(bundle, frames_table([audio.stored], recipe))[0]
     prediction = prediction if raw else bundle.label_scaler.clip(prediction)
     return {name: float(value) for name, value in zip(bundle.label_scaler.attributes, prediction)}
 
@@ -177,25 +180,25 @@ def read_inputs(location: str, kind: str | None = None) -> list[Utterance]:
 
 
 def decode_batch(batch: dict[str, np.ndarray], recipe: ChunkRecipe, threads: int) -> dict[str, np.ndarray]:
-    """Ray Data task: files -> chunks; a file that fails keeps zero chunks and gets its reason."""
+    """Ray Data task: files -> mel frames; a file that fails keeps one zero frame and gets its reason."""
     torch.set_num_threads(threads)
     count = len(batch["audio"])
-    shape = (recipe.chunks.num_chunks, recipe.chunks.chunk_frames, recipe.features.n_mels)
-    chunks = np.zeros((count, *shape), dtype=recipe.storage_dtype)
+    frames = np.empty(count, dtype=object)
     durations = np.full(count, np.nan)
     reasons = np.full(count, "", dtype=object)
     for i, (location, expected) in enumerate(zip(batch["audio"], batch["duration"])):
+        frames[i] = np.zeros((1, recipe.features.n_mels), dtype=recipe.storage_dtype)
         try:
-            audio = chunk_audio(str(location), recipe, None if math.isnan(expected) else float(expected))
+            audio = _load_frames(str(location), recipe, None if math.isnan(expected) else float(expected))
         except Exception as error:  # noqa: BLE001 - one bad file must never stop the job
             reasons[i] = reject_reason(error)
             continue
-        chunks[i], durations[i] = audio.chunks, audio.duration
-    return {"id": batch["id"], "audio": batch["audio"], "duration": durations, "reason": reasons, "chunks": chunks}
+        frames[i], durations[i] = audio.stored, audio.duration
+    return {"id": batch["id"], "audio": batch["audio"], "duration": durations, "reason": reasons, "frames": frames}
 
 
 class ChunkPredictor:
-    """Ray Data actor: one copy of the model; a batch of chunked files -> their sentence predictions.
+    """Ray Data actor: one copy of the model; a batch of decoded files -> their sentence predictions.
 
     `bundle`: `bundle_to_bytes` output (a worker node may not see the driver's files or MLflow).
     With a `recipe` the actor decodes the files itself.
@@ -215,7 +218,7 @@ class ChunkPredictor:
         good = batch["reason"] == ""
         prediction = np.full((len(good), len(attributes)), np.nan)
         if good.any():
-            table = chunks_table(batch["chunks"][good])
+            table = frames_table(list(batch["frames"][good]), chunk_recipe(self.bundle))
             values = predict_table(self.bundle, table, batch_size=table.num_rows)
             prediction[good] = values if self.raw else self.bundle.label_scaler.clip(values)
         out = {key: batch[key] for key in ("id", "audio", "duration", "reason")}

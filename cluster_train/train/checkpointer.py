@@ -51,7 +51,7 @@ class Checkpointer:
     model_config: ModelConfig
     normalizer: Normalizer
     scaler: LabelScaler
-    features: dict  # the prepared dataset's settings: prediction recomputes its chunks from them
+    features: dict  # the chunk settings (`ChunkRecipe.settings`): prediction recomputes the chunks from them
 
     def write(self, folder: str, module: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
               state: TrainState, best_weights: dict[str, torch.Tensor]) -> None:

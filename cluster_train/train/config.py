@@ -158,8 +158,8 @@ def chosen_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> str
 # Set from elsewhere, never by hand: each value has one source.
 DERIVED_KEYS = {
     "model.num_clusters": "the number of clusters is clustering.num_clusters",
-    "model.chunk_frames": "the chunk shape comes from the prepared dataset (data.dataset)",
-    "model.n_mels": "the chunk shape comes from the prepared dataset (data.dataset)",
+    "model.chunk_frames": "the chunk length is data.chunks.chunk_frames",
+    "model.n_mels": "the mel bands come from the prepared dataset (data.dataset)",
 }
 
 

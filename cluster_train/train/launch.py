@@ -79,8 +79,8 @@ def fit_label_scaler(dataset: PreparedDataset, config: TrainConfig) -> LabelScal
 
 
 def with_dataset_shape(config: TrainConfig, dataset: PreparedDataset) -> TrainConfig:
-    """The model's input shape from the prepared dataset: its one source."""
-    recipe = ChunkRecipe.from_settings(dataset.settings)
+    """The model's input shape from its one source each: the run's chunking and the dataset's mel bands."""
+    recipe = ChunkRecipe.for_dataset(dataset.settings, config.data.chunks)
     model = dataclasses.replace(config.model, chunk_frames=recipe.chunks.chunk_frames, n_mels=recipe.features.n_mels)
     return dataclasses.replace(config, model=model)
 

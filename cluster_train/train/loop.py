@@ -39,6 +39,7 @@ from cluster_train.train.precision import Precision
 from cluster_train.train.runtime import Runtime
 from data_prep.config import to_yaml
 from data_prep.dataset import PreparedDataset
+from data_prep.shards import ChunkRecipe
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -68,10 +69,10 @@ class Trainer:
         self.optimizers = {group: build_optimizer(params, getattr(config.optim, group))
                            for group, params in self.module.param_groups().items()}
         # data
-        self.batches = ChunkBatches(self.normalizer, self.scaler, self.device)
+        self.batches = ChunkBatches(self.normalizer, self.scaler, self.device, dataset.frame_format, config.data.chunks)
         self.bn_rows = (InMemoryRows.read(runtime.shard("precise_bn")) if config.precise_bn.utterances else None)
         self.bn_current = False  # BatchNorm statistics recomputed since the weights last changed
-        self.num_chunks = int(dataset.settings["chunks"]["num_chunks"])
+        self.num_chunks = config.data.chunks.num_chunks
         # labeler: pseudo-labels whatever clustering.mode; diagnostics on rank 0 only
         self.collective = Collective()
         self.labeler = (build_labeler(config.clustering, service, self.collective, self.device, seed=config.seed)
@@ -84,7 +85,7 @@ class Trainer:
         # tracker (rank 0 writes) and checkpointer
         self.tracker = RunTracker(config.tracking, active=self.rank == 0)
         self.checkpointer = Checkpointer(config.model_kind, config.model, self.normalizer, self.scaler,
-                                         dataset.settings)
+                                         ChunkRecipe.for_dataset(dataset.settings, config.data.chunks).settings())
         self.state = TrainState()
         self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         with runtime.resume_folder() as folder:
