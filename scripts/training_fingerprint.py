@@ -1,7 +1,8 @@
 """Train one small, fixed DeepEmoCluster run with the code of the current checkout and print its
-metrics and scores as JSON: run it in two checkouts to show a change leaves training unchanged.
+metrics and scores as JSON (after the trainer's epoch lines, which carry timings): run it in two
+checkouts and compare the JSON to show a change leaves training unchanged.
 
-    python scripts/training_fingerprint.py <work folder> > fingerprint.json
+    python scripts/training_fingerprint.py <work folder> > fingerprint.txt
 
 The run: the RAVDESS sample (prepared into <work folder>/prepared by this checkout's prep),
 25% of the labels, 2 epochs, one process without Ray, seed 3. Timings are left out.
