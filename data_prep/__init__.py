@@ -1,1 +1,2 @@
-"""Audio -> Parquet mel-spectrogram chunks with Ray Data (manifest, decode, mel, chunks, shards)."""
+"""Audio -> Parquet mel-spectrogram frames with Ray Data (manifest, decode, mel, shards), and the
+chunking and frame layout every reader uses."""

@@ -13,7 +13,7 @@ from data_prep.manifest import ManifestError
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep",
-        description="Turn audio into Parquet mel-spectrogram chunks with Ray Data.",
+        description="Turn audio into Parquet mel-spectrogram frames with Ray Data (training cuts the chunks).",
         epilog="Example: python -m data_prep --config configs/prep/ravdess_sample.yaml output=outputs/sample",
     )
     parser.add_argument("--config", help="YAML file with PrepConfig settings (see data_prep/config.py)")
