@@ -55,11 +55,9 @@ class PreparedDataset:
     def frame_format(self) -> FrameFormat:
         return FrameFormat.from_settings(self.settings)
 
-    def frame_bytes(self) -> int:
+    def frames_nbytes(self) -> int:
         """Bytes of every utterance's frames in memory (all splits), from dataset.json alone."""
-        frames = sum(int(shard["frames"]) for shard in self.info["shards"])
-        itemsize = np.dtype(self.settings["storage_dtype"]).itemsize
-        return frames * self.settings["features"]["n_mels"] * itemsize
+        return sum(int(shard["frames"]) for shard in self.info["shards"]) * self.frame_format.frame_bytes
 
     def shard_uris(self) -> list[str]:
         return [self.folder.uri(shard["file"]) for shard in self.info["shards"]]

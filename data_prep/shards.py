@@ -124,8 +124,7 @@ class ChunkRecipe:
         if missing:
             raise ValueError(f"settings lack {', '.join(missing)} (need {', '.join(CHUNK_SETTINGS)})")
         chunks = dict(settings["chunks"])
-        min_seconds = settings.get("min_seconds", chunks.pop("min_seconds", 0.25))
-        chunks.pop("min_seconds", None)
+        min_seconds = settings.get("min_seconds", chunks.pop("min_seconds", 0.25))  # pops it either way
         try:
             return cls(FeatureConfig(**settings["features"]), ChunkConfig(**chunks), str(settings["storage_dtype"]),
                        float(min_seconds))
@@ -135,6 +134,10 @@ class ChunkRecipe:
     @property
     def frame_format(self) -> FrameFormat:
         return FrameFormat(self.storage_dtype, self.features.n_mels)
+
+    def load_frames(self, location: str, expected_duration: float | None = None) -> "AudioFrames":
+        """`load_frames` with this recipe's feature settings."""
+        return load_frames(location, self.features, self.storage_dtype, self.min_seconds, expected_duration)
 
     def settings(self) -> dict:
         """The CHUNK_SETTINGS as plain values (what a bundle keeps)."""

@@ -239,7 +239,7 @@ class ShardCache:
 
 
 def cache_shards(dataset: PreparedDataset, config: DataConfig) -> bool:
-    return dataset.frame_bytes() <= config.cache_max_mb * 1e6
+    return dataset.frames_nbytes() <= config.cache_max_mb * 1e6
 
 
 @dataclass

@@ -41,13 +41,16 @@ class SplitPredictions:
 
 
 def _parts(
-    source: Bundle | nn.Module, normalizer: Normalizer | None, scaler: LabelScaler | None, chunks: ChunkConfig | None
-) -> tuple[nn.Module, Normalizer, LabelScaler, ChunkConfig]:
+    source: Bundle | nn.Module, normalizer: Normalizer | None, scaler: LabelScaler | None, chunks: ChunkConfig | None,
+    frames: FrameFormat | None,
+) -> tuple[nn.Module, Normalizer, LabelScaler, ChunkConfig, FrameFormat]:
     if isinstance(source, Bundle):
-        return source.model, normalizer or source.normalizer, scaler or source.label_scaler, chunks or source.chunks
-    if normalizer is None or scaler is None or chunks is None:
-        raise ValueError("predict_table with a bare model needs its normalizer, label_scaler and chunks")
-    return source, normalizer, scaler, chunks
+        return (source.model, normalizer or source.normalizer, scaler or source.label_scaler, chunks or source.chunks,
+                frames or source.frame_format)
+    if normalizer is None or scaler is None or chunks is None or frames is None:
+        raise ValueError("predict_table with a bare model needs its normalizer, label_scaler, chunks and the "
+                         "table's frame format (frames=)")
+    return source, normalizer, scaler, chunks, frames
 
 
 def _chunk_batches(table: pa.Table, batch_size: int, frames: FrameFormat, chunks: ChunkConfig) -> Iterator[np.ndarray]:
@@ -72,10 +75,7 @@ def predict_table(
     `source`: a Bundle, or a model with its `normalizer`, `label_scaler`, `chunks` and `frames`. The
     model runs in eval mode on its own device (a model in training mode is put back in it afterwards).
     """
-    model, normalizer, scaler, chunking = _parts(source, normalizer, label_scaler, chunks)
-    frames = frames or (source.frame_format if isinstance(source, Bundle) else None)
-    if frames is None:
-        raise ValueError("predict_table with a bare model needs the table's frame format (frames=)")
+    model, normalizer, scaler, chunking, frames = _parts(source, normalizer, label_scaler, chunks, frames)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -48,9 +48,10 @@ from cluster_train.serve.bundle import (
 )
 from cluster_train.serve.evaluate import predict_table
 from data_prep.config import require, require_choice
+from data_prep.frames import FrameFormat
 from data_prep.importers import SourceSpec, build_manifest
 from data_prep.manifest import Utterance
-from data_prep.shards import ChunkRecipe, load_frames, reject_reason
+from data_prep.shards import ChunkRecipe, reject_reason
 from data_prep.storage import open_filesystem
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
@@ -141,21 +142,17 @@ def chunk_recipe(bundle: Bundle) -> ChunkRecipe:
         raise PredictError(f"model bundle {bundle.source}: unusable feature settings: {error}") from error
 
 
-def frames_table(frames: list[np.ndarray], recipe: ChunkRecipe) -> pa.Table:
+def frames_table(frames: list[np.ndarray], frame_format: FrameFormat) -> pa.Table:
     """Decoded files' (T_i, mels) frames -> the one-column table `evaluation.predict_table` reads."""
-    return pa.table({"frames": recipe.frame_format.column(frames)})
-
-
-def _load_frames(location: str, recipe: ChunkRecipe, expected_duration: float | None = None):
-    return load_frames(location, recipe.features, recipe.storage_dtype, recipe.min_seconds, expected_duration)
+    return pa.table({"frames": frame_format.column(frames)})
 
 
 def predict_file(bundle: Bundle, location: str, raw: bool = False) -> dict[str, float]:
     """{attribute: value} on the label scale for one audio file, clipped to the range of the training
     labels unless `raw`; AudioRejected names a bad file."""
     recipe = chunk_recipe(bundle)
-    audio = _load_frames(location, recipe)
-    prediction = predict_table(bundle, frames_table([audio.stored], recipe))[0]
+    audio = recipe.load_frames(location)
+    prediction = predict_table(bundle, frames_table([audio.stored], recipe.frame_format))[0]
     prediction = prediction if raw else bundle.label_scaler.clip(prediction)
     return {name: float(value) for name, value in zip(bundle.label_scaler.attributes, prediction)}
 
@@ -189,7 +186,7 @@ def decode_batch(batch: dict[str, np.ndarray], recipe: ChunkRecipe, threads: int
     for i, (location, expected) in enumerate(zip(batch["audio"], batch["duration"])):
         frames[i] = np.zeros((1, recipe.features.n_mels), dtype=recipe.storage_dtype)
         try:
-            audio = _load_frames(str(location), recipe, None if math.isnan(expected) else float(expected))
+            audio = recipe.load_frames(str(location), None if math.isnan(expected) else float(expected))
         except Exception as error:  # noqa: BLE001 - one bad file must never stop the job
             reasons[i] = reject_reason(error)
             continue
@@ -218,7 +215,7 @@ class ChunkPredictor:
         good = batch["reason"] == ""
         prediction = np.full((len(good), len(attributes)), np.nan)
         if good.any():
-            table = frames_table(list(batch["frames"][good]), chunk_recipe(self.bundle))
+            table = frames_table(list(batch["frames"][good]), self.bundle.frame_format)
             values = predict_table(self.bundle, table, batch_size=table.num_rows)
             prediction[good] = values if self.raw else self.bundle.label_scaler.clip(values)
         out = {key: batch[key] for key in ("id", "audio", "duration", "reason")}
