@@ -1,4 +1,4 @@
-"""Sweep: `python jobs/sweep.py --config configs/sweep/X.yaml [key=value ...]`.
+"""Sweep: `python jobs/sweep.py --config configs/sweep/X.yaml [--only POINT,...] [key=value ...]`.
 
 Trains every grid point x seed of the sweep config (cluster_train/experiments/sweep.py), skipping trials already
 trained, then prints the paper's table: mean test CCC over subsets x seeds per grid point, * where a
@@ -22,11 +22,14 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML file of SweepConfig settings (cluster_train/experiments/sweep.py)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check every trial's config, list them and time a few steps for the estimate; train nothing")
+    parser.add_argument("--only", type=lambda names: [n for n in names.split(",") if n], default=[],
+                        metavar="POINT[,POINT...]",
+                        help="train and compare only these grid points (and the reference) now; the rest on a later run")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
         config = load_sweep_config(args.config, args.overrides)
-        trials = plan_trials(config)
+        trials = plan_trials(config, args.only)
         print(f"sweep {config.name}: {len(trials)} trials")
         if args.dry_run:
             for trial in trials:
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
             return 0
         from cluster_train.experiments.sweep import run_sweep
 
-        result = run_sweep(config)
+        result = run_sweep(config, args.only)
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_train.experiments.sweep import SweepConfig, plan_trials
+from cluster_train.experiments.sweep import SweepConfig, load_sweep_config, plan_trials
 from cluster_train.train.config import load_train_config
 from data_prep.config import ConfigError
 
@@ -64,3 +64,17 @@ def test_a_sweep_gives_each_trial_only_the_shared_keys_its_kind_reads(tmp_path: 
     wrong = SweepConfig(name="kinds", train_config=str(SAMPLE), grid={"model_kind": ["cnn_ae"], "kl_weight": [2.0]})
     with pytest.raises(ConfigError, match="trial model_kind=cnn_ae,kl_weight=2.0 seed 0: .*'kl_weight'"):
         plan_trials(wrong)
+
+
+def test_a_sweep_can_train_some_points_first_with_the_reference_kept() -> None:
+    """`jobs/sweep.py --only`: the named points and the reference (the table compares against it),
+    in the config's order; a name that is no point fails before anything trains."""
+    sweep = load_sweep_config(REPO / "configs/sweep/ravdess_quarter.yaml")
+    trials = plan_trials(sweep, ["dec_k20", "dec_shuffled_labels"])
+    assert [(t.point, t.seed) for t in trials] == (
+        [("cnn_regressor", s) for s in range(5)] + [("dec_shuffled_labels", s) for s in range(3)]
+        + [("dec_k20", s) for s in range(3)])
+    assert trials[-1].config.clustering.num_clusters == 20
+    assert len(plan_trials(sweep)) == 35
+    with pytest.raises(ConfigError, match=r"--only: 'dec_k40' is none of the grid points \['cnn_regressor'"):
+        plan_trials(sweep, ["dec_k40"])

@@ -113,11 +113,18 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def plan_trials(config: SweepConfig) -> list[Trial]:
-    """Every trial's training config, validated: a wrong key or value fails here, before Ray starts."""
+def plan_trials(config: SweepConfig, only: Sequence[str] = ()) -> list[Trial]:
+    """Every trial's training config, validated: a wrong key or value fails here, before Ray starts.
+    `only`: these grid points and the reference (the table needs it), in the config's order."""
     trials = []
     points = grid_points(config)
+    labels = [label for label, _, _ in points]
+    unknown = [name for name in only if name not in labels]
+    if unknown:
+        raise ConfigError(f"--only: {', '.join(map(repr, unknown))} is none of the grid points {labels}")
     for label, settings, seeds in points:
+        if only and label not in only and label != (config.reference or labels[0]):
+            continue
         for seed in seeds:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
             overrides = [*(f"{k}={_override_value(v)}" for k, v in settings.items()), f"seed={seed}",
@@ -127,7 +134,6 @@ def plan_trials(config: SweepConfig) -> list[Trial]:
             except ConfigError as error:
                 raise ConfigError(f"sweep {config.name}, trial {label} seed {seed}: {error}") from error
             trials.append(Trial(label, seed, train))
-    labels = [label for label, _, _ in points]
     if config.reference is not None and config.reference not in labels:
         raise ConfigError(f"config key 'reference': {config.reference!r} is none of the grid points {labels}")
     return trials
@@ -199,13 +205,14 @@ def trial_predictions(config: SweepConfig, name: str, run: dict, dataset) -> Spl
     return result
 
 
-def run_sweep(config: SweepConfig) -> SweepResult:
+def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     """Train what is not trained yet (saying first how long it should take), score every trial's best
-    model on `split`, write `<output>/<name>/table.json` and log it to the sweep's parent run."""
+    model on `split`, write `<output>/<name>/table.json` and log it to the sweep's parent run.
+    `only`: train and compare these grid points (and the reference) now, the others later."""
     from cluster_train.serve.evaluate import compare_models
     from data_prep.dataset import PreparedDataset
 
-    trials = [dataclasses.replace(t, config=pin_local_paths(t.config)) for t in plan_trials(config)]
+    trials = [dataclasses.replace(t, config=pin_local_paths(t.config)) for t in plan_trials(config, only)]
     dataset = PreparedDataset(trials[0].config.data.dataset)  # a missing dataset fails before training
     folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
     folder.make()
