@@ -288,12 +288,45 @@ def test_compare_models_pairs_subsets_by_utterance_and_flags_a_better_model():
     assert welch["models"]["deepemocluster"]["ccc"]["valence"]["p_vs_reference"] < 0.05
     same = compare_models({"cnn_regressor": good, "copy": good}, "cnn_regressor")
     assert same["models"]["copy"]["ccc"]["arousal"] | {"mean": 0, "std": 0} == {
-        "mean": 0, "std": 0, "n": 12, "p_vs_reference": 1.0, "significant": False}
+        "mean": 0, "std": 0, "n": 12, "p_vs_reference": 1.0, "significant": False, "test": "paired, 3 run(s) x 4 subsets"}
     assert "deepemocluster" in format_comparison(table) and "*" in format_comparison(table)
     with pytest.raises(ValueError, match="utterances differ"):
         compare_models({"cnn_regressor": bad, "x": [_predictions(ids[:40], labels[:40], 0.5, 0)]}, "cnn_regressor")
     with pytest.raises(ValueError, match="reference"):
         compare_models({"x": good}, "cnn_regressor")
+
+
+def test_a_point_with_fewer_seeds_is_paired_with_the_reference_on_the_seeds_they_share():
+    """A control of 3 seeds against a reference of 5: paired by seed and subset on seeds 0-2 (the
+    control's runs listed out of order), checked against scipy on CCCs computed here; no common seed:
+    Welch's test on all values."""
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    ids = [f"u{i:03d}" for i in range(80)]
+    labels = rng.uniform(1, 7, (80, 2))
+    reference = [_predictions(ids, labels, 1.0 + 0.3 * seed, seed) for seed in range(5)]
+    control = [_predictions(ids, labels, 0.9 + 0.3 * seed, 20 + seed) for seed in (2, 0, 1)]
+    runs = {"reference": reference, "control": control}
+    table = compare_models(runs, "reference", k=4, seeds={"reference": range(5), "control": [2, 0, 1]})
+
+    subsets = split_into_subsets(80, 4, 0)
+    ccc = {name: [[score(run.prediction[s], labels[s], ("arousal", "valence"))["valence"] for s in subsets]
+                  for run in group] for name, group in runs.items()}
+    row = table["models"]["control"]["ccc"]["valence"]
+    expected = stats.ttest_rel(np.concatenate([ccc["control"][1], ccc["control"][2], ccc["control"][0]]),
+                               np.concatenate(ccc["reference"][:3])).pvalue
+    assert row["p_vs_reference"] == pytest.approx(expected) and row["test"] == "paired, 3 run(s) x 4 subsets"
+    assert row["mean"] == pytest.approx(np.mean(ccc["control"])) and row["n"] == 12
+    assert table["models"]["reference"]["ccc"]["valence"]["n"] == 20
+    assert table["models"]["control"]["seeds"] == [2, 0, 1]
+
+    apart = compare_models(runs, "reference", k=4, seeds={"reference": range(5), "control": [5, 6, 7]})
+    welch = stats.ttest_ind(np.concatenate(ccc["control"]), np.concatenate(ccc["reference"]), equal_var=False).pvalue
+    assert apart["models"]["control"]["ccc"]["valence"]["p_vs_reference"] == pytest.approx(welch)
+    assert apart["models"]["control"]["ccc"]["valence"]["test"] == "Welch"
+    with pytest.raises(ValueError, match=r"control: seeds \[0, 0, 1\] do not name its 3 runs"):
+        compare_models(runs, "reference", seeds={"reference": range(5), "control": [0, 0, 1]})
 
 
 def test_paper_table_job_scores_runs_and_tests_them_against_the_reference(dataset, bundle_dir, tmp_path, capsys):

@@ -64,13 +64,15 @@ def trained_trials(config: SweepConfig) -> tuple[list[TrainedTrial], int]:
 def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset: PreparedDataset) -> dict[str, dict]:
     """Reference -> compare_models table over the points with a trained trial."""
     predictions: dict[str, list[SplitPredictions]] = {}
+    seeds: dict[str, list[int]] = {}
     for item in trained:
         predictions.setdefault(item.trial.point, []).append(
             trial_predictions(config, item.trial.config.name, item.run, dataset))
+        seeds.setdefault(item.trial.point, []).append(item.trial.seed)
     references = [config.reference or trained[0].trial.point]
     if "deepemocluster" in predictions and "deepemocluster" not in references:
         references.append("deepemocluster")
-    return {reference: compare_models(predictions, reference, k=config.subsets)
+    return {reference: compare_models(predictions, reference, k=config.subsets, seeds=seeds)
             for reference in references if reference in predictions}
 
 
@@ -101,7 +103,8 @@ def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial]) -> str:
     legend = "; ".join(f"{mark} p < {first['alpha']} against {reference}" for mark, reference in zip(MARKS, references))
     lines.append("")
     lines.append(f"Mean ± sd of test CCC over {first['subsets']} random test subsets x runs (seeds); two-tailed "
-                 f"t-tests, paired by subset and seed where both points have the same seeds, else Welch's. {legend}.")
+                 f"t-tests, paired by subset and seed on the seeds both points have (Welch's where they share none). "
+                 f"{legend}.")
     return "\n".join(lines)
 
 

@@ -237,11 +237,13 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
                                f"others are saved, and a rerun trains only what is missing") from error
 
     predictions: dict[str, list] = {}
+    seeds: dict[str, list[int]] = {}
     for trial, run in zip(trials, runs):
         assert isinstance(run, dict)
         run |= {"point": trial.point, "seed": trial.seed, "name": trial.config.name}
         predictions.setdefault(trial.point, []).append(trial_predictions(config, trial.config.name, run, dataset))
-    table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets)
+        seeds.setdefault(trial.point, []).append(trial.seed)
+    table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets, seeds=seeds)
     table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location,
               "parent_run_id": parent.run_id, "runs": runs}
     folder.write_json("table.json", table)

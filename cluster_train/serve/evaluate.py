@@ -185,44 +185,65 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def compare_models(
-    runs: dict[str, Sequence[SplitPredictions]], reference: str, k: int = 4, seed: int = 0, alpha: float = 0.05
+    runs: dict[str, Sequence[SplitPredictions]], reference: str, k: int = 4, seed: int = 0, alpha: float = 0.05,
+    seeds: dict[str, Sequence[int]] | None = None,
 ) -> dict:
     """The paper's table: each model's CCC on k random subsets of the split for each of its runs (seeds),
     mean and standard deviation of those k x runs values per attribute, and a two-tailed t-test against
-    `reference` (paired by subset and run when both have the same number of runs, Welch's otherwise).
+    `reference`. With `seeds` (model -> the training seed of each run) the test is paired by subset
+    and seed over the seeds both models have (runs of one seed share its label choice), Welch's where
+    they share none; without, paired when both have the same number of runs, Welch's otherwise.
 
     Every run must cover the same utterances; all share one partition into subsets, by utterance id.
     """
     if reference not in runs:
         raise ValueError(f"reference model {reference!r} is not among {sorted(runs)}")
+    for model, model_seeds in (seeds or {}).items():
+        if len(model_seeds) != len(runs[model]) or len(set(model_seeds)) != len(model_seeds):
+            raise ValueError(f"{model}: seeds {list(model_seeds)} do not name its {len(runs[model])} runs once each")
     first = next(iter(runs.values()))[0]
     order = sorted(first.ids)
     subsets_of_sorted = split_into_subsets(len(order), k, seed)
-    values: dict[str, dict[str, np.ndarray]] = {}
+    per_run: dict[str, list[dict[str, np.ndarray]]] = {}
     for model, predictions in runs.items():
-        per_run = []
+        per_run[model] = []
         for run, result in enumerate(predictions):
             if sorted(result.ids) != order:
                 raise ValueError(f"{model} run {run}: its utterances differ from those of the other runs")
             position = {utterance: i for i, utterance in enumerate(result.ids)}
             subsets = [np.array([position[order[i]] for i in subset]) for subset in subsets_of_sorted]
-            per_run.append(subset_scores(result, subsets))
-        values[model] = {a: np.concatenate([scores[a] for scores in per_run]) for a in first.attributes}
+            per_run[model].append(subset_scores(result, subsets))
     table: dict = {"reference": reference, "subsets": k, "alpha": alpha, "models": {}}
-    for model, per_attribute in values.items():
+    for model, scores in per_run.items():
+        pairs = _paired_runs(model, reference, runs, seeds)
         rows = {}
-        for attribute, sample in per_attribute.items():
+        for attribute in first.attributes:
+            sample = np.concatenate([run[attribute] for run in scores])
             row = {"mean": float(sample.mean()), "std": float(sample.std(ddof=1)) if len(sample) > 1 else 0.0,
-                   "n": int(len(sample)), "p_vs_reference": None, "significant": None}
-            other = values[reference][attribute]
+                   "n": int(len(sample)), "p_vs_reference": None, "significant": None, "test": None}
+            other = np.concatenate([run[attribute] for run in per_run[reference]])
+            if pairs:
+                sample = np.concatenate([scores[i][attribute] for i, _ in pairs])
+                other = np.concatenate([per_run[reference][j][attribute] for _, j in pairs])
             if model != reference and len(sample) >= 2 and len(other) >= 2:
-                test = paired_t_test if len(sample) == len(other) else welch_t_test
-                p = test(sample, other)
+                p = (paired_t_test if pairs else welch_t_test)(sample, other)
                 row["p_vs_reference"] = 1.0 if np.isnan(p) else p  # NaN: the samples do not differ at all
                 row["significant"] = bool(row["p_vs_reference"] < alpha)
+                row["test"] = f"paired, {len(pairs)} run(s) x {k} subsets" if pairs else "Welch"
             rows[attribute] = row
         table["models"][model] = {"runs": len(runs[model]), "ccc": rows}
+        if seeds is not None:
+            table["models"][model]["seeds"] = [int(s) for s in seeds[model]]
     return table
+
+
+def _paired_runs(model: str, reference: str, runs: dict, seeds: dict | None) -> list[tuple[int, int]]:
+    """(run of model, run of reference) pairs a paired test compares; [] for Welch's test."""
+    if seeds is None:
+        n = len(runs[model])
+        return [(i, i) for i in range(n)] if n == len(runs[reference]) else []
+    of_reference = {s: j for j, s in enumerate(seeds[reference])}
+    return [(i, of_reference[s]) for i, s in enumerate(seeds[model]) if s in of_reference]
 
 
 def format_comparison(table: dict) -> str:
