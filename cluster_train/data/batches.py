@@ -74,13 +74,19 @@ def kept_unlabeled_ids(dataset: PreparedDataset, config: DataConfig, kept: list[
     return sorted(np.asarray(ids, dtype=object)[rng.permutation(len(ids))[:count]].tolist())
 
 
-def precise_bn_table(dataset: PreparedDataset, splits: list[str], utterances: int, seed: int) -> pa.Table:
-    """`utterances` rows of `splits` drawn at random (seeded), read from as few shards as hold them:
-    at MSP-Podcast scale a handful of shards, not the corpus. Sorted by id."""
+def precise_bn_table(dataset: PreparedDataset, config: DataConfig, utterances: int, seed: int) -> pa.Table:
+    """`utterances` rows of the audio the run trains on drawn at random (seeded), read from as few
+    shards as hold them: at MSP-Podcast scale a handful of shards, not the corpus. Sorted by id.
+    With `unlabeled_fraction` < 1 only the kept utterances qualify: audio a run leaves out must not
+    reach it, not even as BatchNorm statistics."""
+    labelled = kept_label_ids(dataset, config, seed)
+    audio_only = kept_unlabeled_ids(dataset, config, labelled, seed)
+    used = None if audio_only is None else pa.array(sorted({*audio_only, *labelled}))
     rng = np.random.default_rng(derive(seed, "precise_bn"))
     parts, rows = [], 0
     for shard in rng.permutation(len(dataset.info["shards"])):
-        parts.append(dataset.read_table(splits, ROW_COLUMNS, shards=[int(shard)]))
+        part = dataset.read_table(_cluster_splits(config), ROW_COLUMNS, shards=[int(shard)])
+        parts.append(part if used is None else part.filter(pc.is_in(part["id"], used.cast(part["id"].type))))
         rows += parts[-1].num_rows
         if rows >= utterances:
             break
@@ -125,7 +131,7 @@ def build_tables(dataset: PreparedDataset, config: DataConfig, seed: int, precis
     table = dataset.read_table([*_cluster_splits(config), config.development_split], [*ROW_COLUMNS, "split"])
     tables = _select(_TableRows(table), dataset, config, seed)
     if precise_bn_utterances > 0:
-        tables["precise_bn"] = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed)
+        tables["precise_bn"] = precise_bn_table(dataset, config, precise_bn_utterances, seed)
     return tables
 
 
@@ -151,7 +157,7 @@ def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_m
     else:
         datasets = _select(_ParquetRows(dataset, config.read_tasks), dataset, config, seed)
         if precise_bn_utterances > 0:
-            table = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed)
+            table = precise_bn_table(dataset, config, precise_bn_utterances, seed)
             datasets["precise_bn"] = ray.data.from_arrow(table)
     datasets["development"] = datasets["development"].materialize()  # read once, every epoch
     if "precise_bn" in datasets:
