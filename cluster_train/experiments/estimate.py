@@ -1,7 +1,7 @@
 """How long a sweep will take, said before it trains: a few timed steps of each model kind on this
 machine x the chunks each trial passes through per epoch x its epochs.
 
-    costs = {kind: time_steps(config) for ...}  # seconds per chunk, training and forward-only, per kind
+    costs = {kind: time_steps_side_by_side(config, 2) for ...}  # seconds per chunk, as 2 trials at once
     print(format_estimate(trials, costs, concurrent=2, dataset=dataset))
 
 An upper bound per trial: early stopping (`patience`) often ends a trial sooner.
@@ -26,23 +26,31 @@ class StepCost:
     forward: float  # seconds per chunk in eval mode (embedding, validation, precise BN)
 
 
-def time_steps(config: TrainConfig, steps: int = 2, chunks: int = 32) -> StepCost:
-    """Time `steps` training steps and forward passes of `config`'s model on `chunks` random chunks
-    (the cost per chunk barely depends on the batch on CPU), with the threads a trial gets
-    (`scaling.cpus_per_worker`), after one warm-up step."""
+def time_steps(config: TrainConfig, steps: int = 1, barrier=None) -> StepCost:
+    """Time `steps` training steps and forward passes of `config`'s model on batches of its size
+    (`data.batch_size` utterances x `data.chunks.num_chunks`: on CPU a step of 704 chunks costs 1.2x
+    per chunk what one of 32 does), with the threads a trial gets (`scaling.cpus_per_worker`), after
+    a small warm-up step; with a `barrier`, all its parties start timing at once."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     try:
         model = get_kind(config.model_kind).build(config.model).to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        chunks = config.data.batch_size * config.data.chunks.num_chunks
         x = torch.randn(chunks, config.model.chunk_frames, config.model.n_mels)
-        for step in range(steps + 1):
-            if step == 1:
-                started = time.perf_counter()
-            outputs = model(x)
+
+        def train_step(batch: torch.Tensor) -> None:
+            outputs = model(batch)
             sum(value.float().mean() for value in outputs.values()).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+        train_step(x[:32])
+        if barrier is not None:
+            barrier.wait()
+        started = time.perf_counter()
+        for _ in range(steps):
+            train_step(x)
         train = (time.perf_counter() - started) / (steps * chunks)
         model.eval()
         with torch.no_grad():
@@ -52,6 +60,23 @@ def time_steps(config: TrainConfig, steps: int = 2, chunks: int = 32) -> StepCos
         return StepCost(train, (time.perf_counter() - started) / (steps * chunks))
     finally:
         torch.set_num_threads(threads)
+
+
+def time_steps_side_by_side(config: TrainConfig, copies: int, steps: int = 1) -> StepCost:
+    """`time_steps` in `copies` processes at once, the mean of them: trials that share this machine
+    slow each other down (DeepEmoCluster's step took 1.6x as long beside a second trial as alone on
+    a 2-core machine), so the estimate times them as they will train."""
+    if copies <= 1:
+        return time_steps(config, steps)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(copies, mp_context=context) as pool:
+        barrier = manager.Barrier(copies)
+        costs = [future.result() for future in [pool.submit(time_steps, config, steps, barrier=barrier)
+                                                for _ in range(copies)]]
+    return StepCost(sum(c.train for c in costs) / copies, sum(c.forward for c in costs) / copies)
 
 
 def epoch_chunks(config: TrainConfig, dataset: PreparedDataset, rows: dict[str, int]) -> tuple[int, int]:
@@ -89,8 +114,8 @@ def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, 
         seconds = trial_seconds(trial.config, costs[trial.config.model_kind], dataset, rows[key])
         by_point.setdefault(trial.point, []).append(seconds)
     total = sum(sum(seconds) for seconds in by_point.values())
-    lines = [f"estimate, from {', '.join(f'{k} {c.train * 1e3:.1f} ms/chunk' for k, c in costs.items())} "
-             f"timed here (an upper bound: every epoch run):"]
+    timed = ", ".join(f"{k} {c.train * 1e3:.1f} ms/chunk ({c.forward * 1e3:.1f} forward only)" for k, c in costs.items())
+    lines = [f"estimate, from {timed} timed here (an upper bound: every epoch run):"]
     for point, seconds in by_point.items():
         lines.append(f"  {point}: {len(seconds)} trial(s) x {_duration(max(seconds))}")
     lines.append(f"  total {_duration(total)} of training, {_duration(total / max(1, concurrent))} with "

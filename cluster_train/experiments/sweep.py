@@ -263,14 +263,15 @@ def estimate_sweep(config: SweepConfig, trials: list[Trial]) -> str:
 
 
 def _estimate(pending: list[Trial], dataset, concurrent: int) -> str:
-    from cluster_train.experiments.estimate import format_estimate, time_steps
+    from cluster_train.experiments.estimate import format_estimate, time_steps_side_by_side
     from cluster_train.train.launch import with_dataset_shape
 
     pending = [dataclasses.replace(t, config=with_dataset_shape(t.config, dataset)) for t in pending]
+    copies = concurrent if all(t.config.scaling.num_workers == 0 for t in pending) else 1  # trials side by side here
     costs = {}
     for trial in pending:
         if trial.config.model_kind not in costs:
-            costs[trial.config.model_kind] = time_steps(trial.config)
+            costs[trial.config.model_kind] = time_steps_side_by_side(trial.config, copies)
     return format_estimate(pending, costs, concurrent, dataset)
 
 
