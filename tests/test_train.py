@@ -390,6 +390,8 @@ output: {(tmp_path / 'sweeps').as_uri()}
     printed = capsys.readouterr().out
     assert "2 of 2 trials to train, 2 at a time" in printed
     assert re.search(r"regressor: 1 trial\(s\) x \d+ min\n  model_kind=cnn_vae: 1 trial", printed), printed
+    need = re.search(r"memory: about (\d+\.\d) GiB for 2 trial\(s\) at once", printed)  # timed in 2 processes
+    assert need and 0.1 < float(need.group(1)) < 8, printed
 
     points = ["regressor", "model_kind=cnn_vae"]
     assert list(result.table["models"]) == points

@@ -9,6 +9,8 @@ An upper bound per trial: early stopping (`patience`) often ends a trial sooner.
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ import torch
 from cluster_train.data.batches import row_counts
 from cluster_train.model.kinds import get_kind
 from cluster_train.train.config import TrainConfig
+from data_prep.config import ConfigError
 from data_prep.dataset import PreparedDataset
 
 
@@ -24,6 +27,7 @@ from data_prep.dataset import PreparedDataset
 class StepCost:
     train: float  # seconds per chunk of a training step (forward, backward, optimizer)
     forward: float  # seconds per chunk in eval mode (embedding, validation, precise BN)
+    peak_bytes: int = 0  # the timing process's peak resident memory: about what one trial needs
 
 
 def time_steps(config: TrainConfig, steps: int = 1, barrier=None) -> StepCost:
@@ -57,7 +61,8 @@ def time_steps(config: TrainConfig, steps: int = 1, barrier=None) -> StepCost:
             started = time.perf_counter()
             for _ in range(steps):
                 model(x)
-        return StepCost(train, (time.perf_counter() - started) / (steps * chunks))
+        forward = (time.perf_counter() - started) / (steps * chunks)
+        return StepCost(train, forward, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
     finally:
         torch.set_num_threads(threads)
 
@@ -70,13 +75,20 @@ def time_steps_side_by_side(config: TrainConfig, copies: int, steps: int = 1) ->
         return time_steps(config, steps)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, ProcessPoolExecutor(copies, mp_context=context) as pool:
         barrier = manager.Barrier(copies)
-        costs = [future.result() for future in [pool.submit(time_steps, config, steps, barrier=barrier)
-                                                for _ in range(copies)]]
-    return StepCost(sum(c.train for c in costs) / copies, sum(c.forward for c in costs) / copies)
+        futures = [pool.submit(time_steps, config, steps, barrier=barrier) for _ in range(copies)]
+        try:
+            costs = [future.result() for future in futures]
+        except BrokenProcessPool as error:
+            raise ConfigError(f"config key 'max_concurrent': {copies} {config.model_kind} trials at once did not "
+                              f"survive a timed step each here (a process was killed: out of memory?); train "
+                              f"fewer at a time") from error
+    return StepCost(sum(c.train for c in costs) / copies, sum(c.forward for c in costs) / copies,
+                    max(c.peak_bytes for c in costs))
 
 
 def epoch_chunks(config: TrainConfig, dataset: PreparedDataset, rows: dict[str, int]) -> tuple[int, int]:
@@ -120,7 +132,14 @@ def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, 
         lines.append(f"  {point}: {len(seconds)} trial(s) x {_duration(max(seconds))}")
     lines.append(f"  total {_duration(total)} of training, {_duration(total / max(1, concurrent))} with "
                  f"{concurrent} trial(s) at a time")
+    need = max(c.peak_bytes for c in costs.values()) * concurrent
+    lines.append(f"  memory: about {need / 2**30:.1f} GiB for {concurrent} trial(s) at once (the largest step timed "
+                 f"here); this machine has {memory_bytes() / 2**30:.1f} GiB")
     return "\n".join(lines)
+
+
+def memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _duration(seconds: float) -> str:
