@@ -32,9 +32,9 @@ class StepCost:
 
 def time_steps(config: TrainConfig, steps: int = 1, barrier=None) -> StepCost:
     """Time `steps` training steps and forward passes of `config`'s model on batches of its size
-    (`data.batch_size` utterances x `data.chunks.num_chunks`: on CPU a step of 704 chunks costs 1.2x
-    per chunk what one of 32 does), with the threads a trial gets (`scaling.cpus_per_worker`), after
-    a small warm-up step; with a `barrier`, all its parties start timing at once."""
+    (`data.batch_size` utterances x `data.chunks.num_chunks`, as the trial allocates them), with the
+    threads a trial gets (`scaling.cpus_per_worker`), after a small warm-up step; with a `barrier`,
+    all its parties start timing at once."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     try:
@@ -69,8 +69,8 @@ def time_steps(config: TrainConfig, steps: int = 1, barrier=None) -> StepCost:
 
 def time_steps_side_by_side(config: TrainConfig, copies: int, steps: int = 1) -> StepCost:
     """`time_steps` in `copies` processes at once, the mean of them: trials that share this machine
-    slow each other down (DeepEmoCluster's step took 1.6x as long beside a second trial as alone on
-    a 2-core machine), so the estimate times them as they will train."""
+    share its memory bandwidth and caches, so the estimate times them as they will train
+    (`bench/estimate_bench.py` compares it with the real trial step)."""
     if copies <= 1:
         return time_steps(config, steps)
     import multiprocessing
