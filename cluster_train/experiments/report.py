@@ -76,14 +76,25 @@ def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset:
             for reference in references if reference in predictions}
 
 
-def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial]) -> str:
+def training_seconds(item: TrainedTrial, tracking_uri: str) -> float:
+    """Seconds a trial trains: its median epoch (`time/epoch` in MLflow) x its epochs, so a trial
+    resumed across sittings counts every epoch (its run.json counts the last sitting only) and an
+    epoch stretched by a paused or crowded machine does not count; else run.json's."""
+    from mlflow import MlflowClient
+
+    run_id = item.run.get("mlflow_run_id")
+    epochs = {m.step: m.value for m in MlflowClient(tracking_uri).get_metric_history(run_id, "time/epoch")} if run_id else {}
+    return float(np.median(list(epochs.values())) * len(epochs)) if epochs else float(item.run.get("seconds", float("nan")))
+
+
+def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial], tracking_uri: str) -> str:
     references = list(tables)
     first = tables[references[0]]
     seconds: dict[str, list[float]] = {}
     for item in trained:
-        seconds.setdefault(item.trial.point, []).append(item.run.get("seconds", float("nan")))
+        seconds.setdefault(item.trial.point, []).append(training_seconds(item, tracking_uri))
     header = ("| point | runs | " + " | ".join(ATTRIBUTES) + " | "
-              + " | ".join(f"p vs {r} (A / D / V)" for r in references) + " | minutes per run |")
+              + " | ".join(f"p vs {r} (A / D / V)" for r in references) + " | minutes per run (median epoch x epochs) |")
     lines = [header, "|" + "---|" * (2 + len(ATTRIBUTES) + len(references) + 1)]
     for point, entry in first["models"].items():
         cells = []
@@ -234,7 +245,7 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     (folder / "tables.json").write_text(json.dumps(tables, indent=1) + "\n")
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
                 f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
-                "## Test CCC", "", table_markdown(tables, trained), ""]
+                "## Test CCC", "", table_markdown(tables, trained, first.tracking.tracking_uri), ""]
     if learning_curves(trained, first.tracking.tracking_uri, folder / "learning_curves.png"):
         sections += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
     by_point = {item.trial.point: item for item in sorted(trained, key=lambda t: t.trial.seed, reverse=True)}
