@@ -518,7 +518,7 @@ def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     run uses with `data.unlabeled_fraction` (nested, the kept labelled rows always in), precise
     BatchNorm's among them."""
     from cluster_train.clustering.labelers import LabelTable
-    from cluster_train.data.batches import build_tables, kept_label_ids, precise_bn_table, row_counts
+    from cluster_train.data.batches import build_tables, kept_label_ids, row_counts
 
     table = LabelTable.build(np.arange(40), np.arange(40) % 4, num_chunks=4, num_clusters=4)
     shuffled = table.shuffled(np.random.default_rng(0))
@@ -547,8 +547,8 @@ def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     assert [counts[f]["cluster"] for f in (0, 0.5, 1)] == [2, 2 + 3, 8]
     assert [counts[f]["labeled"] for f in (0, 0.5, 1)] == [2] * 3
     # precise BatchNorm draws from the audio the run uses: with no audio-only rows, the kept labels'
-    bn = {f: precise_bn_table(dataset, dataclasses.replace(config, unlabeled_fraction=f), 64, seed=0)["id"].to_pylist()
-          for f in (0, 0.5, 1)}
+    bn = {f: build_tables(dataset, dataclasses.replace(config, unlabeled_fraction=f), seed=0,
+                          precise_bn_utterances=64)["precise_bn"]["id"].to_pylist() for f in (0, 0.5, 1)}
     used = build_tables(dataset, dataclasses.replace(config, unlabeled_fraction=0.5), seed=0)["cluster"]["id"].to_pylist()
     assert bn[0] == kept and bn[0.5] == sorted(used) and len(bn[0.5]) == 5 and len(bn[1]) == 8
 

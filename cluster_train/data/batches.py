@@ -74,18 +74,17 @@ def kept_unlabeled_ids(dataset: PreparedDataset, config: DataConfig, kept: list[
     return sorted(np.asarray(ids, dtype=object)[rng.permutation(len(ids))[:count]].tolist())
 
 
-def precise_bn_table(dataset: PreparedDataset, config: DataConfig, utterances: int, seed: int) -> pa.Table:
-    """`utterances` rows of the audio the run trains on drawn at random (seeded), read from as few
-    shards as hold them: at MSP-Podcast scale a handful of shards, not the corpus. Sorted by id.
-    With `unlabeled_fraction` < 1 only the kept utterances qualify: audio a run leaves out must not
-    reach it, not even as BatchNorm statistics."""
-    labelled = kept_label_ids(dataset, config, seed)
-    audio_only = kept_unlabeled_ids(dataset, config, labelled, seed)
-    used = None if audio_only is None else pa.array(sorted({*audio_only, *labelled}))
+def precise_bn_table(dataset: PreparedDataset, splits: list[str], utterances: int, seed: int,
+                     ids: list[str] | None = None) -> pa.Table:
+    """`utterances` rows of `splits` (of `ids` among them, where given: the audio a run uses, so
+    audio it leaves out never reaches even its BatchNorm statistics) drawn at random (seeded), read
+    from as few shards as hold them: at MSP-Podcast scale a handful of shards, not the corpus.
+    Sorted by id."""
+    used = None if ids is None else pa.array(ids)
     rng = np.random.default_rng(derive(seed, "precise_bn"))
     parts, rows = [], 0
     for shard in rng.permutation(len(dataset.info["shards"])):
-        part = dataset.read_table(_cluster_splits(config), ROW_COLUMNS, shards=[int(shard)])
+        part = dataset.read_table(splits, ROW_COLUMNS, shards=[int(shard)])
         parts.append(part if used is None else part.filter(pc.is_in(part["id"], used.cast(part["id"].type))))
         rows += parts[-1].num_rows
         if rows >= utterances:
@@ -96,17 +95,26 @@ def precise_bn_table(dataset: PreparedDataset, config: DataConfig, utterances: i
     return table.take(pc.sort_indices(table, [("id", "ascending")]))
 
 
-def _select(rows, dataset: PreparedDataset, config: DataConfig, seed: int) -> dict:
-    """Each dataset's rows (see the module docstring) through `rows(splits, ids, keep)`."""
+def _kept_ids(dataset: PreparedDataset, config: DataConfig, seed: int) -> tuple[list[str], list[str] | None]:
+    """(labelled ids whose labels the run uses, audio-only ids it uses or None for all of them)."""
     labelled = kept_label_ids(dataset, config, seed)
+    return labelled, kept_unlabeled_ids(dataset, config, labelled, seed)
+
+
+def _audio_used(labelled: list[str], audio_only: list[str] | None) -> list[str] | None:
+    """Ids of every train utterance whose audio the run uses; None: all of them."""
+    return None if audio_only is None else sorted({*audio_only, *labelled})
+
+
+def _select(rows, config: DataConfig, labelled: list[str], audio_only: list[str] | None) -> dict:
+    """Each dataset's rows (see the module docstring) through `rows(splits, ids, keep)`."""
     unlabeled_splits = _unlabeled_splits(config)
-    audio_only = kept_unlabeled_ids(dataset, config, labelled, seed)
     if audio_only is None:
         unlabeled = (rows(unlabeled_splits) if config.labeled_as_unlabeled
                      else rows(unlabeled_splits + list(config.labeled_splits), ids=labelled, keep=False))
         cluster = rows(_cluster_splits(config))
     else:
-        every = sorted({*audio_only, *labelled})
+        every = _audio_used(labelled, audio_only)
         unlabeled = rows(_cluster_splits(config), ids=every if config.labeled_as_unlabeled else audio_only)
         cluster = rows(_cluster_splits(config), ids=every)
     return {"labeled": rows(list(config.labeled_splits), ids=labelled), "unlabeled": unlabeled,
@@ -129,16 +137,19 @@ def build_tables(dataset: PreparedDataset, config: DataConfig, seed: int, precis
     """The rows of each dataset of a run as Arrow tables, read here: what a run in one process
     without Ray trains on (`train/runtime.py`), the same rows `build_datasets` gives Ray Data."""
     table = dataset.read_table([*_cluster_splits(config), config.development_split], [*ROW_COLUMNS, "split"])
-    tables = _select(_TableRows(table), dataset, config, seed)
+    labelled, audio_only = _kept_ids(dataset, config, seed)
+    tables = _select(_TableRows(table), config, labelled, audio_only)
     if precise_bn_utterances > 0:
-        tables["precise_bn"] = precise_bn_table(dataset, config, precise_bn_utterances, seed)
+        tables["precise_bn"] = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed,
+                                                _audio_used(labelled, audio_only))
     return tables
 
 
 def row_counts(dataset: PreparedDataset, config: DataConfig, seed: int) -> dict[str, int]:
     """Utterances in each dataset of a run (the rows `build_tables` holds), read from the ids alone."""
     table = dataset.read_table([*_cluster_splits(config), config.development_split], ["id", "split"])
-    return {name: rows.num_rows for name, rows in _select(_TableRows(table), dataset, config, seed).items()}
+    selected = _select(_TableRows(table), config, *_kept_ids(dataset, config, seed))
+    return {name: rows.num_rows for name, rows in selected.items()}
 
 
 def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_memory: bool = False,
@@ -155,9 +166,11 @@ def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_m
         datasets = {name: ray.data.from_arrow(table)
                     for name, table in build_tables(dataset, config, seed, precise_bn_utterances).items()}
     else:
-        datasets = _select(_ParquetRows(dataset, config.read_tasks), dataset, config, seed)
+        labelled, audio_only = _kept_ids(dataset, config, seed)
+        datasets = _select(_ParquetRows(dataset, config.read_tasks), config, labelled, audio_only)
         if precise_bn_utterances > 0:
-            table = precise_bn_table(dataset, config, precise_bn_utterances, seed)
+            table = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed,
+                                     _audio_used(labelled, audio_only))
             datasets["precise_bn"] = ray.data.from_arrow(table)
     datasets["development"] = datasets["development"].materialize()  # read once, every epoch
     if "precise_bn" in datasets:

@@ -221,12 +221,13 @@ def compare_models(
             sample = np.concatenate([run[attribute] for run in scores])
             row = {"mean": float(sample.mean()), "std": float(sample.std(ddof=1)) if len(sample) > 1 else 0.0,
                    "n": int(len(sample)), "p_vs_reference": None, "significant": None, "test": None}
-            other = np.concatenate([run[attribute] for run in per_run[reference]])
-            if pairs:
-                sample = np.concatenate([scores[i][attribute] for i, _ in pairs])
-                other = np.concatenate([per_run[reference][j][attribute] for _, j in pairs])
-            if model != reference and len(sample) >= 2 and len(other) >= 2:
-                p = (paired_t_test if pairs else welch_t_test)(sample, other)
+            if pairs:  # the mean above is over every run; the test compares paired runs only
+                tested = np.concatenate([scores[i][attribute] for i, _ in pairs])
+                against = np.concatenate([per_run[reference][j][attribute] for _, j in pairs])
+            else:
+                tested, against = sample, np.concatenate([run[attribute] for run in per_run[reference]])
+            if model != reference and len(tested) >= 2 and len(against) >= 2:
+                p = (paired_t_test if pairs else welch_t_test)(tested, against)
                 row["p_vs_reference"] = 1.0 if np.isnan(p) else p  # NaN: the samples do not differ at all
                 row["significant"] = bool(row["p_vs_reference"] < alpha)
                 row["test"] = f"paired, {len(pairs)} run(s) x {k} subsets" if pairs else "Welch"
