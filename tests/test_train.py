@@ -30,6 +30,8 @@ import torch
 from conftest import prepare_train_sample
 from mlflow import MlflowClient
 
+from cluster_train.experiments.estimate import StepCost, format_estimate
+from cluster_train.experiments.sweep import Trial
 from cluster_train.serve.bundle import load_bundle, resolve_bundle
 from cluster_train.serve.evaluate import evaluate_split, predict_split, score
 from cluster_train.train.checkpointer import TrainState
@@ -481,6 +483,15 @@ def test_the_same_loop_runs_in_one_process_without_ray_and_resumes_there(prepare
     assert first.mlflow_run_id is None
     assert first.epochs_run == 1
     assert [p.name for p in (runs / "local").glob("checkpoint_*")] == ["checkpoint_000000"]
+    # A sweep run again says how long its killed trial has left: 1 epoch of 2, half a fresh trial's time.
+    trials = [Trial("resumed", 0, _small_run(prepared, runs, "local", *local)),
+              Trial("fresh", 0, _small_run(prepared, runs, "never-run", *local))]
+    printed = format_estimate(trials, {"deepemocluster": StepCost(train=5.0, forward=1.0)}, 1,
+                              PreparedDataset(str(prepared / "prepared")))
+    left = {point: int(hours or 0) * 60 + int(minutes)
+            for point, hours, minutes in re.findall(r"(\w+): 1 trial\(s\) x (?:(\d+) h )?(\d+) min", printed)}
+    assert "1 trial(s) resume from a checkpoint" in printed and set(left) == {"resumed", "fresh"}, printed
+    assert left["resumed"] == pytest.approx(left["fresh"] / 2, abs=1), printed
     resumed = run_training(_small_run(prepared, runs, "local", *local))
     assert resumed.epochs_run == 2
     assert sorted(p.name for p in (runs / "local").glob("checkpoint_*")) == ["checkpoint_000000", "checkpoint_000001"]

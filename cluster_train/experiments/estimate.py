@@ -19,6 +19,7 @@ import torch
 from cluster_train.data.batches import row_counts
 from cluster_train.model.kinds import get_kind
 from cluster_train.train.config import TrainConfig
+from cluster_train.train.runtime import epochs_checkpointed
 from data_prep.config import ConfigError
 from data_prep.dataset import PreparedDataset
 
@@ -108,26 +109,37 @@ def epoch_chunks(config: TrainConfig, dataset: PreparedDataset, rows: dict[str, 
     return train, forward
 
 
-def trial_seconds(config: TrainConfig, cost: StepCost, dataset: PreparedDataset, rows: dict[str, int]) -> float:
-    """At most this many seconds for `config` (every epoch run; one worker's speed x its workers)."""
+def trial_seconds(config: TrainConfig, cost: StepCost, dataset: PreparedDataset, rows: dict[str, int],
+                  epochs: int | None = None) -> float:
+    """At most this many seconds for `epochs` of `config` (all of them by default; one worker's
+    speed x its workers)."""
     train, forward = epoch_chunks(config, dataset, rows)
     workers = max(1, config.scaling.num_workers)
-    return config.epochs * (train * cost.train + forward * cost.forward) / workers
+    epochs = config.epochs if epochs is None else epochs
+    return epochs * (train * cost.train + forward * cost.forward) / workers
 
 
 def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, dataset: PreparedDataset) -> str:
-    """Lines for the console: seconds per trial by grid point, and the total wall time."""
+    """Lines for the console: seconds per trial by grid point, and the total wall time. A trial
+    killed before is counted for the epochs its checkpoints have not finished."""
     by_point: dict[str, list[float]] = {}
+    resumed = 0
     rows: dict[tuple, dict[str, int]] = {}  # trials of one data config and seed read the same rows
     for trial in pending:
         key = (repr(trial.config.data), trial.config.seed)
         if key not in rows:
             rows[key] = row_counts(dataset, trial.config.data, trial.config.seed)
-        seconds = trial_seconds(trial.config, costs[trial.config.model_kind], dataset, rows[key])
+        done = min(epochs_checkpointed(f"{trial.config.storage_path.rstrip('/')}/{trial.config.name}"),
+                   trial.config.epochs)
+        resumed += done > 0
+        seconds = trial_seconds(trial.config, costs[trial.config.model_kind], dataset, rows[key],
+                                trial.config.epochs - done)
         by_point.setdefault(trial.point, []).append(seconds)
     total = sum(sum(seconds) for seconds in by_point.values())
     timed = ", ".join(f"{k} {c.train * 1e3:.1f} ms/chunk ({c.forward * 1e3:.1f} forward only)" for k, c in costs.items())
     lines = [f"estimate, from {timed} timed here (an upper bound: every epoch run):"]
+    if resumed:
+        lines.append(f"  {resumed} trial(s) resume from a checkpoint: counted for their epochs left")
     for point, seconds in by_point.items():
         lines.append(f"  {point}: {len(seconds)} trial(s) x {_duration(max(seconds))}")
     lines.append(f"  total {_duration(total)} of training, {_duration(total / max(1, concurrent))} with "

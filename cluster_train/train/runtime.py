@@ -24,6 +24,16 @@ from data_prep.storage import copy_folder, download_folder, open_filesystem
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
+def epochs_checkpointed(run_dir: str) -> int:
+    """How many epochs a run under `run_dir` has finished, from its checkpoint folders' numbers
+    (every epoch writes one, numbered from 0, whether Ray Train or `LocalRuntime` wrote it)."""
+    filesystem, root = open_filesystem(run_dir.rstrip("/"))
+    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    numbers = [int(i.base_name[len(CHECKPOINT_PREFIX):]) for i in infos if i.type == pafs.FileType.Directory
+               and i.base_name.startswith(CHECKPOINT_PREFIX) and i.base_name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(numbers) + 1 if numbers else 0
+
+
 class Runtime(Protocol):
     rank: int
     world_size: int
