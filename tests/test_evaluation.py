@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -327,6 +328,34 @@ def test_a_point_with_fewer_seeds_is_paired_with_the_reference_on_the_seeds_they
     assert apart["models"]["control"]["ccc"]["valence"]["test"] == "Welch"
     with pytest.raises(ValueError, match=r"control: seeds \[0, 0, 1\] do not name its 3 runs"):
         compare_models(runs, "reference", seeds={"reference": range(5), "control": [0, 0, 1]})
+
+
+def test_recheck_script_recomputes_a_sweeps_means_and_paired_p_as_compare_models_does(tmp_path):
+    """scripts/recheck_table.py, RESULTS's second path (numpy CCC, scipy test), reads predictions saved
+    as the sweep names them and prints what compare_models puts in the table: the point's means and
+    its paired p on the seeds both points have (the reference has 3 more, and the rows in another order)."""
+    rng = np.random.default_rng(2)
+    ids = [f"u{i:03d}" for i in range(80)]
+    labels = rng.uniform(1, 7, (80, 2))
+    runs = {"cnn_regressor": [_predictions(ids, labels, 1.5, seed) for seed in range(5)],
+            "deepemocluster": [_predictions(ids, labels, 1.2, 10 + seed) for seed in range(2)]}
+    for point, group in runs.items():
+        for seed, run in enumerate(group):
+            order = rng.permutation(80)
+            name = f"sweep-{point}-seed{seed}.{rng.bytes(16).hex()}.test.json"
+            (tmp_path / name).write_text(json.dumps({"attributes": list(run.attributes), "ids": [ids[i] for i in order],
+                                                     "labels": labels[order].tolist(),
+                                                     "prediction": run.prediction[order].tolist()}))
+    table = compare_models(runs, "cnn_regressor", seeds={"cnn_regressor": range(5), "deepemocluster": range(2)})
+    printed = subprocess.run([sys.executable, str(REPO / "scripts" / "recheck_table.py"), str(tmp_path),
+                              "cnn_regressor", "deepemocluster"], capture_output=True, text=True, check=True).stdout
+    assert "seeds [0, 1] x 4 subsets" in printed, printed
+    for attribute in ("arousal", "valence"):
+        row = table["models"]["deepemocluster"]["ccc"][attribute]
+        found = re.search(rf"{attribute}: (\S+) vs \S+, paired p = (\S+)", printed)
+        assert found, printed
+        assert float(found.group(1)) == pytest.approx(row["mean"], abs=1e-4)
+        assert float(found.group(2)) == pytest.approx(row["p_vs_reference"], rel=1e-2)
 
 
 def test_paper_table_job_scores_runs_and_tests_them_against_the_reference(dataset, bundle_dir, tmp_path, capsys):
