@@ -155,6 +155,10 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience_bad_epochs
             break
     assert kept == [0, 1, 3] and stopped_after == 5  # 2.2 and 2.05 are not below 2.0: two bad epochs
     assert (state.best_epoch, state.best_dev_loss, state.epoch) == (3, 2.0, 6)  # a resumed run starts at 6
+    # a run without a labelled stage: its development loss judges nothing, the last epoch is kept
+    unjudged = TrainState()
+    assert all(unjudged.finish_epoch(epoch, loss, latest_is_best=True) for epoch, loss in enumerate([2.9, 3.5, 4.0]))
+    assert (unjudged.best_epoch, unjudged.best_dev_loss, unjudged.should_stop(patience=1)) == (2, 4.0, False)
 
 
 def test_config_mistake_fails_before_ray_starts(tmp_path):
@@ -382,6 +386,7 @@ overrides: [data.dataset={(prepared / 'prepared').as_uri()}, data.batch_size=4, 
 points:
   - {{name: regressor, model_kind: cnn_regressor}}
   - {{model_kind: cnn_vae}}
+  - {{name: dec_unsupervised_only, model_kind: deepemocluster, stages: [1]}}
 reference: regressor
 subsets: 2
 max_concurrent: 2
@@ -390,17 +395,18 @@ output: {(tmp_path / 'sweeps').as_uri()}
     config = load_sweep_config(sweep_file)
     result = run_sweep(config)
     printed = capsys.readouterr().out
-    assert "2 of 2 trials to train, 2 at a time" in printed
+    assert "3 of 3 trials to train, 2 at a time" in printed
     assert re.search(r"regressor: 1 trial\(s\) x \d+ min\n  model_kind=cnn_vae: 1 trial", printed), printed
     need = re.search(r"memory: about (\d+\.\d) GiB for 2 trial\(s\) at once", printed)  # timed in 2 processes
     assert need and 0.1 < float(need.group(1)) < 8, printed
 
     points = ["regressor", "model_kind=cnn_vae"]
-    assert list(result.table["models"]) == points
+    assert list(result.table["models"]) == points  # the stage-1-only model learned no regressor: not scored
     assert result.table["models"][points[1]]["ccc"]["arousal"]["n"] == 2  # 2 subsets x 1 seed
     assert result.table_file == (tmp_path / "sweeps" / "baselines" / "table.json").as_uri()
     assert json.loads((tmp_path / "sweeps" / "baselines" / "table.json").read_text())["models"] == result.table["models"]
-    for run in result.runs:
+    assert [run["point"] for run in result.runs] == [*points, "dec_unsupervised_only"]
+    for run in result.runs[:2]:
         kind = "cnn_regressor" if run["point"] == "regressor" else run["point"].split("=")[1]
         assert run["best_model"] == (tmp_path / "runs" / run["name"] / "best_model").as_uri()
         assert load_bundle(run["best_model"]).model_kind == kind and run["mlflow_run_id"]
@@ -415,7 +421,7 @@ output: {(tmp_path / 'sweeps').as_uri()}
     logged = MlflowClient(store).search_runs([experiment.experiment_id])
     parent = result.table["parent_run_id"]
     children = [r for r in logged if r.info.run_id != parent]
-    assert sorted(r.data.params["model_kind"] for r in children) == ["cnn_regressor", "cnn_vae"]
+    assert sorted(r.data.params["model_kind"] for r in children) == ["cnn_regressor", "cnn_vae", "deepemocluster"]
     assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parent}
     assert MlflowClient(store).get_run(parent).info.status == "FINISHED"
     assert [f.path for f in MlflowClient(store).list_artifacts(parent)] == ["table.json"]
@@ -433,7 +439,9 @@ output: {(tmp_path / 'sweeps').as_uri()}
     from cluster_train.experiments.report import write_report
 
     report = write_report(config, tmp_path / "report")  # tables, curves, logged to the parent run
-    assert (report.trained, report.planned) == (2, 2) and list(report.tables) == ["regressor"]
+    assert (report.trained, report.planned) == (3, 3) and list(report.tables) == ["regressor"]
+    assert "Not in the table: dec_unsupervised_only (no stage learns from labels" in report.markdown
+    assert "| dec_unsupervised_only |" not in report.markdown and (tmp_path / "report" / "clusters_arousal.png").exists()
     assert "| regressor | 1 |" in report.markdown and "| model_kind=cnn_vae | 1 |" in report.markdown
     vae = report.tables["regressor"]["models"]["model_kind=cnn_vae"]["ccc"]["arousal"]
     assert vae["mean"] == pytest.approx(result.table["models"]["model_kind=cnn_vae"]["ccc"]["arousal"]["mean"])
@@ -544,6 +552,12 @@ def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     assert once.metrics["train/stage1_steps"] == 2 and once.metrics["train/stage2_steps"] == 2  # 8 rows, batch 4
     assert "train/stage1_steps" not in control.metrics and control.metrics["train/stage2_steps"] == 3 * 2
     assert control.metrics["cluster/size_min"] >= 0 and "cluster/kmeans_objective" in control.metrics
+    # the paper's "unsupervised" (stage 1 only, Fig. 3): no regressor learns, so the development
+    # loss cannot choose an epoch or stop the run early; the last epoch is the model kept
+    unsupervised = run_training(_small_run(prepared, tmp_path, "dec-unsupervised", *common, "stages=[1]",
+                                           "epochs=3", "patience=1"))
+    assert unsupervised.epochs_run == 3 and unsupervised.metrics["dev/best_epoch"] == 2
+    assert "train/stage2_steps" not in unsupervised.metrics and unsupervised.metrics["train/stage1_steps"] == 2
     with pytest.raises(ConfigError, match=r"'stages': model_kind cnn_regressor has stages \[2\], not \[1\]"):
         _small_run(prepared, tmp_path, "x", "stages=[1]", "model_kind=cnn_regressor")
     with pytest.raises(ConfigError, match="'stages': name at least one of"):

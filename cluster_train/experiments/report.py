@@ -62,10 +62,11 @@ def trained_trials(config: SweepConfig) -> tuple[list[TrainedTrial], int]:
 
 
 def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset: PreparedDataset) -> dict[str, dict]:
-    """Reference -> compare_models table over the points with a trained trial."""
+    """Reference -> compare_models table over the points with a trained trial that learned a
+    regressor (a stage-1-only model has an untrained one: it is in Fig. 3, not in the table)."""
     predictions: dict[str, list[SplitPredictions]] = {}
     seeds: dict[str, list[int]] = {}
-    for item in trained:
+    for item in _scored(trained):
         predictions.setdefault(item.trial.point, []).append(
             trial_predictions(config, item.trial.config.name, item.run, dataset))
         seeds.setdefault(item.trial.point, []).append(item.trial.seed)
@@ -74,6 +75,10 @@ def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset:
         references.append("deepemocluster")
     return {reference: compare_models(predictions, reference, k=config.subsets, seeds=seeds)
             for reference in references if reference in predictions}
+
+
+def _scored(trained: list[TrainedTrial]) -> list[TrainedTrial]:
+    return [item for item in trained if item.trial.config.kind.trains_regressor]
 
 
 def training_seconds(item: TrainedTrial, tracking_uri: str) -> float:
@@ -120,7 +125,8 @@ def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial], trackin
 
 
 def learning_curves(trained: list[TrainedTrial], tracking_uri: str, file: Path) -> bool:
-    """Development CCC per epoch (MLflow metric history), mean over seeds, one line per point."""
+    """Development CCC per epoch (MLflow metric history), mean over seeds, one line per point that
+    learned a regressor."""
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
@@ -129,7 +135,7 @@ def learning_curves(trained: list[TrainedTrial], tracking_uri: str, file: Path) 
     axes = figure.subplots(1, 3, sharey=True)
     drawn = False
     by_point: dict[str, list[str]] = {}
-    for item in trained:
+    for item in _scored(trained):
         if item.run.get("mlflow_run_id"):
             by_point.setdefault(item.trial.point, []).append(item.run["mlflow_run_id"])
     for point, run_ids in by_point.items():
@@ -246,6 +252,10 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
                 f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
                 "## Test CCC", "", table_markdown(tables, trained, first.tracking.tracking_uri), ""]
+    unscored = sorted({item.trial.point for item in trained} - {item.trial.point for item in _scored(trained)})
+    if unscored:
+        sections += [f"Not in the table: {', '.join(unscored)} (no stage learns from labels, so its regressor is "
+                     f"untrained; it is there for Fig. 3).", ""]
     if learning_curves(trained, first.tracking.tracking_uri, folder / "learning_curves.png"):
         sections += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
     by_point = {item.trial.point: item for item in sorted(trained, key=lambda t: t.trial.seed, reverse=True)}

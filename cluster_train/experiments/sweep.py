@@ -241,6 +241,8 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     for trial, run in zip(trials, runs):
         assert isinstance(run, dict)
         run |= {"point": trial.point, "seed": trial.seed, "name": trial.config.name}
+        if not trial.config.kind.trains_regressor:  # no regressor learned: nothing to score (Fig. 3's model)
+            continue
         predictions.setdefault(trial.point, []).append(trial_predictions(config, trial.config.name, run, dataset))
         seeds.setdefault(trial.point, []).append(trial.seed)
     table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets, seeds=seeds)

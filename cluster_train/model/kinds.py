@@ -51,6 +51,12 @@ class ModelKind:
         if stages is not None:  # a subset of the kind's stages, e.g. DeepEmoCluster without stage 1 (a control)
             self.stages = tuple(stage for stage in type(self).stages if stage.number in stages)
 
+    @property
+    def trains_regressor(self) -> bool:
+        """Whether some stage learns from labels; without one (the paper's "unsupervised",
+        `stages=[1]`) the development CCC measures an untrained regressor, not the run."""
+        return any(stage.shard == "labeled" for stage in self.stages)
+
     def build(self, config: ModelConfig) -> nn.Module:
         return self.network(config)
 

@@ -30,9 +30,11 @@ class TrainState:
     bad_epochs: int = 0
     run_id: str | None = None
 
-    def finish_epoch(self, epoch: int, dev_loss: float) -> bool:
-        """Record epoch `epoch`'s development loss; True when it is the best so far (keep its model)."""
-        improved = dev_loss < self.best_dev_loss
+    def finish_epoch(self, epoch: int, dev_loss: float, latest_is_best: bool = False) -> bool:
+        """Record epoch `epoch`'s development loss; True when it is the best so far (keep its model).
+        `latest_is_best`: every epoch is (a run the development loss cannot judge keeps its last
+        epoch and never stops early)."""
+        improved = latest_is_best or dev_loss < self.best_dev_loss
         if improved:
             self.best_dev_loss, self.best_epoch, self.bad_epochs = dev_loss, epoch, 0
         else:

@@ -109,7 +109,7 @@ class Trainer:
             started = time.perf_counter()
             torch.manual_seed(derive(self.config.seed, "dropout", epoch, self.rank))  # resume-exact dropout
             metrics = self.run_epoch(epoch)
-            if self.state.finish_epoch(epoch, metrics["dev/loss"]):
+            if self.state.finish_epoch(epoch, metrics["dev/loss"], latest_is_best=not self.kind.trains_regressor):
                 self.best_weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             best = {"dev/best_loss": self.state.best_dev_loss, "dev/best_epoch": self.state.best_epoch}
             checkpointing = time.perf_counter()
