@@ -129,8 +129,7 @@ def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, 
         key = (repr(trial.config.data), trial.config.seed)
         if key not in rows:
             rows[key] = row_counts(dataset, trial.config.data, trial.config.seed)
-        done = min(epochs_checkpointed(f"{trial.config.storage_path.rstrip('/')}/{trial.config.name}"),
-                   trial.config.epochs)
+        done = min(epochs_checkpointed(trial.config.run_dir), trial.config.epochs)
         resumed += done > 0
         seconds = trial_seconds(trial.config, costs[trial.config.model_kind], dataset, rows[key],
                                 trial.config.epochs - done)

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster_train.experiments.sweep import SweepConfig, Trial, _trained, plan_trials, trial_predictions
-from cluster_train.serve.evaluate import SplitPredictions, compare_models
+from cluster_train.experiments.sweep import SweepConfig, Trial, _trained, plan_trials, scored_predictions
+from cluster_train.serve.evaluate import compare_models
 from cluster_train.train.launch import pin_local_paths
 from data_prep.dataset import PreparedDataset
 from data_prep.manifest import ATTRIBUTES
@@ -64,12 +64,7 @@ def trained_trials(config: SweepConfig) -> tuple[list[TrainedTrial], int]:
 def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset: PreparedDataset) -> dict[str, dict]:
     """Reference -> compare_models table over the points with a trained trial that learned a
     regressor (a stage-1-only model has an untrained one: it is in Fig. 3, not in the table)."""
-    predictions: dict[str, list[SplitPredictions]] = {}
-    seeds: dict[str, list[int]] = {}
-    for item in _scored(trained):
-        predictions.setdefault(item.trial.point, []).append(
-            trial_predictions(config, item.trial.config.name, item.run, dataset))
-        seeds.setdefault(item.trial.point, []).append(item.trial.seed)
+    predictions, seeds = scored_predictions(config, ((item.trial, item.run) for item in trained), dataset)
     references = [config.reference or trained[0].trial.point]
     if "deepemocluster" in predictions and "deepemocluster" not in references:
         references.append("deepemocluster")

@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from omegaconf import MISSING
@@ -152,7 +152,7 @@ def _trained(config: TrainConfig) -> dict | None:
     A trial trained with another config is an error naming the keys that differ: reusing it would
     mix configs in one table, retraining would overwrite a model someone may need. (Records written
     before run.json kept the config cannot be checked and are reused.)"""
-    folder = OutputFolder(f"{config.storage_path.rstrip('/')}/{config.name}")
+    folder = OutputFolder(config.run_dir)
     if not folder.exists("best_model/model.pt") or not folder.exists(RUN_FILE):
         return None
     run = folder.read_json(RUN_FILE)
@@ -174,7 +174,7 @@ def _train(config: TrainConfig) -> dict:
            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
            "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
     record = run | {"config": _config_record(config)}  # read back by `_trained`, not part of the table
-    folder = OutputFolder(f"{config.storage_path.rstrip('/')}/{config.name}")
+    folder = OutputFolder(config.run_dir)
     folder.make()
     folder.write_json(RUN_FILE, record)
     return run
@@ -203,6 +203,19 @@ def trial_predictions(config: SweepConfig, name: str, run: dict, dataset) -> Spl
                              "labels": np.where(np.isnan(result.labels), None, result.labels).tolist(),
                              "attributes": list(result.attributes)})
     return result
+
+
+def scored_predictions(config: SweepConfig, trained: Iterable[tuple[Trial, dict]], dataset
+                       ) -> tuple[dict[str, list[SplitPredictions]], dict[str, list[int]]]:
+    """Point -> its trials' predictions, and point -> their seeds: what `compare_models` takes. A
+    point whose kind learns no regressor (stage 1 only, Fig. 3's model) has nothing to score."""
+    predictions: dict[str, list[SplitPredictions]] = {}
+    seeds: dict[str, list[int]] = {}
+    for trial, run in trained:
+        if trial.config.kind.trains_regressor:
+            predictions.setdefault(trial.point, []).append(trial_predictions(config, trial.config.name, run, dataset))
+            seeds.setdefault(trial.point, []).append(trial.seed)
+    return predictions, seeds
 
 
 def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
@@ -236,15 +249,10 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
             raise RuntimeError(f"sweep {config.name}: {len(failed)} trial(s) failed ({', '.join(failed)}); the "
                                f"others are saved, and a rerun trains only what is missing") from error
 
-    predictions: dict[str, list] = {}
-    seeds: dict[str, list[int]] = {}
     for trial, run in zip(trials, runs):
         assert isinstance(run, dict)
         run |= {"point": trial.point, "seed": trial.seed, "name": trial.config.name}
-        if not trial.config.kind.trains_regressor:  # no regressor learned: nothing to score (Fig. 3's model)
-            continue
-        predictions.setdefault(trial.point, []).append(trial_predictions(config, trial.config.name, run, dataset))
-        seeds.setdefault(trial.point, []).append(trial.seed)
+    predictions, seeds = scored_predictions(config, zip(trials, runs), dataset)
     table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets, seeds=seeds)
     table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location,
               "parent_run_id": parent.run_id, "runs": runs}

@@ -141,6 +141,11 @@ class TrainConfig:
     def clusters(self) -> bool:
         return self.kind.clusters
 
+    @property
+    def run_dir(self) -> str:
+        """The folder of this run's checkpoints and best model: `<storage_path>/<name>`."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
 
 def chosen_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> str:
     """The recipe named by the last `recipe=` override, else by the file, else the default."""

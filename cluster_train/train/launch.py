@@ -102,7 +102,7 @@ def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
     run = _train_in_process if config.scaling.num_workers == 0 else _train_on_ray
     metrics, checkpoint = run(config, dataset, scaler, tags, verbose)
 
-    output = f"{config.storage_path.rstrip('/')}/{name}/best_model"  # beside the run's checkpoints
+    output = f"{config.run_dir}/best_model"  # beside the run's checkpoints
     run_id = metrics.get("mlflow_run_id") or None
     if config.tracking.enabled and run_id is None:
         warnings.warn(f"run {name} is not tracked: MLflow at {config.tracking.tracking_uri} failed on the "
@@ -126,7 +126,7 @@ def _train_in_process(config: TrainConfig, dataset: PreparedDataset, scaler: Lab
     quiet_process(verbose)
     tables = build_tables(dataset, config.data, config.seed, config.precise_bn.utterances)
     device = torch.device("cuda") if config.scaling.use_gpu else torch.device("cpu")
-    runtime = LocalRuntime(tables, f"{config.storage_path.rstrip('/')}/{config.name}", device)
+    runtime = LocalRuntime(tables, config.run_dir, device)
     train(config, runtime, scaler.to_dict(), None, to_flat_dict(config), tags)
     if runtime.last_checkpoint is None:
         raise RuntimeError(f"training run {config.name} ended without a checkpoint")

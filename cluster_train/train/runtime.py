@@ -24,14 +24,18 @@ from data_prep.storage import copy_folder, download_folder, open_filesystem
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
+def checkpoint_folders(filesystem: pafs.FileSystem, root: str) -> list[str]:
+    """The names of the checkpoint folders under `root`, oldest first."""
+    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
+
+
 def epochs_checkpointed(run_dir: str) -> int:
     """How many epochs a run under `run_dir` has finished, from its checkpoint folders' numbers
     (every epoch writes one, numbered from 0, whether Ray Train or `LocalRuntime` wrote it)."""
-    filesystem, root = open_filesystem(run_dir.rstrip("/"))
-    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    numbers = [int(i.base_name[len(CHECKPOINT_PREFIX):]) for i in infos if i.type == pafs.FileType.Directory
-               and i.base_name.startswith(CHECKPOINT_PREFIX) and i.base_name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(numbers) + 1 if numbers else 0
+    numbers = [name[len(CHECKPOINT_PREFIX):] for name in checkpoint_folders(*open_filesystem(run_dir.rstrip("/")))]
+    return max((int(n) + 1 for n in numbers if n.isdigit()), default=0)
 
 
 class Runtime(Protocol):
@@ -75,9 +79,7 @@ class LocalRuntime:
 
     def checkpoints(self) -> list[str]:
         """The names of the checkpoint folders kept, oldest first."""
-        infos = self.filesystem.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        return sorted(i.base_name for i in infos
-                      if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
+        return checkpoint_folders(self.filesystem, self.root)
 
     @contextlib.contextmanager
     def resume_folder(self) -> Iterator[str | None]:
