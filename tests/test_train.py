@@ -431,6 +431,11 @@ output: {(tmp_path / 'sweeps').as_uri()}
     assert [r["mlflow_run_id"] for r in again.runs] == [r["mlflow_run_id"] for r in result.runs]
     assert again.table["models"] == result.table["models"] and again.table["parent_run_id"] == parent
 
+    more_threads = tmp_path / "more_threads.yaml"  # threads change no result: the trials are reused
+    more_threads.write_text(sweep_file.read_text().replace("scaling.num_workers=0", "scaling.num_workers=0, "
+                                                           "scaling.cpus_per_worker=2"))
+    assert all(run.get("reused") for run in run_sweep(load_sweep_config(more_threads)).runs)
+
     changed = tmp_path / "changed.yaml"  # the same trials with another batch size: not silently reused
     changed.write_text(sweep_file.read_text().replace("data.batch_size=4", "data.batch_size=2"))
     with pytest.raises(ConfigError, match=r"trial baselines-regressor-seed0 .*differs in data\.batch_size"):

@@ -158,12 +158,18 @@ def _trained(config: TrainConfig) -> dict | None:
     run = folder.read_json(RUN_FILE)
     before, now = run.pop("config", None), _config_record(config)
     # Keys the record lacks were added to the code later; their defaults keep the old behaviour.
-    # Where a run is tracked changes no result (a parent run, a store moved): not compared.
-    keys = sorted(k for k in (before or {}) if before[k] != now.get(k) and not k.startswith("tracking."))
+    keys = sorted(k for k in (before or {}) if before[k] != now.get(k) and not _changes_no_result(k))
     if keys:
         raise ConfigError(f"trial {config.name} was trained in {folder.location} with another config "
                           f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
     return run | {"reused": True}
+
+
+def _changes_no_result(key: str) -> bool:
+    """Where a run is tracked (a parent run, a store moved) and how many CPU threads it trains on
+    change no result beyond float rounding: a trial cut short may go on with more threads once it
+    trains alone."""
+    return key.startswith("tracking.") or key == "scaling.cpus_per_worker"
 
 
 def _train(config: TrainConfig) -> dict:
