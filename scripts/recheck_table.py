@@ -1,10 +1,10 @@
 """A second path to a sweep's headline figures: each point's mean test CCC and its two-tailed paired
-t-test against the reference, recomputed from the predictions the sweep saved, with none of the
+t-test against the reference, recomputed from the predictions in the sweep's trial records, with none of the
 project's scoring code (CCC from its formula in numpy, the test from scipy). Only the partition of
 the test split into subsets is the protocol's: a permutation of the sorted utterance ids by
 `numpy.random.default_rng(0)`, cut into 4.
 
-    python scripts/recheck_table.py outputs/sweeps/ravdess-quarter/predictions cnn_regressor deepemocluster
+    python scripts/recheck_table.py docs/results/ravdess-quarter/trials cnn_regressor deepemocluster
 
 Prints one line per attribute: both means (over subsets x the seeds both points have) and p.
 """
@@ -23,10 +23,11 @@ def ccc(prediction: np.ndarray, label: np.ndarray) -> float:
     return 2 * covariance / (prediction.var() + label.var() + (prediction.mean() - label.mean()) ** 2)
 
 
-def runs_of(folder: Path, point: str) -> dict[int, dict]:
-    """seed -> the predictions of `point`'s trial (the file that names its MLflow run)."""
-    pattern = re.compile(rf".*-{re.escape(point)}-seed(\d+)\.[0-9a-f]{{32}}\.test\.json")
-    found = {int(m.group(1)): json.loads(p.read_text()) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))}
+def runs_of(folder: Path, point: str, split: str) -> dict[int, dict]:
+    """seed -> the `split` predictions of `point`'s trial (its record, `<sweep>-<point>-seed<N>.json`)."""
+    pattern = re.compile(rf".*-{re.escape(point)}-seed(\d+)\.json")
+    found = {int(m.group(1)): json.loads(p.read_text())["predictions"][split]
+             for p in folder.iterdir() if (m := pattern.fullmatch(p.name))}
     if not found:
         raise SystemExit(f"{folder}: no predictions of point {point!r}")
     return found
@@ -41,12 +42,13 @@ def subset_cccs(run: dict, subsets: list[np.ndarray]) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("predictions", type=Path, help="the sweep's predictions/ folder")
+    parser.add_argument("records", type=Path, help="the sweep's trial records (its `records` folder)")
     parser.add_argument("reference")
     parser.add_argument("point")
     parser.add_argument("--subsets", type=int, default=4)
+    parser.add_argument("--split", default="test")
     args = parser.parse_args()
-    reference, point = runs_of(args.predictions, args.reference), runs_of(args.predictions, args.point)
+    reference, point = runs_of(args.records, args.reference, args.split), runs_of(args.records, args.point, args.split)
     seeds = sorted(set(reference) & set(point))
     size = len(next(iter(point.values()))["ids"])
     subsets = [np.sort(s) for s in np.array_split(np.random.default_rng(0).permutation(size), args.subsets)]

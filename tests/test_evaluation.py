@@ -331,8 +331,8 @@ def test_a_point_with_fewer_seeds_is_paired_with_the_reference_on_the_seeds_they
 
 
 def test_recheck_script_recomputes_a_sweeps_means_and_paired_p_as_compare_models_does(tmp_path):
-    """scripts/recheck_table.py, RESULTS's second path (numpy CCC, scipy test), reads predictions saved
-    as the sweep names them and prints what compare_models puts in the table: the point's means and
+    """scripts/recheck_table.py, RESULTS's second path (numpy CCC, scipy test), reads predictions from
+    trial records as the sweep writes them and prints what compare_models puts in the table: the point's means and
     its paired p on the seeds both points have (the reference has 3 more, and the rows in another order)."""
     rng = np.random.default_rng(2)
     ids = [f"u{i:03d}" for i in range(80)]
@@ -342,10 +342,9 @@ def test_recheck_script_recomputes_a_sweeps_means_and_paired_p_as_compare_models
     for point, group in runs.items():
         for seed, run in enumerate(group):
             order = rng.permutation(80)
-            name = f"sweep-{point}-seed{seed}.{rng.bytes(16).hex()}.test.json"
-            (tmp_path / name).write_text(json.dumps({"attributes": list(run.attributes), "ids": [ids[i] for i in order],
-                                                     "labels": labels[order].tolist(),
-                                                     "prediction": run.prediction[order].tolist()}))
+            saved = {"attributes": list(run.attributes), "ids": [ids[i] for i in order],
+                     "labels": labels[order].tolist(), "prediction": run.prediction[order].tolist()}
+            (tmp_path / f"sweep-{point}-seed{seed}.json").write_text(json.dumps({"predictions": {"test": saved}}))
     table = compare_models(runs, "cnn_regressor", seeds={"cnn_regressor": range(5), "deepemocluster": range(2)})
     printed = subprocess.run([sys.executable, str(REPO / "scripts" / "recheck_table.py"), str(tmp_path),
                               "cnn_regressor", "deepemocluster"], capture_output=True, text=True, check=True).stdout

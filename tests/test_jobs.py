@@ -140,7 +140,8 @@ output: s3://{bucket}/sweeps
             sweep = job("python", "jobs/sweep.py", "--config", str(sweep_file))
             assert _ok(sweep), sweep.stdout[-3000:] + sweep.stderr[-3000:]
             assert "model_kind=cnn_regressor" in sweep.stdout
-            assert {"sweeps/bucket/table.json", "sweeps/bucket/parent_run.json"} <= set(bucket_keys(aws, bucket, "sweeps/"))
+            assert {"sweeps/bucket/table.json", "sweeps/bucket/parent_run.json",  # and each trial's record
+                    "sweeps/bucket/trials/bucket-model_kind_cnn_regressor-seed1.json"} <= set(bucket_keys(aws, bucket, "sweeps/"))
             trials = {key.split("/")[1] for key in bucket_keys(aws, bucket, "sweep-runs/") if key.endswith("run.json")}
             assert trials == {"bucket-model_kind_cnn_regressor-seed0", "bucket-model_kind_cnn_regressor-seed1"}
     assert not (REPO / "runs").exists() and not (REPO / "outputs" / "sweeps" / "bucket").exists()

@@ -371,7 +371,8 @@ def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resum
     own, without Ray: `scaling.num_workers=0`), each an MLflow run under the sweep's parent run, the
     table, the time estimate printed first. The CNN-regressor has no stage 1; the CNN-VAE's stage 1
     is the CNN-AE's reconstruction plus the KL. Dataset, checkpoints, best models and the table are
-    all addressed by file:// URIs, as buckets are."""
+    all addressed by file:// URIs, as buckets are. On another machine, with only the trials' records
+    (no models, no MLflow store), the sweep trains nothing and the report still has its tables."""
     from cluster_train.experiments.sweep import load_sweep_config, plan_trials, run_sweep
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -391,6 +392,7 @@ reference: regressor
 subsets: 2
 max_concurrent: 2
 output: {(tmp_path / 'sweeps').as_uri()}
+records: {tmp_path / 'records'}
 """)
     config = load_sweep_config(sweep_file)
     result = run_sweep(config)
@@ -454,6 +456,28 @@ output: {(tmp_path / 'sweeps').as_uri()}
     logged = {f.path for f in MlflowClient(store).list_artifacts(parent, "report")}
     assert {"report/report.md", "report/tables.json", "report/learning_curves.png"} <= logged
     assert MlflowClient(store).get_run(parent).info.status == "FINISHED"
+
+    record = json.loads((tmp_path / "records" / "baselines-regressor-seed0.json").read_text())
+    assert record["mlflow_run_id"] == result.runs[0]["mlflow_run_id"] and record["config"]["data.batch_size"] == 4
+    assert len(record["curves"]["dev/ccc_arousal"]) == 1 and record["curves"]["time/epoch"][0] > 0
+    test = record["predictions"]["test"]
+    assert len(test["ids"]) == len(test["prediction"]) == len(test["labels"]) > 0
+
+    # Another machine: the records alone (no models, no checkpoints, no sweep folder, a new MLflow store)
+    shutil.rmtree(tmp_path / "runs")
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(sweep_file.read_text().replace(store, f"sqlite:///{tmp_path / 'other.db'}")
+                     .replace((tmp_path / "sweeps").as_uri(), (tmp_path / "other_sweeps").as_uri()))
+    elsewhere = run_sweep(load_sweep_config(moved))
+    assert all(run.get("reused") for run in elsewhere.runs) and elsewhere.table["models"] == result.table["models"]
+    assert "to train" not in capsys.readouterr().out
+    kept = write_report(load_sweep_config(moved), tmp_path / "report")  # Fig. 3 drawn there from these trials: kept
+    assert kept.tables == report.tables and "![clusters_arousal](clusters_arousal.png)" in kept.markdown
+    assert re.search(r"unsupervised only \(no regressor\) \(baselines-dec_unsupervised_only-seed0\): highest", kept.markdown)
+    fresh = write_report(load_sweep_config(moved), tmp_path / "fresh_report")
+    assert "Not drawn: the best model of baselines-dec_unsupervised_only-seed0 is not on this machine" in fresh.markdown
+    assert not (tmp_path / "fresh_report" / "clusters_arousal.png").exists()
+    assert (tmp_path / "fresh_report" / "learning_curves.png").stat().st_size > 10_000
 
     typo = tmp_path / "typo.yaml"
     typo.write_text(sweep_file.read_text().replace("epochs=1,", "epochs=1, optim.regressor.lrr=1,"))

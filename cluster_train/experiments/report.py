@@ -4,15 +4,18 @@ as Markdown + PNG in a folder and as artifacts of the sweep's MLflow parent run.
     report = write_report(load_sweep_config("configs/sweep/ravdess_quarter.yaml"), "docs/results/ravdess-quarter")
 
 Works on a sweep still training: it reports the trials trained so far (a table row says how many
-runs it holds). It reads each trial's test-split predictions where the sweep left them
-(`sweep.trial_predictions`), predicting only those not there yet.
+runs it holds). It reads the trials' records (`SweepConfig.records`): their test-split predictions
+(`sweep.trial_predictions`, predicting only those not there yet), curves and times. So it runs on
+any machine that has the records; the two figures drawn from models need those models here, and
+where they are elsewhere the report keeps the figure an earlier report drew from the same trials.
   - tables: mean test CCC per attribute over subsets x seeds, one t-test column per reference
     (the sweep's reference, and DeepEmoCluster where the sweep has it: the controls are tested
     against both)
   - Fig. 3: arousal histograms of the clusters with the highest and lowest mean arousal, for the
     model trained without the regressor (`stages=[1]`, the paper's "unsupervised") beside
     DeepEmoCluster: K-means (the run's settings) on the embeddings of every train chunk
-  - learning curves: development CCC per epoch from MLflow, mean over seeds, one line per point
+  - learning curves: development CCC per epoch (the record's, from MLflow), mean over seeds, one
+    line per point
   - projection: PCA of DeepEmoCluster's test-chunk embeddings, coloured by K-means cluster and by
     each attribute's label
 """
@@ -26,7 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster_train.experiments.sweep import SweepConfig, Trial, _trained, plan_trials, scored_predictions
+from cluster_train.experiments.sweep import (
+    SweepConfig,
+    Trial,
+    plan_trials,
+    records_folder,
+    scored_predictions,
+    trained_run,
+)
 from cluster_train.serve.evaluate import compare_models
 from cluster_train.train.launch import pin_local_paths
 from data_prep.dataset import PreparedDataset
@@ -38,7 +48,15 @@ MARKS = ("*", "†")  # significance against the first and the second reference
 @dataclass
 class TrainedTrial:
     trial: Trial
-    run: dict  # the sweep's run.json record: best_model, mlflow_run_id, seconds, epochs_run, scores
+    run: dict  # the trial's record: best_model, mlflow_run_id, seconds, epochs_run, scores, curves
+
+    def curve(self, key: str) -> list[float]:
+        return self.run.get("curves", {}).get(key, [])
+
+    def has_model(self) -> bool:
+        from data_prep.storage import OutputFolder
+
+        return OutputFolder(self.run["best_model"]).exists("model.pt")
 
 
 @dataclass
@@ -53,9 +71,10 @@ class Report:
 def trained_trials(config: SweepConfig) -> tuple[list[TrainedTrial], int]:
     """The sweep's trials trained so far, and how many it plans."""
     trials = plan_trials(config)
+    records = records_folder(config)
     found = []
     for trial in trials:
-        run = _trained(pin_local_paths(trial.config))
+        run = trained_run(pin_local_paths(trial.config), records)
         if run is not None:
             found.append(TrainedTrial(trial, run))
     return found, len(trials)
@@ -76,23 +95,20 @@ def _scored(trained: list[TrainedTrial]) -> list[TrainedTrial]:
     return [item for item in trained if item.trial.config.kind.trains_regressor]
 
 
-def training_seconds(item: TrainedTrial, tracking_uri: str) -> float:
-    """Seconds a trial trains: its median epoch (`time/epoch` in MLflow) x its epochs, so a trial
-    resumed across sittings counts every epoch (its run.json counts the last sitting only) and an
-    epoch stretched by a paused or crowded machine does not count; else run.json's."""
-    from mlflow import MlflowClient
-
-    run_id = item.run.get("mlflow_run_id")
-    epochs = {m.step: m.value for m in MlflowClient(tracking_uri).get_metric_history(run_id, "time/epoch")} if run_id else {}
-    return float(np.median(list(epochs.values())) * len(epochs)) if epochs else float(item.run.get("seconds", float("nan")))
+def training_seconds(item: TrainedTrial) -> float:
+    """Seconds a trial trains: its median epoch (`time/epoch`) x its epochs, so a trial resumed
+    across sittings counts every epoch (its `seconds` count the last sitting only) and an epoch
+    stretched by a paused or crowded machine does not count; else its `seconds`."""
+    epochs = item.curve("time/epoch")
+    return float(np.median(epochs) * len(epochs)) if epochs else float(item.run.get("seconds", float("nan")))
 
 
-def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial], tracking_uri: str) -> str:
+def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial]) -> str:
     references = list(tables)
     first = tables[references[0]]
     seconds: dict[str, list[float]] = {}
     for item in trained:
-        seconds.setdefault(item.trial.point, []).append(training_seconds(item, tracking_uri))
+        seconds.setdefault(item.trial.point, []).append(training_seconds(item))
     header = ("| point | runs | " + " | ".join(ATTRIBUTES) + " | "
               + " | ".join(f"p vs {r} (A / D / V)" for r in references) + " | minutes per run (median epoch x epochs) |")
     lines = [header, "|" + "---|" * (2 + len(ATTRIBUTES) + len(references) + 1)]
@@ -119,25 +135,20 @@ def table_markdown(tables: dict[str, dict], trained: list[TrainedTrial], trackin
     return "\n".join(lines)
 
 
-def learning_curves(trained: list[TrainedTrial], tracking_uri: str, file: Path) -> bool:
-    """Development CCC per epoch (MLflow metric history), mean over seeds, one line per point that
+def learning_curves(trained: list[TrainedTrial], file: Path) -> bool:
+    """Development CCC per epoch (the records' curves), mean over seeds, one line per point that
     learned a regressor."""
     from matplotlib.figure import Figure
-    from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
     figure = Figure(figsize=(13, 3.8), dpi=100)
     axes = figure.subplots(1, 3, sharey=True)
     drawn = False
-    by_point: dict[str, list[str]] = {}
+    by_point: dict[str, list[TrainedTrial]] = {}
     for item in _scored(trained):
-        if item.run.get("mlflow_run_id"):
-            by_point.setdefault(item.trial.point, []).append(item.run["mlflow_run_id"])
-    for point, run_ids in by_point.items():
+        by_point.setdefault(item.trial.point, []).append(item)
+    for point, items in by_point.items():
         for axis, attribute in zip(axes, ATTRIBUTES):
-            curves = [[m.value for m in sorted(client.get_metric_history(r, f"dev/ccc_{attribute}"),
-                                               key=lambda m: m.step)] for r in run_ids]
-            curves = [c for c in curves if c]
+            curves = [c for c in (item.curve(f"dev/ccc_{attribute}") for item in items) if c]
             if not curves:
                 continue
             length = max(len(c) for c in curves)
@@ -246,28 +257,61 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     (folder / "tables.json").write_text(json.dumps(tables, indent=1) + "\n")
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
                 f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
-                "## Test CCC", "", table_markdown(tables, trained, first.tracking.tracking_uri), ""]
+                "## Test CCC", "", table_markdown(tables, trained), ""]
     unscored = sorted({item.trial.point for item in trained} - {item.trial.point for item in _scored(trained)})
     if unscored:
         sections += [f"Not in the table: {', '.join(unscored)} (no stage learns from labels, so its regressor is "
                      f"untrained; it is there for Fig. 3).", ""]
-    if learning_curves(trained, first.tracking.tracking_uri, folder / "learning_curves.png"):
+    if learning_curves(trained, folder / "learning_curves.png"):
         sections += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
     by_point = {item.trial.point: item for item in sorted(trained, key=lambda t: t.trial.seed, reverse=True)}
     pair = {name: by_point[point] for name, point in (("unsupervised only (no regressor)", "dec_unsupervised_only"),
                                                       ("DeepEmoCluster", "deepemocluster")) if point in by_point}
+    figures = _ModelFigures(folder)
     if pair:
-        gaps = cluster_figure(pair, dataset, folder / "clusters_arousal.png")
-        sections += ["## Arousal per cluster (the paper's Fig. 3)", "", "![clusters](clusters_arousal.png)", "",
-                     *(f"- {name} ({g['run']}): highest-arousal cluster mean {g['mean_high']:.2f}, lowest "
-                       f"{g['mean_low']:.2f}, gap {g['gap']:.2f}" for name, g in gaps.items()), ""]
+        def draw_clusters(file: Path) -> list[str]:
+            gaps = cluster_figure(pair, dataset, file)
+            return [f"- {name} ({g['run']}): highest-arousal cluster mean {g['mean_high']:.2f}, lowest "
+                    f"{g['mean_low']:.2f}, gap {g['gap']:.2f}" for name, g in gaps.items()]
+        sections += figures.section("## Arousal per cluster (the paper's Fig. 3)", "clusters_arousal.png",
+                                    list(pair.values()), draw_clusters)
     if "deepemocluster" in by_point:
-        projection_figure(by_point["deepemocluster"], dataset, config.split, folder / "projection.png")
-        sections += ["## Embeddings in two dimensions", "", "![projection](projection.png)", ""]
+        def draw_projection(file: Path) -> list[str]:
+            projection_figure(by_point["deepemocluster"], dataset, config.split, file)
+            return []
+        sections += figures.section("## Embeddings in two dimensions", "projection.png",
+                                    [by_point["deepemocluster"]], draw_projection)
+    figures.save()
     markdown = "\n".join(sections)
     (folder / "report.md").write_text(markdown)
     _log_to_parent(config, first, folder)
     return Report(markdown, folder, tables, len(trained), planned)
+
+
+class _ModelFigures:
+    """The figures drawn from trained models, which may be on another machine than the trials'
+    records: drawn where the models are here, else kept from an earlier report of the same trials
+    (`FILE` names the MLflow runs each figure was drawn from), else left out with the reason."""
+
+    FILE = "model_figures.json"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.drawn = json.loads((folder / self.FILE).read_text()) if (folder / self.FILE).exists() else {}
+
+    def section(self, title: str, file: str, items: list[TrainedTrial], draw) -> list[str]:
+        runs = [item.run.get("mlflow_run_id") or item.trial.config.name for item in items]
+        if all(item.has_model() for item in items):
+            self.drawn[file] = {"runs": runs, "lines": draw(self.folder / file)}
+        elif self.drawn.get(file, {}).get("runs") != runs or not (self.folder / file).exists():
+            missing = ", ".join(item.trial.config.name for item in items if not item.has_model())
+            self.drawn.pop(file, None)
+            return [title, "", f"Not drawn: the best model of {missing} is not on this machine (its record came "
+                    f"from another); run the report where the models are.", ""]
+        return [title, "", f"![{file.removesuffix('.png')}]({file})", "", *self.drawn[file]["lines"], ""]
+
+    def save(self) -> None:
+        (self.folder / self.FILE).write_text(json.dumps(self.drawn, indent=1) + "\n")
 
 
 def _log_to_parent(config: SweepConfig, train_config, folder: Path) -> None:

@@ -8,9 +8,10 @@ overrides. Grid points are the named `points` (a control is a point: a model kin
 that make it one) crossed with every combination of `grid`. Each trial's MLflow run is a child of the
 sweep's parent run, in the experiment named after the sweep, so the UI shows them side by side.
 All trials' configs are checked before anything trains, and the sweep prints how long it expects
-to take (`estimate.py`: steps timed here). A trial whose best model already exists is not trained
-again, and a trial killed mid-way resumes from its last checkpoint: a killed sweep, run again, goes
-on where it stopped. Up to `max_concurrent` trials train at once: each its own Ray Train run (on a
+to take (`estimate.py`: steps timed here). A finished trial leaves a record (`SweepConfig.records`:
+config, scores, curves, predictions) and is not trained again, here or on any machine that has the
+record; a trial killed mid-way resumes from its last checkpoint: a killed sweep, run again, goes on
+where it stopped. Up to `max_concurrent` trials train at once: each its own Ray Train run (on a
 cluster the autoscaler adds the GPUs they ask for), or, when every trial trains without Ray
 (`scaling.num_workers=0`), each in its own process on this machine, with no Ray at all.
 """
@@ -21,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,6 +34,7 @@ from cluster_train.serve.evaluate import SplitPredictions
 from cluster_train.train.config import TrainConfig, load_train_config
 from cluster_train.train.launch import pin_local_paths, warn_if_reads_starve
 from data_prep.config import ConfigError, load_config, require, to_flat_dict
+from data_prep.manifest import ATTRIBUTES
 from data_prep.storage import OutputFolder
 
 
@@ -51,6 +54,12 @@ class SweepConfig:
     subsets: int = 4  # random equal parts of the split per trial (the paper: 4)
     max_concurrent: int = 1
     output: str = "outputs/sweeps"
+    # One JSON file per finished trial: its config, scores, MLflow run id, development CCC and
+    # seconds per epoch, and its predictions on `split`. A trial with its file there is done, on any
+    # machine, with or without its model: a folder under version control or in a bucket carries a
+    # sweep from machine to machine (docs/RESULTS.md's sweeps keep theirs in docs/results/). None:
+    # <output>/<name>/trials.
+    records: str | None = None
 
     def __post_init__(self) -> None:
         require(len(self.seeds) > 0, "seeds", "name at least one seed")
@@ -140,29 +149,46 @@ def plan_trials(config: SweepConfig, only: Sequence[str] = ()) -> list[Trial]:
 
 
 RUN_FILE = "run.json"  # beside a trial's best_model/: what its training reported
+RECORD_ONLY = ("config", "predictions")  # in a trial's record, not in the run it describes
+CURVES = (*(f"dev/ccc_{attribute}" for attribute in ATTRIBUTES), "time/epoch")  # per epoch, from MLflow
+
+
+def records_folder(config: SweepConfig) -> OutputFolder:
+    """Where the sweep keeps its trials' records (`SweepConfig.records`), a local one made absolute:
+    trials write theirs from Ray tasks, which run in other folders."""
+    location = config.records or f"{config.output.rstrip('/')}/{config.name}/trials"
+    return OutputFolder(location if "://" in location else str(Path(location).resolve()))
 
 
 def _config_record(config: TrainConfig) -> dict:
     return json.loads(json.dumps(to_flat_dict(config), default=str))
 
 
-def _trained(config: TrainConfig) -> dict | None:
-    """The record of a trial trained before (its best model and run.json exist), else None.
+def trained_run(config: TrainConfig, records: OutputFolder) -> dict | None:
+    """The run of a trial trained before, else None: its run.json beside its best model here, or its
+    record in `records` (trained on another machine: no model here). A run found here and not yet
+    recorded is recorded now.
 
     A trial trained with another config is an error naming the keys that differ: reusing it would
-    mix configs in one table, retraining would overwrite a model someone may need. (Records written
+    mix configs in one table, retraining would overwrite a model someone may need. (Runs written
     before run.json kept the config cannot be checked and are reused.)"""
-    folder = OutputFolder(config.run_dir)
-    if not folder.exists("best_model/model.pt") or not folder.exists(RUN_FILE):
+    folder, file = OutputFolder(config.run_dir), f"{config.name}.json"
+    here = folder.read_json(RUN_FILE) if folder.exists("best_model/model.pt") and folder.exists(RUN_FILE) else None
+    record = records.read_json(file) if records.exists(file) else None
+    if here is None and record is None:
         return None
-    run = folder.read_json(RUN_FILE)
-    before, now = run.pop("config", None), _config_record(config)
+    found, where = (here, folder.location) if here is not None else (record, records.uri(file))
+    before, now = found.get("config"), _config_record(config)
     # Keys the record lacks were added to the code later; their defaults keep the old behaviour.
     keys = sorted(k for k in (before or {}) if before[k] != now.get(k) and not _changes_no_result(k))
     if keys:
-        raise ConfigError(f"trial {config.name} was trained in {folder.location} with another config "
+        raise ConfigError(f"trial {config.name} was trained in {where} with another config "
                           f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
-    return run | {"reused": True}
+    if here is not None and (record is None or record.get("mlflow_run_id") != here.get("mlflow_run_id")):
+        record = _record(here, config)  # trained here since its record was written, or before records existed
+        records.make()
+        records.write_json(file, record)
+    return {key: value for key, value in record.items() if key not in RECORD_ONLY} | {"reused": True}
 
 
 def _changes_no_result(key: str) -> bool:
@@ -172,42 +198,71 @@ def _changes_no_result(key: str) -> bool:
     return key.startswith("tracking.") or key == "scaling.cpus_per_worker"
 
 
-def _train(config: TrainConfig) -> dict:
+def _record(run: dict, config: TrainConfig) -> dict:
+    """A trial's record: its run, config and per-epoch curves (predictions are added when scored)."""
+    return {key: value for key, value in run.items() if key not in ("config", "reused")} | {
+        "config": _config_record(config), "curves": _curves(config, run.get("mlflow_run_id"))}
+
+
+def _curves(config: TrainConfig, run_id: str | None) -> dict[str, list[float]]:
+    """`CURVES` of an MLflow run, one value per epoch (the last logged where a resumed epoch logged
+    twice); none, with a warning, where the store cannot be read: as for training, tracking that
+    fails loses the curves, not the trial."""
+    if not run_id or not config.tracking.enabled:
+        return {}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(config.tracking.resolved_uri())
+    curves = {}
+    try:
+        for key in CURVES:
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+            by_epoch = {m.step: m.value for m in history}
+            curves[key] = [by_epoch[step] for step in sorted(by_epoch)]
+    except Exception as error:  # noqa: BLE001 - any store failure: the record goes without curves
+        warnings.warn(f"trial {config.name}: no curves in its record, MLflow run {run_id} unreadable at "
+                      f"{config.tracking.resolved_uri()}: {error}", RuntimeWarning, stacklevel=2)
+        return {}
+    return curves
+
+
+def _train(config: TrainConfig, records: str) -> dict:
     from cluster_train.train.launch import run_training
 
     result = run_training(config)
     run = {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
            "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
-    record = run | {"config": _config_record(config)}  # read back by `_trained`, not part of the table
     folder = OutputFolder(config.run_dir)
     folder.make()
-    folder.write_json(RUN_FILE, record)
-    return run
+    folder.write_json(RUN_FILE, run | {"config": _config_record(config)})  # read back by `trained_run`
+    record, kept = _record(run, config), OutputFolder(records)
+    kept.make()
+    kept.write_json(f"{config.name}.json", record)
+    return {key: value for key, value in record.items() if key not in RECORD_ONLY}
 
 
 PARENT_FILE = "parent_run.json"  # beside table.json: the sweep's MLflow parent run, re-opened on a rerun
-PREDICTIONS_FOLDER = "predictions"  # beside table.json: each trial's predictions, computed once
 
 
-def trial_predictions(config: SweepConfig, name: str, run: dict, dataset) -> SplitPredictions:
-    """The predictions of trial `name`'s best model on the sweep's split: computed once, then read
-    from `<output>/<name>/predictions/` (the sweep's table and the report share them). The file names
-    the trial's MLflow run, so a trial trained again is predicted again."""
+def trial_predictions(config: SweepConfig, name: str, dataset) -> SplitPredictions:
+    """The predictions of trial `name`'s best model on the sweep's split: computed once into the
+    trial's record (the sweep's table and the report share them), then read from it. A trial trained
+    again has a new record, so it is predicted again."""
     from cluster_train.serve.bundle import load_bundle
     from cluster_train.serve.evaluate import predict_split
 
-    folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}/{PREDICTIONS_FOLDER}")
-    file = f"{name}.{run.get('mlflow_run_id') or 'untracked'}.{config.split}.json"
-    if folder.exists(file):
-        saved = folder.read_json(file)
+    records, file = records_folder(config), f"{name}.json"
+    record = records.read_json(file)
+    saved = record.get("predictions", {}).get(config.split)
+    if saved is not None:
         return SplitPredictions(saved["ids"], np.array(saved["prediction"]), np.array(saved["labels"], dtype=float),
                                 tuple(saved["attributes"]))
-    result = predict_split(load_bundle(run["best_model"]), dataset, config.split)
-    folder.make()
-    folder.write_json(file, {"ids": result.ids, "prediction": result.prediction.tolist(),
-                             "labels": np.where(np.isnan(result.labels), None, result.labels).tolist(),
-                             "attributes": list(result.attributes)})
+    result = predict_split(load_bundle(record["best_model"]), dataset, config.split)
+    record.setdefault("predictions", {})[config.split] = {
+        "ids": result.ids, "prediction": result.prediction.tolist(),
+        "labels": np.where(np.isnan(result.labels), None, result.labels).tolist(), "attributes": list(result.attributes)}
+    records.write_json(file, record)
     return result
 
 
@@ -219,7 +274,7 @@ def scored_predictions(config: SweepConfig, trained: Iterable[tuple[Trial, dict]
     seeds: dict[str, list[int]] = {}
     for trial, run in trained:
         if trial.config.kind.trains_regressor:
-            predictions.setdefault(trial.point, []).append(trial_predictions(config, trial.config.name, run, dataset))
+            predictions.setdefault(trial.point, []).append(trial_predictions(config, trial.config.name, dataset))
             seeds.setdefault(trial.point, []).append(trial.seed)
     return predictions, seeds
 
@@ -235,7 +290,8 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     dataset = PreparedDataset(trials[0].config.data.dataset)  # a missing dataset fails before training
     folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
     folder.make()
-    runs: list[dict | None] = [_trained(trial.config) for trial in trials]  # a trial of another config fails here
+    records = records_folder(config)
+    runs: list[dict | None] = [trained_run(trial.config, records) for trial in trials]  # another config fails here
     parent = _ParentRun(config, trials[0].config.tracking, folder)
     trials = [dataclasses.replace(t, config=dataclasses.replace(t.config, tracking=dataclasses.replace(
         t.config.tracking, parent_run_id=parent.run_id))) for t in trials]
@@ -246,7 +302,7 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
         print(_estimate([trials[i] for i in pending], dataset, concurrent), flush=True)
         local = all(trials[i].config.scaling.num_workers == 0 for i in pending)
         train_all = _train_one_by_one if concurrent == 1 else _train_in_processes if local else _train_on_ray
-        for index, run in train_all([trials[i].config for i in pending], concurrent).items():
+        for index, run in train_all([trials[i].config for i in pending], concurrent, records.location).items():
             runs[pending[index]] = run
         failed = [trials[i].config.name for i in pending if isinstance(runs[i], BaseException)]
         if failed:
@@ -271,7 +327,7 @@ def estimate_sweep(config: SweepConfig, trials: list[Trial]) -> str:
     """The estimate `run_sweep` prints, for the trials not trained yet, without training."""
     from data_prep.dataset import PreparedDataset
 
-    pending = [trial for trial in trials if _trained(pin_local_paths(trial.config)) is None]
+    pending = [trial for trial in trials if trained_run(pin_local_paths(trial.config), records_folder(config)) is None]
     if not pending:
         return f"sweep {config.name}: every trial is trained"
     dataset = PreparedDataset(pending[0].config.data.dataset)
@@ -291,23 +347,23 @@ def _estimate(pending: list[Trial], dataset, concurrent: int) -> str:
     return format_estimate(pending, costs, concurrent, dataset)
 
 
-def _train_one_by_one(configs: list[TrainConfig], concurrent: int = 1) -> dict[int, dict | BaseException]:
+def _train_one_by_one(configs: list[TrainConfig], concurrent: int, records: str) -> dict[int, dict | BaseException]:
     """Each trial here, one after the other (a Ray trial starts its own Ray, `launch.run_training`)."""
-    return {index: _train_or_error(config) for index, config in enumerate(configs)}
+    return {index: _train_or_error(config, records) for index, config in enumerate(configs)}
 
 
-def _train_in_processes(configs: list[TrainConfig], concurrent: int) -> dict[int, dict | BaseException]:
+def _train_in_processes(configs: list[TrainConfig], concurrent: int, records: str) -> dict[int, dict | BaseException]:
     """Each trial in a process of its own on this machine (no Ray), `concurrent` at a time; a trial
     that fails leaves the others training."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_or_error, config): index for index, config in enumerate(configs)}
+        futures = {pool.submit(_train_or_error, config, records): index for index, config in enumerate(configs)}
         return {futures[future]: future.result() for future in as_completed(futures)}
 
 
-def _train_on_ray(configs: list[TrainConfig], concurrent: int) -> dict[int, dict | BaseException]:
+def _train_on_ray(configs: list[TrainConfig], concurrent: int, records: str) -> dict[int, dict | BaseException]:
     """Each trial its own Ray Train run, driven from a Ray task, `concurrent` at a time."""
     import ray
 
@@ -321,15 +377,15 @@ def _train_on_ray(configs: list[TrainConfig], concurrent: int) -> dict[int, dict
     while queue or waiting:
         while queue and len(waiting) < concurrent:
             index, config = queue.pop(0)
-            waiting[train_task.remote(config)] = index
+            waiting[train_task.remote(config, records)] = index
         ready, _ = ray.wait(list(waiting), num_returns=1)
         done[waiting.pop(ready[0])] = ray.get(ready[0])
     return done
 
 
-def _train_or_error(config: TrainConfig) -> dict | BaseException:
+def _train_or_error(config: TrainConfig, records: str) -> dict | BaseException:
     try:
-        return _train(config)
+        return _train(config, records)
     except Exception as error:  # noqa: BLE001 - the sweep reports it once every trial has ended
         print(f"trial {config.name} failed: {type(error).__name__}: {error}", flush=True)
         return error
