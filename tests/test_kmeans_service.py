@@ -102,19 +102,21 @@ def test_resubmission_replaces_the_rank(service) -> None:
     np.testing.assert_array_equal(lookup_labels(again[0]["keys"], again[0]["labels"], keys[order]), labels)
 
 
-def test_epochs_move_forward_only(service) -> None:
+def test_a_worker_group_restarted_at_an_earlier_epoch_clusters_again_there(service) -> None:
+    """Epochs move forward; an older epoch comes only from a worker group restarted from an earlier
+    checkpoint (or from none, when the kill beat the checkpoint's report): the service goes back to
+    it, and the round the dead group left waiting ends with an error instead of its timeout."""
     keys, x, _ = rank_data(seed=2)
-    ray.get([service.gather.remote(3, rank, keys[s], x[s], timeout_s=60.0)
-             for rank, s in enumerate([slice(0, 200), slice(200, 400)])])
-    waiting = service.gather.remote(4, 0, keys[:200], x[:200], timeout_s=5.0)  # epoch 4 drops epoch 3
+    shards = [slice(0, 200), slice(200, 400)]
+    first = ray.get([service.gather.remote(3, rank, keys[s], x[s], timeout_s=60.0) for rank, s in enumerate(shards)])
+    left_waiting = service.gather.remote(4, 0, keys[:200], x[:200], timeout_s=60.0)  # epoch 4 drops epoch 3
     while ray.get(service.progress.remote())["epoch"] != 4:
         time.sleep(0.05)
-    with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
-        ray.get(service.gather.remote(3, 1, keys[200:], x[200:]))
-    with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
-        ray.get(service.gather.remote(2, 1, keys[200:], x[200:]))
-    with pytest.raises(ray.exceptions.RayTaskError, match="ranks not yet submitted: \\[1\\]"):
-        ray.get(waiting)
+    again = ray.get([service.gather.remote(3, rank, keys[s], x[s], timeout_s=60.0) for rank, s in enumerate(shards)])
+    with pytest.raises(ray.exceptions.RayTaskError, match="superseded: the worker group restarted at epoch 3"):
+        ray.get(left_waiting)
+    assert [a["version"] for a in again] == [2, 2] and again[0]["epoch"] == 3
+    np.testing.assert_array_equal(again[0]["labels"], first[0]["labels"])  # epoch 3's clustering, again
 
 
 def test_named_service_is_shared_and_checked(ray_cluster) -> None:

@@ -460,6 +460,8 @@ records: {tmp_path / 'records'}
     record = json.loads((tmp_path / "records" / "baselines-regressor-seed0.json").read_text())
     assert record["mlflow_run_id"] == result.runs[0]["mlflow_run_id"] and record["config"]["data.batch_size"] == 4
     assert len(record["curves"]["dev/ccc_arousal"]) == 1 and record["curves"]["time/epoch"][0] > 0
+    bf16 = record["curves"]["precision/bf16"] == [1.0]  # on a CPU with AMX (train/precision.py)
+    assert ("fp32 in all 3 trials" in report.markdown) != bf16, report.markdown
     test = record["predictions"]["test"]
     assert len(test["ids"]) == len(test["prediction"]) == len(test["labels"]) > 0
 

@@ -135,7 +135,12 @@ class KMeansService:
             await round_.done.wait()  # resubmission after clustering: a new round, once this ends
         round_ = self._round
         if round_ is not None and epoch < round_.epoch:
-            raise ValueError(f"epoch {epoch} is stale: the service is at epoch {round_.epoch}")
+            # Ranks move in lockstep (a round needs every rank), so only a worker group restarted from
+            # an earlier checkpoint, or from none, sends an older epoch: clustering starts again there.
+            if not round_.started:
+                round_.error = RuntimeError(f"superseded: the worker group restarted at epoch {epoch}")
+                round_.done.set()
+            round_ = None
         if round_ is not None and round_.epoch == epoch and round_.kind != kind and not round_.started:
             raise ValueError(f"epoch {epoch}: a {kind!r} submission in a {round_.kind!r} round")
         if round_ is None or epoch > round_.epoch or round_.started:

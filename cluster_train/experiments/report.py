@@ -258,6 +258,10 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
                 f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
                 "## Test CCC", "", table_markdown(tables, trained), ""]
+    bf16 = [item.trial.config.name for item in trained if any(item.curve("precision/bf16"))]
+    sections += ["Precision (`precision/bf16` of each sitting): "
+                 + (f"bf16 in {len(bf16)} of {len(trained)} trials ({', '.join(bf16)}), fp32 in the others; compare "
+                    f"points within one precision." if bf16 else f"fp32 in all {len(trained)} trials."), ""]
     unscored = sorted({item.trial.point for item in trained} - {item.trial.point for item in _scored(trained)})
     if unscored:
         sections += [f"Not in the table: {', '.join(unscored)} (no stage learns from labels, so its regressor is "

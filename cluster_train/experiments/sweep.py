@@ -150,7 +150,8 @@ def plan_trials(config: SweepConfig, only: Sequence[str] = ()) -> list[Trial]:
 
 RUN_FILE = "run.json"  # beside a trial's best_model/: what its training reported
 RECORD_ONLY = ("config", "predictions")  # in a trial's record, not in the run it describes
-CURVES = (*(f"dev/ccc_{attribute}" for attribute in ATTRIBUTES), "time/epoch")  # per epoch, from MLflow
+# From MLflow, per epoch (`precision/bf16` per sitting: a trial resumed on another machine may change it)
+CURVES = (*(f"dev/ccc_{attribute}" for attribute in ATTRIBUTES), "time/epoch", "precision/bf16")
 
 
 def records_folder(config: SweepConfig) -> OutputFolder:
