@@ -305,10 +305,10 @@ class _ModelFigures:
 
     def section(self, title: str, file: str, items: list[TrainedTrial], draw) -> list[str]:
         runs = [item.run.get("mlflow_run_id") or item.trial.config.name for item in items]
-        if all(item.has_model() for item in items):
+        missing = ", ".join(item.trial.config.name for item in items if not item.has_model())
+        if not missing:
             self.drawn[file] = {"runs": runs, "lines": draw(self.folder / file)}
         elif self.drawn.get(file, {}).get("runs") != runs or not (self.folder / file).exists():
-            missing = ", ".join(item.trial.config.name for item in items if not item.has_model())
             self.drawn.pop(file, None)
             return [title, "", f"Not drawn: the best model of {missing} is not on this machine (its record came "
                     f"from another); run the report where the models are.", ""]

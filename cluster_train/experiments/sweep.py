@@ -161,6 +161,10 @@ def records_folder(config: SweepConfig) -> OutputFolder:
     return OutputFolder(location if "://" in location else str(Path(location).resolve()))
 
 
+def _record_file(name: str) -> str:
+    return f"{name}.json"
+
+
 def _config_record(config: TrainConfig) -> dict:
     return json.loads(json.dumps(to_flat_dict(config), default=str))
 
@@ -173,7 +177,7 @@ def trained_run(config: TrainConfig, records: OutputFolder) -> dict | None:
     A trial trained with another config is an error naming the keys that differ: reusing it would
     mix configs in one table, retraining would overwrite a model someone may need. (Runs written
     before run.json kept the config cannot be checked and are reused.)"""
-    folder, file = OutputFolder(config.run_dir), f"{config.name}.json"
+    folder, file = OutputFolder(config.run_dir), _record_file(config.name)
     here = folder.read_json(RUN_FILE) if folder.exists("best_model/model.pt") and folder.exists(RUN_FILE) else None
     record = records.read_json(file) if records.exists(file) else None
     if here is None and record is None:
@@ -186,9 +190,8 @@ def trained_run(config: TrainConfig, records: OutputFolder) -> dict | None:
         raise ConfigError(f"trial {config.name} was trained in {where} with another config "
                           f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
     if here is not None and (record is None or record.get("mlflow_run_id") != here.get("mlflow_run_id")):
-        record = _record(here, config)  # trained here since its record was written, or before records existed
-        records.make()
-        records.write_json(file, record)
+        # trained here since its record was written, or before records existed
+        return _keep_record(here, config, records) | {"reused": True}
     return {key: value for key, value in record.items() if key not in RECORD_ONLY} | {"reused": True}
 
 
@@ -199,10 +202,14 @@ def _changes_no_result(key: str) -> bool:
     return key.startswith("tracking.") or key == "scaling.cpus_per_worker"
 
 
-def _record(run: dict, config: TrainConfig) -> dict:
-    """A trial's record: its run, config and per-epoch curves (predictions are added when scored)."""
-    return {key: value for key, value in run.items() if key not in ("config", "reused")} | {
-        "config": _config_record(config), "curves": _curves(config, run.get("mlflow_run_id"))}
+def _keep_record(run: dict, config: TrainConfig, records: OutputFolder) -> dict:
+    """Write the trial's record (its run, config and per-epoch curves; predictions are added when
+    scored) into `records`; the run it describes, curves included."""
+    kept = {key: value for key, value in run.items() if key not in ("config", "reused")} | {
+        "curves": _curves(config, run.get("mlflow_run_id"))}
+    records.make()
+    records.write_json(_record_file(config.name), kept | {"config": _config_record(config)})
+    return kept
 
 
 def _curves(config: TrainConfig, run_id: str | None) -> dict[str, list[float]]:
@@ -237,10 +244,7 @@ def _train(config: TrainConfig, records: str) -> dict:
     folder = OutputFolder(config.run_dir)
     folder.make()
     folder.write_json(RUN_FILE, run | {"config": _config_record(config)})  # read back by `trained_run`
-    record, kept = _record(run, config), OutputFolder(records)
-    kept.make()
-    kept.write_json(f"{config.name}.json", record)
-    return {key: value for key, value in record.items() if key not in RECORD_ONLY}
+    return _keep_record(run, config, OutputFolder(records))
 
 
 PARENT_FILE = "parent_run.json"  # beside table.json: the sweep's MLflow parent run, re-opened on a rerun
@@ -253,7 +257,7 @@ def trial_predictions(config: SweepConfig, name: str, dataset) -> SplitPredictio
     from cluster_train.serve.bundle import load_bundle
     from cluster_train.serve.evaluate import predict_split
 
-    records, file = records_folder(config), f"{name}.json"
+    records, file = records_folder(config), _record_file(name)
     record = records.read_json(file)
     saved = record.get("predictions", {}).get(config.split)
     if saved is not None:
