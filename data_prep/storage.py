@@ -90,8 +90,13 @@ class OutputFolder:
         self._write_atomically(name, write)
 
     def read_json(self, name: str) -> dict:
+        """The JSON file `name`; one that does not parse is a `ValueError` naming the file."""
         with self.fs.open_input_file(self.path(name)) as handle:
-            return json.loads(handle.read())
+            text = handle.read()
+        try:
+            return json.loads(text)
+        except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"{self.uri(name)} is not valid JSON: {error}") from error
 
     def write_parquet(self, name: str, table: pa.Table, compression: str, small_columns: list[str] | None = None) -> None:
         """`small_columns`: the only columns given dictionary encoding and statistics (None: all)."""

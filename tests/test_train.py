@@ -481,6 +481,22 @@ records: {tmp_path / 'records'}
     assert not (tmp_path / "fresh_report" / "clusters_arousal.png").exists()
     assert (tmp_path / "fresh_report" / "learning_curves.png").stat().st_size > 10_000
 
+    # A record from a machine of the other precision (with or without AMX) beside this machine's: the table says so
+    record_file = tmp_path / "records" / "baselines-regressor-seed0.json"
+    as_recorded = record_file.read_text()
+    other = json.loads(as_recorded)
+    other["curves"]["precision/bf16"] = [0.0 if bf16 else 1.0]
+    record_file.write_text(json.dumps(other))
+    with pytest.warns(RuntimeWarning, match="trained in bf16 and fp32: bf16 in baselines-"):
+        mixed = run_sweep(load_sweep_config(moved))
+    names = [run["name"] for run in result.runs]
+    assert mixed.table["bf16_trials"] == (names[1:] if bf16 else names[:1])
+    assert elsewhere.table["bf16_trials"] == (names if bf16 else [])
+    record_file.write_text("<<<<<<< HEAD\n" + as_recorded)  # a git merge conflict left in the file
+    with pytest.raises(ConfigError, match=r"baselines-regressor-seed0\.json is not valid JSON: .*merge conflict"):
+        run_sweep(load_sweep_config(moved))
+    record_file.write_text(as_recorded)
+
     typo = tmp_path / "typo.yaml"
     typo.write_text(sweep_file.read_text().replace("epochs=1,", "epochs=1, optim.regressor.lrr=1,"))
     with pytest.raises(ConfigError, match="trial regressor seed 0: config key 'optim.regressor.lrr'"):

@@ -179,7 +179,7 @@ def trained_run(config: TrainConfig, records: OutputFolder) -> dict | None:
     before run.json kept the config cannot be checked and are reused.)"""
     folder, file = OutputFolder(config.run_dir), _record_file(config.name)
     here = folder.read_json(RUN_FILE) if folder.exists("best_model/model.pt") and folder.exists(RUN_FILE) else None
-    record = records.read_json(file) if records.exists(file) else None
+    record = _read_record(records, file) if records.exists(file) else None
     if here is None and record is None:
         return None
     found, where = (here, folder.location) if here is not None else (record, records.uri(file))
@@ -193,6 +193,14 @@ def trained_run(config: TrainConfig, records: OutputFolder) -> dict | None:
         # trained here since its record was written, or before records existed
         return _keep_record(here, config, records) | {"reused": True}
     return {key: value for key, value in record.items() if key not in RECORD_ONLY} | {"reused": True}
+
+
+def _read_record(records: OutputFolder, file: str) -> dict:
+    try:
+        return records.read_json(file)
+    except ValueError as error:
+        raise ConfigError(f"trial record {error}. A git merge conflict or a copy cut short? Fix it from git, or "
+                          f"delete it: the trial then trains again (or is recorded from its run here)") from error
 
 
 def _changes_no_result(key: str) -> bool:
@@ -258,7 +266,7 @@ def trial_predictions(config: SweepConfig, name: str, dataset) -> SplitPredictio
     from cluster_train.serve.evaluate import predict_split
 
     records, file = records_folder(config), _record_file(name)
-    record = records.read_json(file)
+    record = _read_record(records, file)
     saved = record.get("predictions", {}).get(config.split)
     if saved is not None:
         return SplitPredictions(saved["ids"], np.array(saved["prediction"]), np.array(saved["labels"], dtype=float),
@@ -319,13 +327,23 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     for trial, run in zip(trials, runs):
         assert isinstance(run, dict)
         run |= {"point": trial.point, "seed": trial.seed, "name": trial.config.name}
+    bf16 = bf16_trials(runs)
+    if 0 < len(bf16) < len(runs):
+        warnings.warn(f"sweep {config.name}: trained in bf16 and fp32: bf16 in {', '.join(bf16)}, fp32 in the other "
+                      f"{len(runs) - len(bf16)} trials (a record trained on another machine?); compare points within "
+                      f"one precision, or delete those records to train them again here", RuntimeWarning, stacklevel=2)
     predictions, seeds = scored_predictions(config, zip(trials, runs), dataset)
     table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets, seeds=seeds)
     table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location,
-              "parent_run_id": parent.run_id, "runs": runs}
+              "parent_run_id": parent.run_id, "runs": runs, "bf16_trials": bf16}
     folder.write_json("table.json", table)
     parent.finish(table)
     return SweepResult(table, [r for r in runs if isinstance(r, dict)], folder.uri("table.json"))
+
+
+def bf16_trials(runs: Iterable[dict]) -> list[str]:
+    """The trials with an epoch trained in bf16 (`precision/bf16` in their curves), by name."""
+    return [run["name"] for run in runs if any(run.get("curves", {}).get("precision/bf16", []))]
 
 
 def estimate_sweep(config: SweepConfig, trials: list[Trial]) -> str:
