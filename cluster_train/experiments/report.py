@@ -35,6 +35,7 @@ from cluster_train.experiments.sweep import (
     plan_trials,
     records_folder,
     scored_predictions,
+    trained_in_bf16,
     trained_run,
 )
 from cluster_train.serve.evaluate import compare_models
@@ -258,7 +259,7 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
                 f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
                 "## Test CCC", "", table_markdown(tables, trained), ""]
-    bf16 = [item.trial.config.name for item in trained if any(item.curve("precision/bf16"))]
+    bf16 = [item.trial.config.name for item in trained if trained_in_bf16(item.run)]
     sections += ["Precision (`precision/bf16` of each sitting): "
                  + (f"bf16 in {len(bf16)} of {len(trained)} trials ({', '.join(bf16)}), fp32 in the others; compare "
                     f"points within one precision." if bf16 else f"fp32 in all {len(trained)} trials."), ""]

@@ -327,7 +327,7 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     for trial, run in zip(trials, runs):
         assert isinstance(run, dict)
         run |= {"point": trial.point, "seed": trial.seed, "name": trial.config.name}
-    bf16 = bf16_trials(runs)
+    bf16 = [run["name"] for run in runs if trained_in_bf16(run)]
     if 0 < len(bf16) < len(runs):
         warnings.warn(f"sweep {config.name}: trained in bf16 and fp32: bf16 in {', '.join(bf16)}, fp32 in the other "
                       f"{len(runs) - len(bf16)} trials (a record trained on another machine?); compare points within "
@@ -341,9 +341,9 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     return SweepResult(table, [r for r in runs if isinstance(r, dict)], folder.uri("table.json"))
 
 
-def bf16_trials(runs: Iterable[dict]) -> list[str]:
-    """The trials with an epoch trained in bf16 (`precision/bf16` in their curves), by name."""
-    return [run["name"] for run in runs if any(run.get("curves", {}).get("precision/bf16", []))]
+def trained_in_bf16(run: dict) -> bool:
+    """Whether a trial's run (or record) had an epoch in bf16 (`precision/bf16` in its curves)."""
+    return any(run.get("curves", {}).get("precision/bf16", []))
 
 
 def estimate_sweep(config: SweepConfig, trials: list[Trial]) -> str:
