@@ -24,12 +24,16 @@ from data_prep.config import load_config, require, require_choice
 
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("auto", "fp32", "bf16")
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+# The checkout's configs/ (the package is installed editable, `pip install -e`, or run from the checkout).
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 DEFAULT_RECIPE = "default"  # this file's defaults; other recipes are files in RECIPES_DIR
 
 
-def recipe_names() -> list[str]:
-    return [DEFAULT_RECIPE, *sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))]
+def recipe_names(folder: Path = RECIPES_DIR) -> list[str]:
+    """`default` and the recipe files in `folder`; a missing folder is an error naming it."""
+    require(folder.is_dir(), "recipe", f"no recipe folder {folder}: install the project editable from its "
+                                       "checkout (pip install -e .), where configs/recipes lies")
+    return [DEFAULT_RECIPE, *sorted(p.stem for p in folder.glob("*.yaml"))]
 
 
 @dataclass(kw_only=True)
@@ -118,7 +122,8 @@ class TrainConfig:
     storage_path: str = "outputs/runs"  # checkpoints; shared storage (s3://...) on a multi-node cluster
 
     def __post_init__(self) -> None:
-        require_choice(self.recipe, "recipe", recipe_names())
+        if self.recipe != DEFAULT_RECIPE:  # the defaults need no recipe folder
+            require_choice(self.recipe, "recipe", recipe_names())
         require_choice(self.model_kind, "model_kind", MODEL_KINDS)
         require(self.seed >= 0, "seed", "must be >= 0")
         require(self.epochs >= 1, "epochs", "must be >= 1")
@@ -203,8 +208,10 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = (), *,
     its kind reads from those two; its own `overrides` stay strict."""
     shared = list(shared_overrides or [])
     recipe = chosen_recipe(path, [*shared, *overrides])
-    require_choice(recipe, "recipe", recipe_names())
-    layers = [] if recipe == DEFAULT_RECIPE else [RECIPES_DIR / f"{recipe}.yaml"]
+    layers = []
+    if recipe != DEFAULT_RECIPE:
+        require_choice(recipe, "recipe", recipe_names())
+        layers = [RECIPES_DIR / f"{recipe}.yaml"]
     config = load_config(TrainConfig, path, [*shared, *overrides], base_files=layers)
     file_layer = OmegaConf.load(path) if path is not None and Path(path).is_file() else OmegaConf.create()
     given = {str(path): dotted_keys(file_layer), "shared overrides": _override_keys(shared),
