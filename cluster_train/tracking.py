@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import mlflow
 import mlflow.pytorch
@@ -121,23 +121,28 @@ class RunTracker:
         return self._run_id
 
     def start(
-        self, params: dict[str, object], tags: dict[str, str], run_id: str | None = None
+        self, params: dict[str, object], tags: dict[str, str], run_id: str | None = None,
+        key_tag: str | None = None,
     ) -> str | None:
         """Start a run (or re-open `run_id`), log params and tags (and the image, when in one); the
-        run id, None if disabled."""
+        run id, None if disabled. `key_tag`: a tag in `tags` that names the training; without a
+        `run_id`, the experiment's latest unfinished run with the same value is re-opened rather than
+        a new one started (a worker group restarted before any checkpoint kept the run's id)."""
         tags = {**image_tags(), **tags}
         if self.config.parent_run_id:
             tags["mlflow.parentRunId"] = self.config.parent_run_id
 
         def start(client: MlflowClient) -> str:
             run = self._reopen(client, run_id) if run_id else None
+            if run is None and run_id is None and key_tag is not None:
+                run = self._reopen_unfinished(client, key_tag, str(tags[key_tag]))
             if run is None:
                 run = client.create_run(self._experiment(client), run_name=self.config.run_name)
             self._run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
             values = {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
             changed = sorted(k for k, v in run.data.params.items() if values.get(k, v) != v)
             if changed:  # MLflow params are immutable: keep the first values, say which differ
-                logger.warning("Resumed MLflow run %s keeps its old values of %s", run_id, changed)
+                logger.warning("Resumed MLflow run %s keeps its old values of %s", self._run_id, changed)
             new = [Param(k, v) for k, v in values.items() if k not in run.data.params]
             client.log_batch(self._run_id, params=new)
             for key, value in tags.items():
@@ -145,11 +150,6 @@ class RunTracker:
             return self._run_id
 
         return self._call("start the run", start, needs_run=False)
-
-    def prepare_experiment(self) -> str | None:
-        """Create the store and the experiment now; its id. Call it once before runs start in
-        parallel: concurrent first uses of a new sqlite store or experiment race each other."""
-        return self._call("create the experiment", self._experiment, needs_run=False)
 
     def _experiment(self, client: MlflowClient) -> str:
         """The id of the configured experiment, created with its artifact location and the
@@ -163,6 +163,17 @@ class RunTracker:
                            "Ray deletes: log to a new experiment (tracking.experiment=...) to keep them",
                            self.config.experiment, experiment.artifact_location)
         return experiment.experiment_id
+
+    def _reopen_unfinished(self, client: MlflowClient, key: str, value: str) -> mlflow.entities.Run | None:
+        """The experiment's latest run not FINISHED whose tag `key` is `value`, re-opened; else None."""
+        quote = '"' if "'" in value else "'"
+        found = client.search_runs([self._experiment(client)], f"tags.`{key}` = {quote}{value}{quote} AND "
+                                   "attributes.status != 'FINISHED'", order_by=["attributes.start_time DESC"],
+                                   max_results=1)
+        if not found:
+            return None
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0]
 
     def _reopen(self, client: MlflowClient, run_id: str) -> mlflow.entities.Run | None:
         try:
@@ -218,8 +229,8 @@ class RunTracker:
         registered_model_name: str | None = None,
     ) -> str | None:
         """Log `model` (pickled: its class must be importable where it is loaded) with each `extra`
-        dict saved in the model as `extra_files/<key>.json` (see `load_logged_model`); returns the
-        model URI, None if disabled. MLflow's global tracking URI and experiment are left as they were.
+        dict saved in the model as `extra_files/<key>.json`; returns the model URI, None if
+        disabled. MLflow's global tracking URI and experiment are left as they were.
         """
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
@@ -315,16 +326,6 @@ def mlflow_globals(uri: str | None):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def load_logged_model(
-    model_uri: str, tracking_uri: str | None = None
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A model logged by `RunTracker.log_model` and its extra dicts, by key (raises on errors)."""
-    with mlflow_globals(tracking_uri):
-        local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=tracking_uri))
-    extra = {p.stem: json.loads(p.read_text()) for p in (local / "extra_files").glob("*.json")}
-    return mlflow.pytorch.load_model(str(local)), extra
 
 
 def image_tags() -> dict[str, str]:

@@ -189,6 +189,11 @@ def trained_run(config: TrainConfig, records: OutputFolder) -> dict | None:
     if keys:
         raise ConfigError(f"trial {config.name} was trained in {where} with another config "
                           f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
+    # (Records written before they kept the dataset's hash are reused wherever the data lies.)
+    if found.get("dataset_hash") and found["dataset_hash"] != _dataset_hash(config):
+        raise ConfigError(f"trial {config.name} was trained in {where} on dataset {found['dataset_hash'][:12]}, "
+                          f"not on {config.data.dataset} ({_dataset_hash(config)[:12]}): move that folder "
+                          f"away or name the sweep anew")
     if here is not None and (record is None or record.get("mlflow_run_id") != here.get("mlflow_run_id")):
         # trained here since its record was written, or before records existed
         return _keep_record(here, config, records) | {"reused": True}
@@ -203,11 +208,22 @@ def _read_record(records: OutputFolder, file: str) -> dict:
                           f"delete it: the trial then trains again (or is recorded from its run here)") from error
 
 
+# Where a trial's data and checkpoints lie, not what it trains on: a record written in another
+# checkout or on another machine names other paths. The data is compared by its hash instead.
+LOCATION_KEYS = ("data.dataset", "storage_path")
+
+
 def _changes_no_result(key: str) -> bool:
-    """Where a run is tracked (a parent run, a store moved) and how many CPU threads it trains on
-    change no result beyond float rounding: a trial cut short may go on with more threads once it
-    trains alone."""
-    return key.startswith("tracking.") or key == "scaling.cpus_per_worker"
+    """Where a run is tracked (a parent run, a store moved), where its data and checkpoints lie, and
+    how many CPU threads it trains on change no result beyond float rounding: a trial cut short may
+    go on with more threads once it trains alone."""
+    return key.startswith("tracking.") or key in LOCATION_KEYS or key == "scaling.cpus_per_worker"
+
+
+def _dataset_hash(config: TrainConfig) -> str:
+    from data_prep.dataset import PreparedDataset
+
+    return PreparedDataset(config.data.dataset).dataset_hash
 
 
 def _keep_record(run: dict, config: TrainConfig, records: OutputFolder) -> dict:
@@ -248,7 +264,8 @@ def _train(config: TrainConfig, records: str) -> dict:
     result = run_training(config)
     run = {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
-           "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+           "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+           "dataset_hash": _dataset_hash(config)}
     folder = OutputFolder(config.run_dir)
     folder.make()
     folder.write_json(RUN_FILE, run | {"config": _config_record(config)})  # read back by `trained_run`

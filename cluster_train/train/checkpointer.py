@@ -1,9 +1,12 @@
 """What a restart needs, in one folder: the weights, the optimizers, the loop's `TrainState`, and
-the best model so far as a bundle (`serve/bundle.py`), which is also what a run hands on."""
+the best model so far as a bundle (`serve/bundle.py`), which is also what a run hands on; and the
+epoch's report (`REPORT_FILE`: its metrics and `TrainState` as JSON), which a finished run started
+again hands back and which says how far a run got without loading its weights."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +18,11 @@ from cluster_train.model.blocks import ModelConfig
 from cluster_train.model.kinds import build_model
 from cluster_train.serve.bundle import load_bundle, save_bundle
 from data_prep.stats import Normalizer
+from data_prep.storage import read_bytes
 
 STATE_FILE = "trainer_state.pt"
 BEST_DIR = "best"
+REPORT_FILE = "report.json"
 
 
 @dataclass
@@ -56,7 +61,8 @@ class Checkpointer:
     features: dict  # the chunk settings (`ChunkRecipe.settings`): prediction recomputes the chunks from them
 
     def write(self, folder: str, module: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-              state: TrainState, best_weights: dict[str, torch.Tensor]) -> None:
+              state: TrainState, best_weights: dict[str, torch.Tensor], metrics: dict) -> None:
+        """`metrics`: what the epoch reports (`REPORT_FILE`)."""
         torch.save({"model": module.state_dict(),
                     "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
                     "state": dataclasses.asdict(state)}, Path(folder) / STATE_FILE)
@@ -65,6 +71,8 @@ class Checkpointer:
         save_bundle(str(Path(folder) / BEST_DIR), best, self.model_kind, self.model_config, self.normalizer,
                     self.scaler, extra={"epoch": state.best_epoch, "dev_loss": state.best_dev_loss},
                     features=self.features)
+        report = {"metrics": metrics, "state": dataclasses.asdict(state)}
+        (Path(folder) / REPORT_FILE).write_text(json.dumps(report, indent=1))
 
     def read(self, folder: str, module: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
              device: torch.device) -> tuple[TrainState, dict[str, torch.Tensor]]:
@@ -75,3 +83,13 @@ class Checkpointer:
         for name, state in saved["optimizers"].items():
             optimizers[name].load_state_dict(state)
         return TrainState(**saved["state"]), best_weights
+
+
+def read_report(folder: str) -> tuple[dict, TrainState] | None:
+    """The metrics and `TrainState` a checkpoint folder (a local path or a URI) reported; None where
+    it has no report: cut short, or written before reports were."""
+    try:
+        report = json.loads(read_bytes(f"{folder.rstrip('/')}/{REPORT_FILE}"))
+    except FileNotFoundError:
+        return None
+    return report["metrics"], TrainState(**report["state"])

@@ -128,9 +128,10 @@ def _train_in_process(config: TrainConfig, dataset: PreparedDataset, scaler: Lab
     device = torch.device("cuda") if config.scaling.use_gpu else torch.device("cpu")
     runtime = LocalRuntime(tables, config.run_dir, device)
     train(config, runtime, scaler.to_dict(), None, to_flat_dict(config), tags)
-    if runtime.last_checkpoint is None:
+    metrics = runtime.last_metrics()  # this sitting's last epoch, or a finished run's, started again
+    if metrics is None:
         raise RuntimeError(f"training run {config.name} ended without a checkpoint")
-    return runtime.last_metrics, runtime.resume_folder
+    return metrics, runtime.resume_folder
 
 
 def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelScaler, tags: dict, verbose: bool):

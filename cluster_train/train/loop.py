@@ -41,6 +41,8 @@ from data_prep.config import to_yaml
 from data_prep.dataset import PreparedDataset
 from data_prep.shards import ChunkRecipe
 
+RUN_DIR_TAG = "run_dir"  # the MLflow run's tag naming the training's folder (`TrainConfig.run_dir`)
+
 
 def build_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
     if config.name == "adam":
@@ -95,8 +97,11 @@ class Trainer:
                 self.bn_current = True  # saved after validation, with the statistics of these weights
         if self.rank == 0:
             new_run = self.state.run_id is None
-            self.state.run_id = self.tracker.start(params or {}, tags or {}, run_id=self.state.run_id)
-            self.tracker.log_metrics({"precision/bf16": float(self.precision.name == "bf16")}, step=self.state.epoch)
+            # a worker group restarted before its first checkpoint finds its run by the run's folder
+            tags = {**(tags or {}), RUN_DIR_TAG: config.run_dir}
+            self.state.run_id = self.tracker.start(params or {}, tags, run_id=self.state.run_id, key_tag=RUN_DIR_TAG)
+            if not self.done:  # a finished run started again adds nothing to its curves
+                self.tracker.log_metrics({"precision/bf16": float(self.precision.name == "bf16")}, step=self.state.epoch)
             if new_run:  # what this run trains with, overrides merged, before the first epoch
                 self.tracker.log_text(to_yaml(config), "config.yaml")
                 self.tracker.log_dataset("/".join(dataset.location.rstrip("/").split("/")[-2:]),
@@ -104,8 +109,15 @@ class Trainer:
 
     # --- one epoch --------------------------------------------------------------------------------
 
+    @property
+    def done(self) -> bool:
+        """Nothing left to train: every epoch trained, or stopped early (`patience`)."""
+        return self.state.epoch >= self.config.epochs or self.state.should_stop(self.config.patience)
+
     def fit(self) -> None:
-        for epoch in range(self.state.epoch, self.config.epochs):
+        """Train the epochs left; none when the run (maybe resumed) is `done`."""
+        while not self.done:
+            epoch = self.state.epoch
             started = time.perf_counter()
             torch.manual_seed(derive(self.config.seed, "dropout", epoch, self.rank))  # resume-exact dropout
             metrics = self.run_epoch(epoch)
@@ -119,8 +131,6 @@ class Trainer:
             self.tracker.log_metrics(closing, step=epoch)
             if self.rank == 0:
                 print_line(epoch_line(metrics | closing, self.config.epochs, self.scaler.attributes))
-            if self.state.should_stop(self.config.patience):
-                break
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         timings: dict[str, float] = {}
@@ -265,7 +275,7 @@ class Trainer:
             self.runtime.report(metrics, None)
             return
         with tempfile.TemporaryDirectory() as folder:
-            self.checkpointer.write(folder, self.module, self.optimizers, self.state, self.best_weights)
+            self.checkpointer.write(folder, self.module, self.optimizers, self.state, self.best_weights, metrics)
             self.runtime.report(metrics, folder)
 
 
