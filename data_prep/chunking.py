@@ -17,17 +17,7 @@ Choices the paper leaves open:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-
-
-def chunks_for_duration(max_seconds: float, chunk_seconds: float) -> int:
-    """Eq. 1: C = ceil(T_max / w_c)."""
-    if not (max_seconds > 0 and chunk_seconds > 0):
-        raise ValueError(f"max_seconds and chunk_seconds must be positive, got {max_seconds}, {chunk_seconds}")
-    # The tolerance keeps float noise (e.g. 1.1 / 0.1 = 11.000000000000002) from adding a chunk.
-    return max(1, math.ceil(max_seconds / chunk_seconds - 1e-9))
 
 
 def _check(n_frames: int, num_chunks: int, chunk_frames: int) -> None:
@@ -75,12 +65,3 @@ def cut_chunks(frames: np.ndarray, lengths: np.ndarray, num_chunks: int, chunk_f
     if lengths.sum() != frames.shape[0]:
         raise ValueError(f"lengths add up to {int(lengths.sum())} frames, the array has {frames.shape[0]}")
     return frames[chunk_frame_index(lengths, num_chunks, chunk_frames)]
-
-
-def split_into_chunks(mel: np.ndarray, num_chunks: int, chunk_frames: int) -> np.ndarray:
-    """(T, n_mels) -> (C, w_c, n_mels), same dtype: `cut_chunks` of one utterance."""
-    mel = np.asarray(mel)
-    if mel.ndim != 2:
-        raise ValueError(f"mel must be 2-D (frames, n_mels), got shape {mel.shape}")
-    _check(mel.shape[0], num_chunks, chunk_frames)
-    return cut_chunks(mel, np.array([mel.shape[0]]), num_chunks, chunk_frames)[0]

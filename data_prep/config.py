@@ -120,6 +120,12 @@ class FeatureConfig:
         require_choice(self.scale, "features.scale", SCALES)
 
 
+# The most chunks an utterance may have: a chunk key (`cluster_train.data.batches.chunk_keys`) is an
+# utterance hash of 63 - ceil(log2 C) bits (56 up to C = 128) times C plus the chunk index, a non-negative
+# int64; at C = 4096 the hash keeps 51 bits, so that 1M utterances share one with probability 2e-4.
+MAX_CHUNKS = 4096
+
+
 @dataclass
 class ChunkConfig:
     """How a run cuts each utterance's frames into chunks when it reads them (Eq. 1-2): an option
@@ -129,7 +135,9 @@ class ChunkConfig:
     chunk_frames: int = 62  # w_c = 1 s at a 16 ms hop
 
     def __post_init__(self) -> None:
-        require(self.num_chunks >= 1, "data.chunks.num_chunks", "must be at least 1")
+        require(1 <= self.num_chunks <= MAX_CHUNKS, "data.chunks.num_chunks",
+                f"must be at least 1 and at most {MAX_CHUNKS}: a chunk key, utterance key * C + chunk index, "
+                "must fit in int64")
         require(self.chunk_frames >= 1, "data.chunks.chunk_frames", "must be at least 1")
 
 

@@ -5,8 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.chunking import chunk_starts, chunks_for_duration, cut_chunks, split_into_chunks
-from data_prep.config import ChunkConfig
+from cluster_train.clustering.labelers import LabelTable
+from cluster_train.data.batches import chunk_keys
+from data_prep.chunking import chunk_starts, cut_chunks
+from data_prep.config import ChunkConfig, ConfigError
 from data_prep.frames import FrameFormat
 
 C, W, N_MELS = 11, 62, 8
@@ -17,19 +19,9 @@ def ramp(n_frames: int) -> np.ndarray:
     return np.repeat(np.arange(n_frames, dtype=np.float32)[:, None], N_MELS, axis=1)
 
 
-@pytest.mark.parametrize(
-    "max_seconds, chunk_seconds, expected",
-    [(11.0, 1.0, 11), (10.5, 1.0, 11), (10.0, 1.0, 10), (1.1, 0.1, 11), (0.5, 1.0, 1), (3.0, 0.5, 6)],
-)
-def test_eq1_number_of_chunks(max_seconds, chunk_seconds, expected):
-    assert chunks_for_duration(max_seconds, chunk_seconds) == expected
-
-
-def test_eq1_rejects_non_positive():
-    with pytest.raises(ValueError, match="must be positive, got 0.0, 1.0"):
-        chunks_for_duration(0.0, 1.0)
-    with pytest.raises(ValueError, match="must be positive, got 11.0, 0.0"):
-        chunks_for_duration(11.0, 0.0)
+def cut_one(mel: np.ndarray, num_chunks: int, chunk_frames: int) -> np.ndarray:
+    """(T, n_mels) -> (C, w_c, n_mels): `cut_chunks` of one utterance."""
+    return cut_chunks(mel, np.array([len(mel)]), num_chunks, chunk_frames)[0]
 
 
 @pytest.mark.parametrize("n_frames", [W - 1, W, W + 1, 100, 219, 700])
@@ -65,7 +57,7 @@ def test_single_chunk_starts_at_zero():
 @pytest.mark.parametrize("n_frames", [W, W + 1, 219, 700])
 def test_chunks_are_slices(n_frames):
     mel = np.random.default_rng(n_frames).normal(size=(n_frames, N_MELS)).astype(np.float32)
-    chunks = split_into_chunks(mel, C, W)
+    chunks = cut_one(mel, C, W)
     assert chunks.shape == (C, W, N_MELS) and chunks.dtype == np.float32
     for chunk, start in zip(chunks, chunk_starts(n_frames, C, W)):
         np.testing.assert_array_equal(chunk, mel[start : start + W])
@@ -74,7 +66,7 @@ def test_chunks_are_slices(n_frames):
 
 def test_short_input_is_repeated_cyclically():
     mel = ramp(25)
-    chunks = split_into_chunks(mel, C, W)
+    chunks = cut_one(mel, C, W)
     assert chunks.shape == (C, W, N_MELS)
     expected = np.concatenate([mel, mel, mel[:12]])  # 25 + 25 + 12 = 62 frames, no zeros
     for chunk in chunks:
@@ -83,15 +75,15 @@ def test_short_input_is_repeated_cyclically():
 
 
 def test_single_frame_input():
-    chunks = split_into_chunks(ramp(1) + 5, 3, 4)
+    chunks = cut_one(ramp(1) + 5, 3, 4)
     np.testing.assert_array_equal(chunks, np.full((3, 4, N_MELS), 5, dtype=np.float32))
 
 
 def test_invalid_input():
     with pytest.raises(ValueError, match="2-D"):
-        split_into_chunks(np.zeros(100), C, W)
+        cut_one(np.zeros(100), C, W)
     with pytest.raises(ValueError, match="n_frames"):
-        split_into_chunks(np.zeros((0, N_MELS)), C, W)
+        cut_one(np.zeros((0, N_MELS)), C, W)
     with pytest.raises(ValueError, match="num_chunks"):
         chunk_starts(100, 0, W)
     with pytest.raises(ValueError, match="chunk_frames"):
@@ -108,7 +100,7 @@ def test_cut_chunks_of_a_batch_is_each_utterance_cut_alone():
         batch = cut_chunks(np.concatenate(mels), lengths, num_chunks, chunk_frames)
         assert batch.shape == (5, num_chunks, chunk_frames, 5)
         for row, mel in zip(batch, mels):
-            np.testing.assert_array_equal(row, split_into_chunks(mel, num_chunks, chunk_frames))
+            np.testing.assert_array_equal(row, cut_one(mel, num_chunks, chunk_frames))
     with pytest.raises(ValueError, match="add up to 9 frames, the array has 8"):
         cut_chunks(np.zeros((8, 5)), np.array([4, 5]), 2, 3)
 
@@ -124,6 +116,33 @@ def test_frames_column_round_trips_through_parquet_and_is_read_in_slices(tmp_pat
     np.testing.assert_array_equal(values, np.concatenate(mels[1:]))
     chunks = frames.chunks_of(column, ChunkConfig(num_chunks=4, chunk_frames=31))
     assert chunks.shape == (3, 4, 31, 6) and chunks.dtype == np.float16
-    np.testing.assert_array_equal(chunks[2], split_into_chunks(mels[2], 4, 31))
+    np.testing.assert_array_equal(chunks[2], cut_one(mels[2], 4, 31))
     with pytest.raises(ValueError, match="not a whole number .* of 6-band float32 frames"):
         FrameFormat("float32", 6).frames_of(column)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 11, 128, 129, 200, 1000, 4096])
+def test_chunk_keys_are_unique_non_negative_and_decode_at_every_allowed_chunk_count(num_chunks):
+    """key = utterance key * C + chunk index stays inside int64 for any C the config allows, and
+    decodes back: key // C is the utterance (one value a row, a different one each row), key % C the chunk."""
+    ids = [f"utt{i}" for i in range(max(100, 300_000 // num_chunks))]  # at C = 129, 17 of 2,325 overflowed int64
+    keys = chunk_keys(np.array(ids), num_chunks)
+    assert keys.dtype == np.int64 and keys.shape == (len(ids) * num_chunks,)
+    assert (keys >= 0).all() and len(np.unique(keys)) == len(keys)
+    utterances, chunks = np.divmod(keys.reshape(len(ids), num_chunks), num_chunks)
+    assert (utterances == utterances[:, :1]).all() and len(np.unique(utterances[:, 0])) == len(ids)
+    np.testing.assert_array_equal(chunks, np.broadcast_to(np.arange(num_chunks), chunks.shape))
+    np.testing.assert_array_equal(keys, chunk_keys(np.array(ids), num_chunks))  # stable
+    labels = np.arange(len(keys)) % 7
+    table = LabelTable.build(keys[::-1], labels[::-1], num_chunks, num_clusters=7)
+    assert table.num_chunks == num_chunks and len(table.group_keys) == len(ids)
+    np.testing.assert_array_equal(table.group_keys, np.sort(utterances[:, 0]))
+    np.testing.assert_array_equal(table.lookup(keys), labels)
+
+
+def test_a_chunk_count_beyond_what_chunk_keys_hold_is_a_config_error():
+    assert ChunkConfig(num_chunks=4096).num_chunks == 4096
+    with pytest.raises(ConfigError, match="'data.chunks.num_chunks'.*at most 4096"):
+        ChunkConfig(num_chunks=4097)
+    with pytest.raises(ValueError, match="4097 chunks"):
+        chunk_keys(np.array(["a"]), 4097)

@@ -1,4 +1,4 @@
-"""clustering.py with real faiss (CPU: this machine has no GPU, so the GPU branch is not run)."""
+"""clustering/kmeans.py with real faiss (CPU: this machine has no GPU, so the GPU branch is not run)."""
 
 from __future__ import annotations
 

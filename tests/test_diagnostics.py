@@ -14,7 +14,7 @@ C = 3
 
 def diagnostics() -> tuple[ClusterDiagnostics, np.ndarray]:
     ids = [f"utt{i}" for i in range(6)]
-    keys = np.array([utterance_key(i) for i in ids], dtype=np.int64)
+    keys = np.array([utterance_key(i, C) for i in ids], dtype=np.int64)
     order = np.argsort(keys)
     categories = np.array(["angry", "angry", "calm", "calm", None, "sad"], dtype=object)
     arousal = np.array([6.5, 6.0, 2.0, 2.5, np.nan, 3.0], dtype=np.float32)

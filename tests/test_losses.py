@@ -1,4 +1,5 @@
-"""losses.py: CCC against a direct formula and its invariances, NaN masking, the joint loss."""
+"""losses.py: CCC against a direct formula and its invariances, NaN masking; DeepEmoCluster's joint
+loss as its model kind computes it."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import pytest
 import torch
 
 from cluster_train.model.blocks import ModelConfig
-from cluster_train.model.kinds import build_model
+from cluster_train.model.kinds import LossWeights, build_model, get_kind
 from cluster_train.model.losses import (
-    IGNORE_LABEL,
+    UNKNOWN_LABEL,
     ccc,
     ccc_loss,
     cluster_ce,
-    deepemocluster_loss,
     reconstruction_loss,
     sentence_mean,
     vae_kl,
 )
+
+DEEPEMOCLUSTER = get_kind("deepemocluster")
+LABELLED_STAGE = next(stage for stage in DEEPEMOCLUSTER.stages if stage.number == 2)
 
 
 def numpy_ccc(p: np.ndarray, t: np.ndarray) -> float:
@@ -78,20 +81,23 @@ def test_ccc_and_loss_leave_out_nan_targets(rng: np.random.Generator) -> None:
 
 def test_cluster_ce_ignores_unassigned() -> None:
     logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([0, 1, IGNORE_LABEL, 3, IGNORE_LABEL, 2])
-    keep = labels != IGNORE_LABEL
+    labels = torch.tensor([0, 1, UNKNOWN_LABEL, 3, UNKNOWN_LABEL, 2])
+    keep = labels != UNKNOWN_LABEL
     expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
     torch.testing.assert_close(cluster_ce(logits, labels), expected)
-    assert cluster_ce(logits, torch.full((6,), IGNORE_LABEL)).item() == 0.0
+    assert cluster_ce(logits, torch.full((6,), UNKNOWN_LABEL)).item() == 0.0
 
 
-def test_deepemocluster_loss_adds_weighted_ce() -> None:
+def test_deepemocluster_labelled_loss_adds_weighted_ce() -> None:
+    """Paper Eq. 3, (1 - CCC) + lambda * CE, on the sentence means of the chunk predictions."""
     g = torch.Generator().manual_seed(0)
-    pred, target = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    pred, target = torch.randn(8, 3, generator=g), torch.randn(4, 3, generator=g)  # 4 sentences x 2 chunks
     logits = torch.randn(8, 5, generator=g)
     labels = torch.randint(0, 5, (8,), generator=g)
-    expected = ccc_loss(pred, target) + 0.5 * cluster_ce(logits, labels)
-    torch.testing.assert_close(deepemocluster_loss(pred, target, logits, labels, lam=0.5), expected)
+    outputs = {"prediction": pred, "cluster_logits": logits}
+    kind = get_kind("deepemocluster", LossWeights(cluster=0.5))
+    expected = ccc_loss(sentence_mean(pred, 2), target) + 0.5 * cluster_ce(logits, labels)
+    torch.testing.assert_close(kind.loss(LABELLED_STAGE, outputs, None, target, 2, labels), expected)
 
 
 def test_adam_on_the_regressor_trains_it() -> None:
@@ -106,7 +112,7 @@ def test_adam_on_the_regressor_trains_it() -> None:
 
     def loss() -> torch.Tensor:
         out = model(chunks)
-        return deepemocluster_loss(out["prediction"], target, out["cluster_logits"], pseudo)
+        return DEEPEMOCLUSTER.loss(LABELLED_STAGE, out, chunks, target, 1, pseudo)
 
     first = loss()
     for _ in range(8):

@@ -1,4 +1,4 @@
-"""models.py and baselines.py: shapes, parameter count and groups, the cluster head's reset."""
+"""model/'s networks and kinds: shapes, parameter count and groups, the cluster head's reset."""
 
 from __future__ import annotations
 

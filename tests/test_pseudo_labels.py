@@ -26,8 +26,9 @@ from cluster_train.clustering.kmeans import (
     split_empty_centroids,
 )
 from cluster_train.clustering.labelers import LabelTable, _split_by_key, uniform_over_clusters
-from cluster_train.clustering.service import UNKNOWN_LABEL, get_or_create_service
+from cluster_train.clustering.service import get_or_create_service
 from cluster_train.distributed import Collective
+from cluster_train.model.losses import UNKNOWN_LABEL
 from cluster_train.seeding import derive
 from data_prep.config import ConfigError
 
@@ -276,6 +277,7 @@ def test_a_rank_whose_actor_call_failed_never_meets_one_that_succeeded_in_a_coll
     ray.kill(service)
 
 
+@pytest.mark.slow
 def test_killed_actor_comes_back_and_both_ranks_cluster_again(ranks) -> None:
     x, truth, keys, parts = shards(seed=3)
     config = ClusteringConfig(num_clusters=4, threads=1, mode="sample", sample_size=2000, pca_dim=8, whiten=True)

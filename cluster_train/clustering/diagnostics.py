@@ -17,7 +17,7 @@ import numpy as np
 
 from cluster_train.clustering.kmeans import nmi, purity
 from cluster_train.clustering.labelers import LabelTable
-from cluster_train.data.batches import as_float, utterance_key
+from cluster_train.data.batches import as_float, split_chunk_keys, utterance_keys
 
 MIN_CHUNKS_FOR_MEAN = 1  # a cluster needs this many labelled chunks to rank by mean arousal
 
@@ -40,7 +40,7 @@ class ClusterDiagnostics:
         except (KeyError, ValueError):  # a dataset prepared before the column existed
             table = dataset.read_table(splits, ["id", "arousal"])
             categories = [None] * table.num_rows
-        keys = np.fromiter((utterance_key(str(i)) for i in table["id"].to_pylist()), dtype=np.int64, count=table.num_rows)
+        keys = utterance_keys(table["id"].to_pylist(), num_chunks)
         order = np.argsort(keys)
         arousal = as_float(table["arousal"].to_numpy(zero_copy_only=False))
         return ClusterDiagnostics(keys[order], np.asarray(categories, dtype=object)[order], arousal[order], num_chunks)
@@ -59,7 +59,7 @@ class ClusterDiagnostics:
             if both.any():
                 metrics["cluster/nmi_previous"] = nmi(before[both], labels[both])
         self.previous = table
-        row = self._rows(keys // self.num_chunks)
+        row = self._rows(split_chunk_keys(keys, self.num_chunks)[0])
         known = row >= 0
         category = np.full(len(keys), None, dtype=object)
         category[known] = self.categories[row[known]]

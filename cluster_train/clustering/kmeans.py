@@ -17,17 +17,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-import faiss
 import numpy as np
 import torch
 
 from data_prep.config import require, require_choice
 
+try:  # the project's one import of faiss: faiss-cpu and faiss-gpu both provide it
+    import faiss
+except ImportError as error:
+    raise ImportError("faiss is not installed: install the project with one of its extras, .[cpu] "
+                      "(faiss-cpu) or .[gpu] (faiss-gpu), never both: pip install -e '.[cpu]'") from error
+
 log = logging.getLogger(__name__)
 # Arrays that come out of Ray's object store are read-only; the blocks are only ever read.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-# Where the K-means of an epoch runs (see pseudo_labels.py):
+# Where the K-means of an epoch runs (see labelers.py):
 #   gather     every rank sends all its vectors to one actor (the reference; right for small data)
 #   sample     every rank sends a bounded sample; the actor fits centroids; each rank assigns its own
 #   allreduce  Lloyd iterations among the training ranks, only d x d moments and K x d sums all-reduced
@@ -77,6 +82,12 @@ class ClusteringConfig:
     # The actor is restarted this many times when it dies (-1: always); an epoch's clustering is
     # retried on every rank that many times.
     actor_restarts: int = 3
+    # "gather" / "sample": how long the ranks that sent their chunks to the actor wait for the others,
+    # counted from the latest arrival (each arrival restarts it). It bounds the wait on a rank that is
+    # stuck or gone, not the clustering, which starts once all are in. Ranks embed equal shards and
+    # arrive close together, but a rank's pass over its shard can take tens of minutes at 500K
+    # segments: 30 min leaves room for one to lag far behind before the round fails.
+    round_timeout_s: float = 1800.0
     # "all" (the paper's): on RAVDESS the uniform sampler gave no measurable gain after one epoch
     # (stage-1 CE 2.24 vs 2.07, dev CCC ~0.005 vs ~0.01; bench/results/clustering_ablation.json).
     stage1_sampler: str = "all"  # one of SAMPLERS
@@ -94,6 +105,7 @@ class ClusteringConfig:
         require_choice(self.mode, "clustering.mode", MODES)
         require(self.sample_size >= self.num_clusters, "clustering.sample_size", "must be >= num_clusters")
         require(self.actor_restarts >= -1, "clustering.actor_restarts", "must be >= -1 (-1: always)")
+        require(self.round_timeout_s > 0, "clustering.round_timeout_s", "must be > 0")
         require_choice(self.stage1_sampler, "clustering.stage1_sampler", SAMPLERS)
         require_choice(self.pseudo_labels, "clustering.pseudo_labels", PSEUDO_LABELS)
 

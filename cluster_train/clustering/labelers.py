@@ -16,7 +16,7 @@ Modes (`ClusteringConfig.mode`):
 In "sample" and "allreduce" only the labels are shared: each rank all-gathers (utterance key,
 C labels of one byte (K <= 256)), about 1.7 bytes per chunk at C = 11, into a `LabelTable`.
 
-Empty clusters: "gather" as `clustering.run_kmeans` (faiss splits during training, then the farthest
+Empty clusters: "gather" as `kmeans.run_kmeans` (faiss splits during training, then the farthest
 half of the largest cluster); "allreduce" splits the largest centroid after any Lloyd step that
 leaves a cluster empty (faiss's rule, `split_empty_centroids`); both distributed modes finish with
 `_split_by_key`: a cluster still empty after the final assignment takes the members of the largest
@@ -52,8 +52,10 @@ from cluster_train.clustering.kmeans import (
     resident,
     split_empty_centroids,
 )
-from cluster_train.clustering.service import UNKNOWN_LABEL, IncarnationChanged, answer_round
+from cluster_train.clustering.service import IncarnationChanged, answer_round
+from cluster_train.data.batches import join_chunk_keys, split_chunk_keys
 from cluster_train.distributed import Collective
+from cluster_train.model.losses import UNKNOWN_LABEL
 from cluster_train.seeding import derive
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,9 @@ _HASH = np.uint64(0x9E3779B97F4A7C15)  # odd: key -> key * _HASH mod 2**64 is a 
 class LabelTable:
     """Pseudo-labels by chunk key, stored per group of `num_chunks` consecutive keys.
 
-    Chunk key = utterance key * C + chunk index (`data.chunk_keys`), so with `num_chunks = C` a row
-    holds an utterance's C labels (8 bytes of key + C label bytes); `num_chunks = 1` is one key a row.
+    Chunk key = utterance key * C + chunk index (`data/batches.py`'s `chunk_keys`), so with
+    `num_chunks = C` a row holds an utterance's C labels (8 bytes of key + C label bytes);
+    `num_chunks = 1` is one key a row.
     """
 
     group_keys: np.ndarray  # (G,) int64, sorted, unique
@@ -83,7 +86,7 @@ class LabelTable:
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """int64 labels of chunk `keys`; UNKNOWN_LABEL where the table has none."""
         keys = np.asarray(keys, dtype=np.int64).ravel()
-        group, chunk = np.divmod(keys, self.num_chunks)
+        group, chunk = split_chunk_keys(keys, self.num_chunks)
         if len(self.group_keys) == 0:
             return np.full(len(keys), UNKNOWN_LABEL, dtype=np.int64)
         index = np.searchsorted(self.group_keys, group).clip(max=len(self.group_keys) - 1)
@@ -98,9 +101,7 @@ class LabelTable:
 
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted chunk keys, int64 labels) of every entry."""
-        offsets = np.arange(self.num_chunks, dtype=np.int64)
-        keys = (self.group_keys[:, None] * self.num_chunks + offsets[None, :]).ravel()
-        return keys, self.labels.ravel().astype(np.int64)
+        return join_chunk_keys(self.group_keys, self.num_chunks), self.labels.ravel().astype(np.int64)
 
     @staticmethod
     def build(keys: np.ndarray, labels: np.ndarray, num_chunks: int, num_clusters: int) -> "LabelTable":
@@ -111,9 +112,8 @@ class LabelTable:
         labels = np.asarray(labels).ravel()[first].astype(label_dtype(num_clusters))
         c = int(num_chunks)
         if c > 1 and len(keys) % c == 0:
-            grid = keys.reshape(-1, c)
-            group = grid // c
-            if (grid % c == np.arange(c)).all() and (group == group[:, :1]).all():
+            group, chunk = split_chunk_keys(keys.reshape(-1, c), c)
+            if (chunk == np.arange(c)).all() and (group == group[:, :1]).all():
                 return LabelTable(group[:, 0].copy(), labels.reshape(-1, c), c)
         return LabelTable(keys, labels[:, None], 1)
 

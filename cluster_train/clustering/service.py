@@ -7,8 +7,9 @@ then holds nothing that grows with the number of chunks.
 Gather-to-one:
 
 Each training rank sends its chunk embeddings, keyed by global chunk key
-(utterance index * num_chunks + chunk index); once all `world_size` ranks have sent theirs the
-actor runs `fit_clusters` on the union and any rank can read the pseudo-label of any key.
+(utterance key * num_chunks + chunk index, `data/batches.py`); once all `world_size` ranks have sent
+theirs the actor runs `fit_clusters` on the union and any rank can read the pseudo-label of any key
+(`LabelTable`, `clustering/labelers.py`).
 
     service = get_or_create_service("kmeans", config, world_size)                 # on the driver
     table = ray.get(service.gather.remote(epoch, rank, keys, embeddings, incarnation))  # on each rank
@@ -22,9 +23,10 @@ Rounds: the actor holds one round (one epoch) at a time. A submission for a late
 previous round; one for an earlier epoch is refused. Resubmitting (epoch, rank) before the round is
 clustered replaces that rank's data; a submission for an epoch that is already clustered (a worker
 group restarted from a checkpoint) opens a new round for the same epoch, clustered again once every
-rank has resubmitted, with a new `version`. Duplicate keys (a sampler padding its last batch) count
-once. Points are clustered in ascending key order, so the labels do not depend on how the keys were
-split among the ranks.
+rank has resubmitted, with a new `version`. The ranks in a round wait for the missing ones at most
+`clustering.round_timeout_s` after the latest arrival, then fail naming them. Duplicate keys (a
+sampler padding its last batch) count once. Points are clustered in ascending key order, so the
+labels do not depend on how the keys were split among the ranks.
 
 Restarts: created with `max_restarts`, a killed actor comes back empty with a new `incarnation`.
 Every call takes the incarnation the caller started its attempt with and fails at once with
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -44,8 +47,6 @@ import ray
 
 from cluster_train.clustering.kmeans import ClusteringConfig, KMeansResult, Preprocessor, fit_clusters
 from cluster_train.seeding import derive
-
-UNKNOWN_LABEL = -100  # a key not clustered this epoch (cross-entropy's default ignore_index)
 
 
 class IncarnationChanged(RuntimeError):
@@ -57,6 +58,8 @@ class _Round:
     epoch: int
     kind: str = "gather"  # "gather": all points, labels kept; "sample": a sample, centroids only
     parts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    arrived: float = field(default_factory=time.monotonic)  # the latest submission's time
+    all_in: asyncio.Event = field(default_factory=asyncio.Event)  # every rank submitted, or the round ended
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # the clustering, once every rank submitted
     submissions: int = 0  # calls that joined this round, resubmissions included
@@ -96,23 +99,20 @@ class KMeansService:
 
     async def gather(
         self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, incarnation: str | None = None,
-        timeout_s: float = 3600.0,
     ) -> dict:  # fmt: skip
         """Mode "gather": this rank's (keys, embeddings) for `epoch`; once every rank has sent its
         own, the union is clustered and every caller gets the summary with the whole label table,
         `keys` (sorted) and their `labels`: any rank can then look up any row it reads."""
         self._check(incarnation)
-        return (await self._wait(await self._join(epoch, rank, keys, embeddings), timeout_s)).answer
+        return (await self._wait(await self._join(epoch, rank, keys, embeddings))).answer
 
-    async def fit_sample(
-        self, epoch: int, rank: int, sample: np.ndarray, incarnation: str | None = None, timeout_s: float = 3600.0,
-    ) -> dict:  # fmt: skip
+    async def fit_sample(self, epoch: int, rank: int, sample: np.ndarray, incarnation: str | None = None) -> dict:
         """Mode "sample": this rank's sample for `epoch`; once every rank has sent its own, K-means
         is fitted on their union and every caller gets the summary with the fitted `preprocessor`
         and `centroids`, with which each rank assigns its own chunks."""
         self._check(incarnation)
         round_ = await self._join(epoch, rank, np.empty(0, np.int64), sample, kind="sample")
-        return (await self._wait(round_, timeout_s)).answer
+        return (await self._wait(round_)).answer
 
     def _check(self, incarnation: str | None) -> None:
         if incarnation is not None and incarnation != self._incarnation:
@@ -139,6 +139,7 @@ class KMeansService:
             # an earlier checkpoint, or from none, sends an older epoch: clustering starts again there.
             if not round_.started:
                 round_.error = RuntimeError(f"superseded: the worker group restarted at epoch {epoch}")
+                round_.all_in.set()
                 round_.done.set()
             round_ = None
         if round_ is not None and round_.epoch == epoch and round_.kind != kind and not round_.started:
@@ -147,8 +148,10 @@ class KMeansService:
             round_ = self._round = _Round(epoch, kind)  # drops the previous epoch: one in memory
         round_.parts[rank] = (keys, embeddings)
         round_.submissions += 1
+        round_.arrived = time.monotonic()
         if len(round_.parts) == self._world_size:
             round_.task = asyncio.get_running_loop().create_task(self._run(round_))
+            round_.all_in.set()
         return round_
 
     async def _run(self, round_: _Round) -> None:
@@ -163,16 +166,25 @@ class KMeansService:
         finally:
             round_.done.set()
 
-    async def _wait(self, round_: _Round, timeout_s: float) -> _Round:
-        try:
-            await asyncio.wait_for(round_.done.wait(), timeout_s)
-        except TimeoutError as error:
-            missing = sorted(set(range(self._world_size)) - set(round_.parts))
-            waiting = "none (clustering still running)" if round_.started else missing
-            raise TimeoutError(
-                f"epoch {round_.epoch}: no clustering after {timeout_s} s; "
-                f"ranks not yet submitted: {waiting}"
-            ) from error
+    async def _wait(self, round_: _Round) -> _Round:
+        """Until the round is clustered; TimeoutError once no rank has joined for `round_timeout_s`
+        while some are still missing."""
+        limit = self._config.round_timeout_s
+        while not round_.all_in.is_set():
+            left = round_.arrived + limit - time.monotonic()
+            if left <= 0:
+                arrived = sorted(round_.parts)
+                missing = sorted(set(range(self._world_size)) - set(arrived))
+                raise TimeoutError(
+                    f"epoch {round_.epoch}: rank(s) {missing} of {self._world_size} sent nothing in the "
+                    f"{limit:g} s after the latest arrival; ranks {arrived} arrived and gave up waiting "
+                    f"(clustering.round_timeout_s = {limit}): a rank is stuck or gone, or its embedding pass "
+                    f"lags the others' by more than that (then raise clustering.round_timeout_s)")
+            try:
+                await asyncio.wait_for(round_.all_in.wait(), left)
+            except TimeoutError:
+                pass  # a rank may have arrived meanwhile and moved the deadline: look again
+        await round_.done.wait()
         if round_.error is not None:
             raise RuntimeError(f"epoch {round_.epoch}: clustering failed: {round_.error}") from round_.error
         return round_
@@ -229,14 +241,6 @@ def _summary(result: KMeansResult, epoch: int, version: int, kind: str) -> dict:
         "seconds": result.seconds,
         "kind": kind,
     }
-
-
-def lookup_labels(table_keys: np.ndarray, table_labels: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """int64 labels of `keys` in a (sorted keys, labels) table; UNKNOWN_LABEL where absent."""
-    keys = np.asarray(keys, dtype=np.int64).ravel()
-    index = np.searchsorted(table_keys, keys).clip(max=max(len(table_keys) - 1, 0))
-    found = table_keys[index] == keys
-    return np.where(found, table_labels[index], UNKNOWN_LABEL).astype(np.int64)
 
 
 def actor_options(config: ClusteringConfig, training_uses_gpu: bool) -> dict:

@@ -29,7 +29,7 @@ import torch
 from cluster_train.data.config import DataConfig
 from cluster_train.data.labels import LabelScaler
 from cluster_train.seeding import derive
-from data_prep.config import ChunkConfig
+from data_prep.config import MAX_CHUNKS, ChunkConfig
 from data_prep.dataset import PreparedDataset
 from data_prep.frames import FrameFormat
 from data_prep.manifest import ATTRIBUTES
@@ -40,15 +40,42 @@ ROW_COLUMNS = ["id", *ATTRIBUTES, "frames"]
 READ_CPUS = 0.25  # Parquet reads are light; a full CPU each would starve beside the training workers
 
 
-def utterance_key(utterance_id: str) -> int:
-    """A stable 56-bit integer for an utterance id (the same on every worker and every run)."""
+def utterance_key_bits(num_chunks: int) -> int:
+    """The width of an utterance key at C chunks: 56 bits up to C = 128, a bit less for each doubling
+    above, so that every chunk key, utterance key * C + chunk index, is below 2**63 (int64, >= 0)."""
+    if not 1 <= num_chunks <= MAX_CHUNKS:
+        raise ValueError(f"{num_chunks} chunks: chunk keys hold 1 to {MAX_CHUNKS} (data.chunks.num_chunks)")
+    return min(56, 63 - (num_chunks - 1).bit_length())
+
+
+def _hash56(utterance_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(utterance_id.encode(), digest_size=7).digest(), "little")
 
 
-def chunk_keys(ids: np.ndarray, num_chunks: int) -> np.ndarray:
+def utterance_key(utterance_id: str, num_chunks: int) -> int:
+    """A stable integer for an utterance id (the same on every worker and every run) at C chunks."""
+    return _hash56(utterance_id) >> (56 - utterance_key_bits(num_chunks))
+
+
+def utterance_keys(ids, num_chunks: int) -> np.ndarray:
+    """(B,) ids -> (B,) int64 utterance keys at C chunks: each chunk key // C."""
+    shift = 56 - utterance_key_bits(num_chunks)
+    return np.fromiter((_hash56(str(i)) >> shift for i in ids), dtype=np.int64, count=len(ids))
+
+
+def join_chunk_keys(utterances: np.ndarray, num_chunks: int) -> np.ndarray:
+    """(U,) utterance keys -> (U * C,) chunk keys: utterance key * C + chunk index, C per utterance."""
+    return (np.asarray(utterances, dtype=np.int64)[:, None] * num_chunks + np.arange(num_chunks)).reshape(-1)
+
+
+def split_chunk_keys(keys: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk keys -> (utterance keys, chunk indices): `join_chunk_keys` undone."""
+    return np.divmod(np.asarray(keys, dtype=np.int64), num_chunks)
+
+
+def chunk_keys(ids, num_chunks: int) -> np.ndarray:
     """(B,) ids -> (B * C,) int64 keys: utterance key * C + chunk index."""
-    base = np.fromiter((utterance_key(str(i)) for i in ids), dtype=np.int64, count=len(ids))
-    return (base[:, None] * num_chunks + np.arange(num_chunks)[None, :]).reshape(-1)
+    return join_chunk_keys(utterance_keys(ids, num_chunks), num_chunks)
 
 
 def kept_label_ids(dataset: PreparedDataset, config: DataConfig, seed: int) -> list[str]:

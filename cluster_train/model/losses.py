@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE_LABEL = -100  # a chunk with no pseudo-label (kmeans_service.UNKNOWN_LABEL, CE's default)
+# A chunk with no pseudo-label this epoch (`LabelTable.lookup` gives it): cross-entropy's default
+# ignore_index, so `cluster_ce` leaves it out.
+UNKNOWN_LABEL = -100
 
 
 def ccc(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, dim: int = 0) -> torch.Tensor:
@@ -59,24 +61,13 @@ def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_ce(logits: torch.Tensor, pseudo_labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on pseudo-labels, mean over labelled rows; IGNORE_LABEL rows are left out.
+    """Cross-entropy on pseudo-labels, mean over labelled rows; UNKNOWN_LABEL rows are left out.
 
     A batch with no pseudo-label gives 0 (not NaN), with no host sync.
     """
     labels = pseudo_labels.long()
-    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="sum")
-    return total / (labels != IGNORE_LABEL).sum().clamp_min(1)
-
-
-def deepemocluster_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    logits: torch.Tensor,
-    pseudo: torch.Tensor,
-    lam: float = 1.0,
-) -> torch.Tensor:
-    """Paper Eq. 3: (1 - CCC) + lambda * CE, with lambda = 1 in the paper."""
-    return ccc_loss(pred, target) + lam * cluster_ce(logits, pseudo)
+    total = F.cross_entropy(logits, labels, ignore_index=UNKNOWN_LABEL, reduction="sum")
+    return total / (labels != UNKNOWN_LABEL).sum().clamp_min(1)
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
