@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 if ! "$PY" -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)" 2>/dev/null; then
   "$PY" -m pip uninstall -y faiss-cpu
-  "$PY" -m pip install "faiss-gpu==1.15.1"
+  "$PY" -m pip install -e ".[gpu]"  # the gpu extra: faiss-gpu at its pinned version
 fi
 "$PY" -c "import faiss, torch; print('faiss GPUs:', faiss.get_num_gpus(), '| torch CUDA:', torch.cuda.is_available())"
 "$PY" -m pytest tests/test_clustering.py -q -k gpu -rs

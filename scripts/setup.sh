@@ -12,6 +12,6 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # torch first and pinned: the CPU wheel lies on these machines' disk; unpinned it pulls CUDA.
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -e ".[cpu,test]"  # cpu: faiss-cpu (the gpu extra has faiss-gpu)
   touch "$stamp"
 fi
