@@ -25,6 +25,7 @@ from s3_server import bucket_keys, read_parquet, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+pytestmark = pytest.mark.slow  # a cluster of its own (`ray start`) and jobs submitted to it
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,7 @@ def _ok(job: subprocess.CompletedProcess) -> bool:
     return job.returncode == 0 and "succeeded" in job.stdout
 
 
+@pytest.mark.timeout(900)  # 205 s on a busy 2-core machine: a cluster, prep and training as jobs
 def test_jobs_submitted_to_a_cluster_keep_everything_in_a_bucket_and_track_to_an_mlflow_server(cluster, tmp_path):
     """Every job as a user submits it, every output on s3:// (a real S3 server on 127.0.0.1, moto):
     prep's dataset, training's checkpoints and best model, the MLflow server's artifacts

@@ -27,6 +27,7 @@ def librosa_mel(wave: np.ndarray) -> np.ndarray:
     return mel.T
 
 
+@pytest.mark.slow
 def test_power_matches_librosa(waves):
     extract = MelSpectrogram()
     for wave in waves:

@@ -181,6 +181,7 @@ def test_manifest_error_stops_before_any_work(tmp_path):
     assert "Ray" not in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path, ray_cluster):
     rows = good_rows(24)
     manifest = write_csv(tmp_path / "manifest.csv", rows)

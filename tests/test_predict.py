@@ -137,6 +137,7 @@ def printed_values(stdout: str) -> dict[str, float]:
     return {name: float(value) for name, value in (line.split() for line in stdout.strip().splitlines())}
 
 
+@pytest.mark.slow
 def test_batch_matches_evaluation_of_the_prepared_chunks_and_lists_rejects(batch, bundle_dir, dataset, utterances):
     summary, results, rejects = batch
     assert results.column_names == ["id", "audio", "duration", *ATTRS]
@@ -163,6 +164,7 @@ def test_batch_matches_evaluation_of_the_prepared_chunks_and_lists_rejects(batch
     assert summary.rejected_by_kind == {"unreadable": 2, "too short": 1}
 
 
+@pytest.mark.slow
 def test_csv_output_from_a_manifest_csv_matches_parquet(batch, bundle_dir, audio_folder, ray_cluster, tmp_path):
     _, results, _ = batch
     manifest = tmp_path / "to_score.csv"
@@ -181,6 +183,7 @@ def test_csv_output_from_a_manifest_csv_matches_parquet(batch, bundle_dir, audio
         PredictConfig(model=bundle_dir, input=str(manifest), output=str(tmp_path / "predictions.json"))
 
 
+@pytest.mark.slow
 def test_one_file_prints_the_batch_result(batch, bundle_dir, audio_folder, job, capsys):
     _, results, _ = batch
     row = results.to_pylist()[2]

@@ -6,6 +6,7 @@ checked in one process (tests of the loop's restore) and from a bucket (tests/te
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -30,6 +31,7 @@ import torch
 from conftest import prepare_train_sample
 from mlflow import MlflowClient
 
+from cluster_train.clustering.service import KMeansService, actor_options
 from cluster_train.experiments.estimate import StepCost, format_estimate
 from cluster_train.experiments.sweep import Trial
 from cluster_train.serve.bundle import load_bundle, resolve_bundle
@@ -85,6 +87,7 @@ def tracked_run(prepared, tmp_path_factory):
     return run_training(_small_run(prepared, folder / "runs", "smoke", f"tracking.tracking_uri={store}")), store
 
 
+@pytest.mark.slow
 def test_deepemocluster_trains_tracks_and_scores(prepared, tracked_run):
     result, store = tracked_run
 
@@ -120,6 +123,7 @@ def test_deepemocluster_trains_tracks_and_scores(prepared, tracked_run):
     assert logged.model_kind == "deepemocluster"
 
 
+@pytest.mark.slow
 def test_saved_model_has_batchnorm_statistics_of_its_weights(prepared, tracked_run):
     """The saved model in eval mode predicts what its weights predict with BatchNorm statistics
     recomputed independently (torch's update_bn, one batch of every train utterance). With
@@ -170,6 +174,7 @@ def test_config_mistake_fails_before_ray_starts(tmp_path):
     assert "model.num_clusters" in result.stderr and "Ray" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_ends_failed_in_mlflow_with_its_error(prepared, tmp_path):
     """K = 100 clusters for 88 training chunks: K-means fails in epoch 0; the run is marked FAILED
     (not left RUNNING) with the error, and the caller gets it. In one process (`loop.train` marks it,
@@ -192,80 +197,125 @@ def _training_worker_pids() -> list[int]:
             if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE" and actor["JobID"] == job]
 
 
-def _kill_worker_after_first_checkpoint(run_folder: Path, killed: list, killed_at: list,
-                                        workers: int | None = None) -> None:
-    """Wait for the first checkpoint of the run, then SIGKILL its Ray Train worker processes (the
-    first `workers` of them; all by default); `killed_at` gets the time of the kill."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not any(run_folder.glob("checkpoint*")):
-        time.sleep(0.2)
-    for pid in _training_worker_pids()[:workers]:
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-    killed_at.append(time.time())
+@ray.remote(num_cpus=0)  # (as a Ray actor class at module level, Ray pickles it by value: workers cannot import tests/)
+class _HeldKMeansService(KMeansService.__ray_metadata__.modified_class.__ray_actor_class__):
+    """The project's K-means actor (the same class, its rounds untouched) with one gate for the test
+    below: rank 1's "sample" submission of one epoch is held before it joins the round, so the round
+    waits with rank 0 alone in it for as long as the test needs. The first incarnation holds epoch 0,
+    the restarted one epoch 1 (once each); the training run finds this actor by its name
+    (`get_or_create_service` takes an existing one whose config, world size and seed match)."""
+
+    HOLD_S = 300.0  # then the held call fails (the test never acted): the run goes on, it does not hang
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._hold_epoch = 1 if ray.get_runtime_context().was_current_actor_reconstructed else 0
+        self._held: list[int] | None = None  # [epoch, rank] of the call held now
+        self._gate_used = False
+
+    def held(self) -> list[int] | None:
+        return self._held
+
+    async def fit_sample(self, epoch, rank, *args, **kwargs):
+        if rank == 1 and epoch == self._hold_epoch and not self._gate_used:
+            self._gate_used, self._held = True, [epoch, rank]
+            await asyncio.sleep(self.HOLD_S)  # ends with the actor (killed) or its caller's worker group
+            raise TimeoutError(f"epoch {epoch}: rank 1 held {self.HOLD_S} s: the test never killed anything")
+        return await super().fit_sample(epoch, rank, *args, **kwargs)
 
 
-def _kill_actor_in_epoch(name: str, epoch: int, seen: dict) -> None:
-    """Once the actor holds a round for `epoch` (a sample arrived), kill it; Ray restarts it and
-    the workers find a new incarnation. (Whether a rank's call was still waiting in that round, so
-    that the ranks cluster again, is left to timing here; tests/test_pseudo_labels.py makes it certain.)"""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+def _wait_for(what: str, probe, stop: threading.Event, timeout_s: float = 450.0):
+    """`probe()`'s first true answer, asked every 0.05 s (an actor call failing while Ray restarts
+    the actor counts as false); an error once `stop` is set (the run ended) or after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop.is_set():
         try:
-            actor = ray.get_actor(name)
-            seen.setdefault("incarnation", ray.get(actor.incarnation.remote()))
-            progress = ray.get(actor.progress.remote())
-        except (ValueError, ray.exceptions.RayActorError):
-            time.sleep(0.1)
-            continue
-        if progress["epoch"] is not None and progress["epoch"] >= epoch:
-            seen["progress"] = progress
-            ray.kill(actor, no_restart=False)
-            break
-        time.sleep(0.02)
-    while time.monotonic() < deadline and "progress" in seen:  # calls fail while Ray restarts it
-        try:  # ray.kill is asynchronous: a call right after it may still reach the old incarnation
-            incarnation = ray.get(actor.incarnation.remote(), timeout=60)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            incarnation = None
-        if incarnation not in (None, seen["incarnation"]):
-            seen["new_incarnation"] = incarnation
-            return
-        time.sleep(0.2)
+            answer = probe()
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
+            answer = None
+        if answer:
+            return answer
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not {'before the run ended' if stop.is_set() else f'after {timeout_s} s'}")
 
 
+def _kill_actor_then_worker(actor, run_folder: Path, seen: dict, stop: threading.Event) -> None:
+    """The test's two kills, each at a point it holds open (so none is left to timing):
+    1. epoch 0: rank 0's sample is in the actor's round and rank 1's is held outside it (the round
+       cannot be clustered): the actor is killed with rank 0 waiting in it; Ray restarts it empty.
+    2. epoch 1 (the restarted actor, epoch 0's checkpoint registered by Ray Train): rank 0 waits in
+       the round again, rank 1 is held: one training worker is SIGKILLed; the group restarts from
+       the epoch-0 checkpoint and clusters epoch 1 again (the held call ends with the actor)."""
+    try:
+        def round_with_rank_0_alone(epoch: int):
+            held = ray.get(actor.held.remote(), timeout=60)
+            progress = ray.get(actor.progress.remote(), timeout=60)
+            alone = (held == [epoch, 1] and progress["epoch"] == epoch and progress["submitted"] == [0]
+                     and not progress["started"])
+            return progress if alone else None
+
+        seen["incarnation"] = ray.get(actor.incarnation.remote(), timeout=60)
+        seen["progress"] = _wait_for("epoch 0: rank 0 alone in the round", lambda: round_with_rank_0_alone(0), stop)
+        ray.kill(actor, no_restart=False)
+        seen["progress_1"] = _wait_for("epoch 1: rank 0 alone in the restarted actor's round",
+                                       lambda: round_with_rank_0_alone(1), stop)
+        seen["new_incarnation"] = ray.get(actor.incarnation.remote(), timeout=60)
+        # The worker group restarts from the latest checkpoint Ray Train registered: wait for epoch 0's.
+        snapshot = run_folder / "checkpoint_manager_snapshot.json"
+        _wait_for("epoch 0's checkpoint registered", lambda: snapshot.exists() and any(run_folder.glob("checkpoint*/")), stop)
+        pids = _training_worker_pids()
+        seen["workers"] = len(pids)
+        os.kill(pids[0], signal.SIGKILL)
+        seen["killed"] = pids[0]
+    except BaseException as error:  # noqa: BLE001 - the test reports it
+        seen["error"] = error
+
+
+@pytest.mark.timeout(600)  # with the module's Ray start when run alone: 126 s on a busy 2-core machine
+@pytest.mark.slow
 def test_killed_kmeans_actor_and_killed_ddp_worker_both_recover(prepared, tmp_path):
     """Two DDP workers (gloo) in mode "sample" (the actor fits centroids on both ranks' samples,
     each rank assigns its own chunks), reading their shards streamed from the Parquet files every
     pass (`data.cache_max_mb=0`, as at MSP-Podcast scale). The K-means actor is killed in epoch 0
-    (it comes back), then one training worker after the first checkpoint (the group
-    resumes from it with both ranks' weights equal); the per-epoch cluster diagnostics reach MLflow."""
+    while rank 0 waits in its round (it comes back; both ranks cluster again), then one training
+    worker in epoch 1 while rank 0 waits on the actor again (the group resumes from epoch 0's
+    checkpoint with both ranks' weights equal); the per-epoch cluster diagnostics reach MLflow.
+    Each kill happens at a point the test holds open (`_HeldKMeansService`), so the run's history
+    is the same every time; tests/test_pseudo_labels.py covers a rank reaching a restarted actor late."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = _small_run(prepared, tmp_path / "runs", "actor-killed", f"tracking.tracking_uri={store}",
                          "clustering.mode=sample", "clustering.sample_size=64",
                          "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "data.cache_max_mb=0",
                          "precise_bn.utterances=0", *TINY_MODEL)
+    # The actor run_training would create (`get_or_create_service`'s options and arguments), with the gate.
+    options = actor_options(config.clustering, config.scaling.use_gpu)
+    actor = _HeldKMeansService.options(
+        name=f"kmeans-{config.name}", max_restarts=config.clustering.actor_restarts, **options,
+    ).remote(dataclasses.replace(config.clustering, use_gpu=options["num_gpus"] > 0),
+             config.scaling.num_workers, config.seed)
+    assert config.clustering.actor_restarts >= 1
     seen: dict = {}
-    killed: list[int] = []
-    killed_at: list[float] = []
-    watchers = [threading.Thread(target=_kill_actor_in_epoch, args=("kmeans-actor-killed", 0, seen)),
-                threading.Thread(target=_kill_worker_after_first_checkpoint,
-                                 args=(tmp_path / "runs" / "actor-killed", killed, killed_at, 1))]
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_actor_then_worker,
+                               args=(actor, tmp_path / "runs" / "actor-killed", seen, stop))
     # Another training's worker on this machine, not of this test's run: it must survive the kill.
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "RayTrainWorker"])
     try:
-        for watcher in watchers:
-            watcher.start()
-        result = run_training(config)
-        for watcher in watchers:
-            watcher.join()
+        watcher.start()
+        result = run_training(config)  # kills the actor at its end
         assert bystander.poll() is None, "the test killed a process that was not its own"
     finally:
+        stop.set()
+        watcher.join()
         bystander.kill()
+        ray.kill(actor)  # run_training's own end killed it, unless it failed before finding it
 
-    assert "progress" in seen, "the actor was never killed"
-    assert "new_incarnation" in seen, "the actor did not come back"  # a new, empty incarnation
-    assert len(killed) == 1, "no training worker was found to kill"
+    assert "error" not in seen, seen
+    assert seen["progress"] == {"epoch": 0, "kind": "sample", "submitted": [0], "submissions": 1,
+                                "started": False, "done": False}  # the killed round: rank 0 waited in it
+    assert seen["new_incarnation"] != seen["incarnation"]  # it came back, a new, empty incarnation
+    assert seen["progress_1"]["submissions"] == 1  # the restarted actor: epoch 0 done, epoch 1 begun afresh
+    assert seen["workers"] == 2 and "killed" in seen, "no training worker was found to kill"
     assert result.epochs_run == 2
     assert load_bundle(result.best_bundle).model_kind == "deepemocluster"
     assert result.metrics["train/stage2_chunks"] == 4 * 11  # each rank trained on half of the 8 train utterances
@@ -281,15 +331,10 @@ def test_killed_kmeans_actor_and_killed_ddp_worker_both_recover(prepared, tmp_pa
 
     for metric in ("cluster/kmeans_objective", "train/stage1_loss", "cluster/nmi_category", "cluster/purity_category",
                    "cluster/arousal_mean_high", "cluster/actor_attempts", "train/rank_weight_spread"):
-        assert steps(metric) == [0, 1], metric
+        assert steps(metric) == [0, 1], metric  # each epoch logged once: epoch 1's only after the resume
     assert values("train/rank_weight_spread") == {0: 0.0, 1: 0.0}  # equal weights, before and after the resume
-    killed_round = seen["progress"]
-    attempts = sorted((m for m in client.get_metric_history(run_id, "cluster/actor_attempts")
-                       if m.step == killed_round["epoch"]), key=lambda m: m.timestamp)
-    # A rank was waiting on the killed round: it must have clustered again, unless the worker kill
-    # made the group re-run that epoch (from the checkpoint before it) with the restarted actor.
-    if not killed_round["started"] and attempts[0].timestamp < killed_at[0] * 1000:
-        assert attempts[0].value >= 2, (killed_round, values("cluster/actor_attempts"))
+    # epoch 0: both ranks clustered again after the actor's kill; epoch 1: the resumed group's first attempt
+    assert values("cluster/actor_attempts") == {0: 2.0, 1: 1.0}
     metrics = client.get_run(run_id).data.metrics
     assert sum(metrics[f"cluster_size/{k}"] for k in range(4)) == 8 * 11  # both ranks' chunks, every one labelled
     assert 0 <= metrics["cluster/nmi_category"] <= 1 and 0 < metrics["cluster/purity_category"] <= 1
@@ -298,6 +343,7 @@ def test_killed_kmeans_actor_and_killed_ddp_worker_both_recover(prepared, tmp_pa
     assert figures == [f"clusters/arousal_epoch_{e:03d}.png" for e in range(2)]
 
 
+@pytest.mark.slow
 def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepared):
     """The in-memory shard cache: every row once, id order, a seed's permutation, drop_last; and
     small data handed to Ray Data from the driver (`build_datasets(in_memory=True)`)."""
@@ -332,6 +378,7 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
     assert held["development"].num_rows == 8
 
 
+@pytest.mark.slow
 def test_label_statistics_use_only_the_labels_the_run_keeps(prepared):
     """With `data.label_fraction` < 1 the z-scoring of labels sees the kept labels only."""
     from cluster_train.data.batches import kept_label_ids
@@ -351,6 +398,7 @@ def test_label_statistics_use_only_the_labels_the_run_keeps(prepared):
     assert not np.allclose(scaler.mean, LabelScaler.fit(label_matrix(table)).mean)  # all 8 labels differ
 
 
+@pytest.mark.slow
 def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
     """2 workers x 0.75 CPU on 2 CPUs: Ray Data's reads never started and the run hung (seen with
     bench/train_bench.py); x 0.5 runs (the K-means-actor kill test above)."""
@@ -366,6 +414,7 @@ def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
         warn_if_reads_starve(ScalingConfig(num_workers=2, cpus_per_worker=0.5))
 
 
+@pytest.mark.slow
 def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resumes(prepared, tmp_path, capsys):
     """The paper's baselines in the same loop, as a sweep: 2 trials at once (each in a process of its
     own, without Ray: `scaling.num_workers=0`), each an MLflow run under the sweep's parent run, the
@@ -503,6 +552,7 @@ records: {tmp_path / 'records'}
         plan_trials(load_sweep_config(typo))  # before any trial trains
 
 
+@pytest.mark.slow
 def test_logged_model_outlives_the_ray_session(prepared, tracked_run):
     """Artifacts go beside the local store (`mlartifacts/`), never into Ray's session folder: with
     that folder deleted, `jobs/evaluate.py` still loads the run's model. Last in this module: it ends
@@ -524,6 +574,7 @@ def test_logged_model_outlives_the_ray_session(prepared, tracked_run):
                                                         abs=1e-4)
 
 
+@pytest.mark.slow
 def test_the_same_loop_runs_in_one_process_without_ray_and_resumes_there(prepared, tracked_run, tmp_path):
     """`scaling.num_workers=0`: the Ray run's loop in this process, rows in memory, the K-means
     actor's computation called directly. Stopped after epoch 1 and started again, it resumes from its
@@ -555,6 +606,7 @@ def test_the_same_loop_runs_in_one_process_without_ray_and_resumes_there(prepare
             assert resumed.scores[split][attribute] == pytest.approx(value, abs=1e-5), (split, attribute)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_as_fp32_does_within_seed_variation(prepared, tmp_path):
     """`precision=bf16` (auto picks it on CUDA and CPUs with AMX): the loss falls and development CCC
     differs from fp32's by no more than another seed's fp32 run does (a small model, in one process)."""
@@ -578,6 +630,7 @@ def test_bf16_autocast_trains_as_fp32_does_within_seed_variation(prepared, tmp_p
     assert np.abs(dev["bf16", 0] - dev["fp32", 0]).max() <= max(2 * seed_spread, 0.05), dev
 
 
+@pytest.mark.slow
 def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     """The experiment's controls (docs/RESULTS.md): DeepEmoCluster with stage 1 off (`stages=[2]`)
     and shuffled pseudo-labels, with the labelled stage repeated (`labeled_passes`); and the rows a
@@ -625,6 +678,7 @@ def test_controls_train_what_they_say_in_one_process(prepared, tmp_path):
     assert bn[0] == kept and bn[0.5] == sorted(used) and len(bn[0.5]) == 5 and len(bn[1]) == 8
 
 
+@pytest.mark.slow
 def test_the_chunking_is_a_training_option_that_the_bundle_keeps_for_prediction(prepared, tmp_path):
     """C and w_c (`data.chunks`) are cut from the stored frames when rows are read: another chunking
     needs no new prep, the model takes chunks of that length, and prediction on raw audio cuts the
@@ -647,6 +701,7 @@ def test_the_chunking_is_a_training_option_that_the_bundle_keeps_for_prediction(
     assert [from_audio[a] for a in bundle.label_scaler.attributes] == pytest.approx(from_frames.tolist(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_report_figures_cluster_and_project_a_trained_model(prepared, tracked_run, tmp_path):
     """The report's Fig. 3 (arousal of the highest- and lowest-arousal K-means clusters of the train
     chunks' embeddings) and its 2-D projection, from the tracked DeepEmoCluster run's best model."""
