@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from conftest import prepare_train_sample
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
+from test_train import TINY_MODEL, prepared  # noqa: F401 - `prepared`: the module's Ray and prepared sample
 
 from cluster_train.train.checkpointer import STATE_FILE
 from cluster_train.train.config import DEFAULT_RECIPE, dotted_keys, load_train_config, recipe_names
@@ -19,7 +17,6 @@ from data_prep.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_FILES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
-TINY_MODEL = ("model.channels=[8,16]", "model.strides=[2,2]", "model.feature_dim=16")
 
 
 def test_every_recipe_file_is_a_recipe_and_a_missing_folder_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -30,19 +27,6 @@ def test_every_recipe_file_is_a_recipe_and_a_missing_folder_is_an_error_naming_i
     missing = tmp_path / "no-recipes"
     with pytest.raises(ConfigError, match=f"'recipe'.*{missing}"):
         recipe_names(missing)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("recipes")
-    with pytest.MonkeyPatch.context() as environment:
-        if "RAY_agent_register_timeout_ms" not in os.environ:  # Ray starts slowly on a busy machine
-            environment.setenv("RAY_agent_register_timeout_ms", "120000")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-        try:
-            yield prepare_train_sample(folder)
-        finally:
-            ray.shutdown()
 
 
 def _same(logged: str, value: object) -> bool:
@@ -59,7 +43,7 @@ def test_a_shipped_recipe_trains_one_epoch_with_its_settings(prepared: Path, tmp
     and the optimizers the run stepped (in its checkpoint) are the ones the recipe names."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_train_config(REPO / "configs/train/ravdess_sample.yaml", [
-        f"recipe={recipe}", f"data.dataset={prepared}", "data.batch_size=4", "epochs=1", "clustering.num_clusters=4",
+        f"recipe={recipe}", f"data.dataset={prepared / 'prepared'}", "data.batch_size=4", "epochs=1", "clustering.num_clusters=4",
         "scaling.num_workers=0", "precise_bn.utterances=0", f"storage_path={tmp_path / 'runs'}", f"name={recipe}",
         f"tracking.tracking_uri={store}", *TINY_MODEL])
     result = run_training(config)
