@@ -186,6 +186,10 @@ class RunTracker:
         client.update_run(run_id, status="RUNNING")
         return run
 
+    def logged_metrics(self) -> dict[str, float]:
+        """The run's latest value of each metric logged so far ({} when tracking is off)."""
+        return self._call("read the run", lambda client: dict(client.get_run(self._run_id).data.metrics)) or {}
+
     def log_metrics(self, metrics: dict[str, float | None], step: int) -> None:
         """Log `metrics` at `step`, skipping None and NaN (no metric is better than a NaN one)."""
 

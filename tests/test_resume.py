@@ -96,6 +96,12 @@ def test_an_early_stopped_run_started_again_trains_no_more_epochs(prepared, tmp_
                          f"tracking.tracking_uri={store}")
     first = run_training(config)
     assert first.epochs_run == 2 and first.metrics["dev/best_epoch"] == 0  # stopped early: epoch 1 was no better
+    from cluster_train.experiments.estimate import StepCost, format_estimate
+    from cluster_train.experiments.sweep import Trial
+
+    printed = format_estimate([Trial("stopped", 0, config)], {"cnn_regressor": StepCost(train=5.0, forward=1.0)}, 1,
+                              PreparedDataset(str(prepared / "prepared")))
+    assert "1 trial(s) resume from a checkpoint" in printed and "stopped: 1 trial(s) x 0 min" in printed, printed
     again = run_training(config)
     _same_result(again, first)
     assert sorted(p.name for p in (tmp_path / "runs" / "stopped").glob("checkpoint_*")) == [
@@ -117,13 +123,16 @@ def test_a_finished_run_started_again_in_process_hands_back_its_result(prepared,
     [run] = client.search_runs([client.get_experiment_by_name("deepemocluster").experiment_id])
     assert run.info.run_id == first.mlflow_run_id and run.info.status == "FINISHED"
     assert _steps(store, first.mlflow_run_id, "precision/bf16") == [0]
+    assert _steps(store, first.mlflow_run_id, "test/ccc_arousal") == [0]  # scored once, and one model logged
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [model.name for model in models] == ["best_model"]
 
 
 @pytest.mark.slow
 def test_a_finished_ray_train_run_started_again_hands_back_its_result(prepared, tmp_path):
     """The same on Ray Train, which restores the run from `<storage_path>/<name>`; and the epochs
     its checkpoints hold are read from the folders Ray Train names after the time, not the epoch."""
-    from cluster_train.train.runtime import epochs_checkpointed
+    from cluster_train.train.runtime import latest_state
 
     store = _store(tmp_path)
     config = _small_run(prepared, tmp_path / "runs", "on-ray", *TINY_MODEL, "precise_bn.utterances=0",
@@ -132,7 +141,7 @@ def test_a_finished_ray_train_run_started_again_hands_back_its_result(prepared, 
     run_dir = tmp_path / "runs" / "on-ray"
     names = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(names) == 2 and all(RAY_CHECKPOINT.fullmatch(name) for name in names), names
-    assert epochs_checkpointed(str(run_dir)) == 2
+    assert latest_state(str(run_dir)).epoch == 2
     again = run_training(config)
     _same_result(again, first)
     assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == names
@@ -220,7 +229,7 @@ def test_only_checkpoints_written_to_the_end_count(tmp_path, where):
     """`LocalRuntime` writes a checkpoint under a temporary name and moves it into place (a local
     folder), or marks it complete last (a bucket, where a move is a copy): a folder cut short is not
     a checkpoint, and the one before it is resumed from."""
-    from cluster_train.train.runtime import LocalRuntime, epochs_checkpointed
+    from cluster_train.train.runtime import LocalRuntime, latest_state
 
     def written(epoch: int) -> str:
         folder = tmp_path / f"written_{epoch}"
@@ -236,7 +245,7 @@ def test_only_checkpoints_written_to_the_end_count(tmp_path, where):
         with filesystem.open_output_stream(f"{root}/checkpoint_000001/trainer_state.pt") as handle:
             handle.write(b"epoch 1")
         assert runtime.checkpoints() == ["checkpoint_000000"]
-        assert runtime.last_metrics() == {"epoch": 0} and epochs_checkpointed(run_dir) == 1
+        assert runtime.last_metrics() == {"epoch": 0} and latest_state(run_dir).epoch == 1
         with runtime.resume_folder() as folder:
             assert Path(folder, "trainer_state.pt").read_text() == "epoch 0"
         filesystem.create_dir(f"{root}/checkpoint_legacy")
@@ -247,7 +256,7 @@ def test_only_checkpoints_written_to_the_end_count(tmp_path, where):
         assert LocalRuntime({}, run_dir).checkpoints() == ["checkpoint_000001", "checkpoint_000002"]
         assert sorted(i.base_name for i in filesystem.get_file_info(pafs.FileSelector(root))) == [
             "checkpoint_000001", "checkpoint_000002", "checkpoint_legacy"]  # no temporary left behind
-        assert epochs_checkpointed(run_dir) == 3
+        assert latest_state(run_dir).epoch == 3
 
     if where == "local":
         check(str(tmp_path / "run"), pafs.LocalFileSystem(), str(tmp_path / "run"))

@@ -19,7 +19,7 @@ import torch
 from cluster_train.data.batches import row_counts
 from cluster_train.model.kinds import get_kind
 from cluster_train.train.config import TrainConfig
-from cluster_train.train.runtime import epochs_checkpointed
+from cluster_train.train.runtime import latest_state
 from data_prep.config import ConfigError
 from data_prep.dataset import PreparedDataset
 
@@ -129,16 +129,17 @@ def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, 
         key = (repr(trial.config.data), trial.config.seed)
         if key not in rows:
             rows[key] = row_counts(dataset, trial.config.data, trial.config.seed)
-        done = min(epochs_checkpointed(trial.config.run_dir), trial.config.epochs)
-        resumed += done > 0
-        seconds = trial_seconds(trial.config, costs[trial.config.model_kind], dataset, rows[key],
-                                trial.config.epochs - done)
+        state = latest_state(trial.config.run_dir)
+        left = trial.config.epochs if state is None else state.epochs_left(trial.config.epochs, trial.config.patience)
+        resumed += left < trial.config.epochs
+        seconds = trial_seconds(trial.config, costs[trial.config.model_kind], dataset, rows[key], left)
         by_point.setdefault(trial.point, []).append(seconds)
     total = sum(sum(seconds) for seconds in by_point.values())
     timed = ", ".join(f"{k} {c.train * 1e3:.1f} ms/chunk ({c.forward * 1e3:.1f} forward only)" for k, c in costs.items())
     lines = [f"estimate, from {timed} timed here (an upper bound: every epoch run):"]
     if resumed:
-        lines.append(f"  {resumed} trial(s) resume from a checkpoint: counted for their epochs left")
+        lines.append(f"  {resumed} trial(s) resume from a checkpoint: counted for their epochs left (none for "
+                     f"one that stopped early)")
     for point, seconds in by_point.items():
         lines.append(f"  {point}: {len(seconds)} trial(s) x {_duration(max(seconds))}")
     lines.append(f"  total {_duration(total)} of training, {_duration(total / max(1, concurrent))} with "
@@ -155,4 +156,6 @@ def memory_bytes() -> int:
 
 def _duration(seconds: float) -> str:
     minutes = round(seconds / 60)
+    if seconds <= 0:
+        return "0 min"
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"

@@ -51,6 +51,10 @@ class TrainState:
         """Early stopping: `patience` epochs in a row without a better development loss."""
         return self.bad_epochs >= patience
 
+    def epochs_left(self, epochs: int, patience: int) -> int:
+        """Epochs a run of `epochs` still trains from here: none once it stopped early."""
+        return 0 if self.should_stop(patience) else max(0, epochs - self.epoch)
+
 
 @dataclass
 class Checkpointer:

@@ -202,18 +202,21 @@ def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,
     bundle = load_bundle(bundle_dir)
     splits = [config.data.development_split, *config.data.test_splits]
     scores = {split: evaluate_split(bundle, dataset, split)["ccc"] for split in splits}
+    final = {}
+    for split, values in scores.items():
+        key = "dev/final_ccc" if split == config.data.development_split else f"{split}/ccc"
+        final |= {f"{key}_{k}": v for k, v in values.items() if isinstance(v, float)}
     tracker = RunTracker(config.tracking, active=run_id is not None)
     if run_id is not None and tracker.start({}, {}, run_id=run_id):
-        for split, values in scores.items():
-            key = "dev/final_ccc" if split == config.data.development_split else f"{split}/ccc"
-            tracker.log_metrics({f"{key}_{k}": v for k, v in values.items() if isinstance(v, float)}, step=0)
-        model_uri = tracker.log_model(bundle.model, name="best_model",
-                          extra={"normalizer": {"mean": bundle.normalizer.mean.tolist(), "std": bundle.normalizer.std.tolist(),
-                                                "clip": bundle.normalizer.clip},
-                                 "label_scaler": bundle.label_scaler.to_dict(), "features": bundle.features or {}})
-        if model_uri:  # the bundle inside the logged model: runs:/ and models:/ URIs both load it
-            log_bundle(bundle_dir, name="best_model", model_id=model_uri.rsplit("/", 1)[-1],
-                       tracking_uri=config.tracking.tracking_uri)
+        if not set(final) <= set(tracker.logged_metrics()):  # else a finished run started again: logged once
+            model_uri = tracker.log_model(bundle.model, name="best_model",
+                              extra={"normalizer": {"mean": bundle.normalizer.mean.tolist(), "std": bundle.normalizer.std.tolist(),
+                                                    "clip": bundle.normalizer.clip},
+                                     "label_scaler": bundle.label_scaler.to_dict(), "features": bundle.features or {}})
+            if model_uri:  # the bundle inside the logged model: runs:/ and models:/ URIs both load it
+                log_bundle(bundle_dir, name="best_model", model_id=model_uri.rsplit("/", 1)[-1],
+                           tracking_uri=config.tracking.tracking_uri)
+            tracker.log_metrics(final, step=0)  # last: the scores mark the model as logged
         tracker.end()
     return scores
 

@@ -112,7 +112,7 @@ class Trainer:
     @property
     def done(self) -> bool:
         """Nothing left to train: every epoch trained, or stopped early (`patience`)."""
-        return self.state.epoch >= self.config.epochs or self.state.should_stop(self.config.patience)
+        return self.state.epochs_left(self.config.epochs, self.config.patience) == 0
 
     def fit(self) -> None:
         """Train the epochs left; none when the run (maybe resumed) is `done`."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cluster_train.data.batches import InMemoryRows
-from cluster_train.train.checkpointer import read_report
+from cluster_train.train.checkpointer import TrainState, read_report
 from data_prep.storage import download_folder, open_filesystem
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -36,13 +36,13 @@ def checkpoint_folders(filesystem: pafs.FileSystem, root: str) -> list[str]:
                   if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
 
 
-def epochs_checkpointed(run_dir: str) -> int:
-    """How many epochs a run under `run_dir` has finished, from the reports in its checkpoint folders
-    (Ray Train names them after the time they were written, `LocalRuntime` after the epoch); 0
-    without one."""
+def latest_state(run_dir: str) -> TrainState | None:
+    """The `TrainState` of the furthest checkpoint of a run under `run_dir`, from the reports in its
+    checkpoint folders (Ray Train names them after the time they were written, `LocalRuntime` after
+    the epoch); None without one."""
     location = run_dir.rstrip("/")
     reports = [read_report(f"{location}/{name}") for name in checkpoint_folders(*open_filesystem(location))]
-    return max((state.epoch for _, state in filter(None, reports)), default=0)
+    return max((state for _, state in filter(None, reports)), key=lambda state: state.epoch, default=None)
 
 
 class Runtime(Protocol):
