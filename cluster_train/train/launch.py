@@ -208,7 +208,8 @@ def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,
         final |= {f"{key}_{k}": v for k, v in values.items() if isinstance(v, float)}
     tracker = RunTracker(config.tracking, active=run_id is not None)
     if run_id is not None and tracker.start({}, {}, run_id=run_id):
-        if not set(final) <= set(tracker.logged_metrics()):  # else a finished run started again: logged once
+        logged = tracker.logged_metrics()
+        if any(logged.get(key) != value for key, value in final.items()):  # else a finished run started again
             model_uri = tracker.log_model(bundle.model, name="best_model",
                               extra={"normalizer": {"mean": bundle.normalizer.mean.tolist(), "std": bundle.normalizer.std.tolist(),
                                                     "clip": bundle.normalizer.clip},
@@ -216,7 +217,7 @@ def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,
             if model_uri:  # the bundle inside the logged model: runs:/ and models:/ URIs both load it
                 log_bundle(bundle_dir, name="best_model", model_id=model_uri.rsplit("/", 1)[-1],
                            tracking_uri=config.tracking.tracking_uri)
-            tracker.log_metrics(final, step=0)  # last: the scores mark the model as logged
+            tracker.log_metrics(final, step=0)  # last: these scores mark this model as logged
         tracker.end()
     return scores
 
