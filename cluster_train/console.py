@@ -3,7 +3,7 @@
 Quiet by default: Ray Train's per-worker report lines (a 2 KB metrics dict per worker per epoch) and
 resource messages, Ray Data's per-dataset messages, MLflow's INFO logs and artifact progress bars.
 `verbose=True` (`jobs/train.py --verbose`) keeps them all. Ray Data's actors read their logging
-config at start, so its quieting reaches them only on a Ray that the run starts itself (`ray_env`)
+config at start, so its quieting reaches them only on a Ray that the run joins or starts itself (`ray_env`)
 or whose job sets RAY_DATA_LOGGING_CONFIG (infra/runtime_env.yaml).
 """
 
@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from data_prep.guards import submitted_job_runtime_env
 
 RAY_DATA_QUIET = Path(__file__).resolve().parents[1] / "configs" / "logging" / "ray_data_quiet.yaml"
 
@@ -35,9 +37,15 @@ def quiet_process(verbose: bool) -> None:
 
 
 def ray_env(verbose: bool) -> dict[str, str]:
-    """Environment variables for the Ray a run starts (`ray.init(runtime_env={"env_vars": ...})`)."""
+    """Environment variables for the Ray a run joins or starts (`ray.init(runtime_env={"env_vars": ...})`).
+
+    In a `ray job submit` driver, only those its job's runtime env leaves unset: Ray 2.60's ray.init
+    refuses a key both set ("Failed to merge the Job's runtime env"), even to the same value."""
     # PYTHONWARNINGS: Ray 2.60 warns in every Ray Data actor that its own `exclude_resources` is deprecated.
-    return {} if verbose else {"RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_QUIET), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    wanted = {} if verbose else {"RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_QUIET),
+                                 "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    job_env_vars = (submitted_job_runtime_env() or {}).get("env_vars") or {}
+    return {key: value for key, value in wanted.items() if key not in job_env_vars}
 
 
 def ray_train_log_level(verbose: bool) -> str:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from data_prep.config import ConfigError, PrepConfig, output_settings
 from data_prep.frames import FORMAT
+from data_prep.guards import refuse_node_local_paths, refuse_outputs_lost_after_job
 from data_prep.importers import build_manifest
 from data_prep.manifest import Utterance, listing_hash, manifest_table
 from data_prep.shards import ShardPlan, plan_shards, write_shard
@@ -65,6 +67,11 @@ class PrepSummary:
 
 def run_prep(config: PrepConfig) -> PrepSummary:
     """Prepare the dataset; resumes a killed run and does nothing new on a finished one."""
+    refuse_outputs_lost_after_job({"output": config.output})
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):  # joining a cluster (as a job does): look first
+        ray.init(logging_level=logging.WARNING)
+    if ray.is_initialized():  # else checked once _process_on_ray starts or finds a Ray
+        _refuse_node_local_paths(config)
     started = time.perf_counter()
     manifest = build_manifest(config.sources)  # a manifest error stops here, before any work
     output = OutputFolder(config.output)
@@ -95,9 +102,15 @@ def _claim_output(output: OutputFolder, settings: dict, overwrite: bool) -> None
     output.write_json("settings.json", settings)
 
 
+def _refuse_node_local_paths(config: PrepConfig) -> None:
+    refuse_node_local_paths({"output": config.output,
+                             **{f"sources[{i}].path": source.path for i, source in enumerate(config.sources)}})
+
+
 def _process_on_ray(todo: list[ShardPlan], config: PrepConfig) -> None:
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
+        _refuse_node_local_paths(config)
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar replaces Ray Data's own
