@@ -1,18 +1,22 @@
-"""Where the K-means actor runs (`clustering.use_gpu`), checked without a Ray cluster.
+"""Where the K-means actor runs (`clustering.use_gpu`) and how long its placement may take.
 
 The decision is `service.actor_options`, from the config alone; Ray's own autoscaler code
 (`ResourceDemandScheduler.get_nodes_to_launch`, what the v1 autoscaler calls every update) then shows
 what the actor's resource request does to infra/aws/cluster.yaml's cluster while no GPU node runs.
-No test here starts Ray: `get_or_create_service` runs against a stand-in actor class.
+The wiring runs against a stand-in actor class; the bounded placement on a real local Ray (no GPU).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import os
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 from ray._common.utils import resources_from_ray_options
 from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
@@ -37,8 +41,8 @@ NO_GPU, ONE_GPU = {"num_cpus": 0, "num_gpus": 0}, {"num_cpus": 0, "num_gpus": 1}
     ("use_gpu", "training_uses_gpu", "expected"),
     [
         ("auto", False, NO_GPU),  # the CPU demo and tests: as before
-        ("auto", True, ONE_GPU),  # follows the training
-        (True, False, ONE_GPU),
+        ("auto", True, NO_GPU),  # never one of the training's GPUs (issue 32): no GPU of its own
+        (True, False, ONE_GPU),  # asked for explicitly: a GPU of its own
         (True, True, ONE_GPU),
         (False, False, NO_GPU),
         (False, True, NO_GPU),
@@ -54,12 +58,20 @@ def test_default_is_auto_and_the_cpu_demo_stays_on_cpu():
     assert actor_options(config.clustering, config.scaling.use_gpu) == NO_GPU
 
 
+def test_default_asks_for_no_gpu_when_training_uses_gpus():
+    """8 one-GPU nodes, scaling.num_workers=8: an actor holding one of them, placed before the
+    trainer, left a worker waiting forever."""
+    config = load_train_config(REPO / "configs" / "train" / "ravdess_sample.yaml",
+                               ["scaling.use_gpu=true", "scaling.num_workers=8"])
+    assert actor_options(config.clustering, config.scaling.use_gpu) == NO_GPU
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         (["clustering.use_gpu=true"], ONE_GPU),
         (["clustering.use_gpu=false", "scaling.use_gpu=true"], NO_GPU),
-        (["clustering.use_gpu=auto", "scaling.use_gpu=true"], ONE_GPU),
+        (["clustering.use_gpu=auto", "scaling.use_gpu=true"], NO_GPU),
         (["clustering.use_gpu=auto", "scaling.use_gpu=false"], NO_GPU),
     ],
 )
@@ -111,7 +123,7 @@ class _FakeActorClass:
 def fake_actor(monkeypatch):
     actor = _FakeActorClass()
     monkeypatch.setattr(service_module, "KMeansService", actor)
-    monkeypatch.setattr(service_module.ray, "get", lambda value: value)
+    monkeypatch.setattr(service_module.ray, "get", lambda value, timeout=None: value)
 
     def no_cluster_resources():
         raise AssertionError("the K-means actor's GPU must not depend on ray.cluster_resources()")
@@ -122,11 +134,11 @@ def fake_actor(monkeypatch):
 
 @pytest.mark.parametrize(
     ("use_gpu", "training_uses_gpu", "gpus", "faiss_gpu"),
-    [("auto", False, 0, False), ("auto", True, 1, True), (True, False, 1, True), (False, True, 0, False)],
+    [("auto", False, 0, False), ("auto", True, 0, False), (True, False, 1, True), (False, True, 0, False)],
 )
 def test_service_is_created_with_the_decision(fake_actor, use_gpu, training_uses_gpu, gpus, faiss_gpu):
     """The actor asks Ray for the decided GPU, and its faiss is told the same decision (Ray 2.60 leaves
-    CUDA_VISIBLE_DEVICES alone for an actor with no GPU: "auto" in there would take a GPU it never asked for)."""
+    CUDA_VISIBLE_DEVICES alone for an actor with no GPU: "auto" in there would take a training GPU)."""
     config = ClusteringConfig(use_gpu=use_gpu)
     get_or_create_service("kmeans-test", config, 2, seed=7, training_uses_gpu=training_uses_gpu)
     assert fake_actor.options_given["num_gpus"] == gpus and fake_actor.options_given["num_cpus"] == 0
@@ -206,12 +218,58 @@ def test_use_gpu_false_needs_no_new_node():
     assert nodes_launched([demand]) == ({}, [])
 
 
-def test_auto_follows_the_training_on_the_cluster():
-    """GPU training (2 workers, 4 CPUs + 1 GPU each): the actor gets a GPU node of its own (g5.2xlarge
-    has one GPU). CPU training: the workers and the actor fit on the running CPU node."""
+def test_auto_adds_no_node_to_the_training():
+    """GPU training (2 workers, 4 CPUs + 1 GPU each): the default actor adds no GPU node (it did add a
+    third g5.2xlarge, one GPU each); CPU training: the workers and the actor fit on the running CPU node."""
     auto = ClusteringConfig(use_gpu="auto")
     gpu_training = [{"CPU": 4, "GPU": 1}] * 2
     assert nodes_launched(gpu_training) == ({"gpu_worker": 2}, [])
-    assert nodes_launched(gpu_training + [demand_of(actor_options(auto, True))]) == ({"gpu_worker": 3}, [])
+    assert nodes_launched(gpu_training + [demand_of(actor_options(auto, True))]) == ({"gpu_worker": 2}, [])
     cpu_training = [{"CPU": 4}] * 2
     assert nodes_launched(cpu_training + [demand_of(actor_options(auto, False))]) == ({}, [])
+
+
+# --- bounded placement, on a real local Ray without a GPU ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_without_gpu():
+    with pytest.MonkeyPatch.context() as environment:
+        if "RAY_ENABLE_UV_RUN_RUNTIME_ENV" not in os.environ:
+            environment.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING")
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def test_an_actor_the_cluster_cannot_place_fails_within_the_timeout(ray_without_gpu):
+    """clustering.use_gpu=true on a cluster without a GPU: an error naming what the actor asked for and
+    what the cluster has, after placement_timeout_s, and the pending actor is gone."""
+    name = f"kmeans-{uuid.uuid4().hex[:8]}"
+    config = ClusteringConfig(use_gpu=True, placement_timeout_s=3.0)
+    started = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"(?s)clustering\.placement_timeout_s.*'GPU': 1.*cluster has.*'CPU': 1\.0"):
+        get_or_create_service(name, config, 2, training_uses_gpu=True)
+    assert 3.0 <= time.perf_counter() - started < 30
+    with pytest.raises(ValueError):
+        ray.get_actor(name)
+
+
+def test_the_default_actor_is_placed_at_once(ray_without_gpu):
+    name = f"kmeans-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    service = get_or_create_service(name, ClusteringConfig(placement_timeout_s=60.0), 2, training_uses_gpu=True)
+    try:
+        assert time.perf_counter() - started < 30
+        assert ray.get(service.describe.remote())["config"]["use_gpu"] is False
+    finally:
+        ray.kill(service)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_placement_timeout_must_be_positive(value):
+    with pytest.raises(ConfigError, match=r"config key 'clustering\.placement_timeout_s'"):
+        ClusteringConfig(placement_timeout_s=value)

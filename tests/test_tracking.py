@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -93,6 +94,21 @@ def test_a_failed_run_ends_failed_with_its_error(uri: str) -> None:
     assert info.info.status == "FAILED"
     assert info.data.tags["error"] == "RuntimeError: epoch 3: the K-means actor failed 4 times"
     assert not run.enabled
+
+
+def test_more_metrics_than_one_mlflow_batch_holds(uri: str) -> None:
+    """An epoch of K >= ~1,000 clusters logs one `cluster_size/<k>` each: more than MLflow's
+    MAX_METRICS_PER_BATCH (1,000) in one call must all arrive, and tracking must stay on."""
+    run = tracker(uri)
+    run_id = run.start({}, {})
+    metrics = {f"cluster_size/{k}": float(k) for k in range(2_500)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed batch warns and turns tracking off
+        run.log_metrics(metrics, step=3)
+    assert run.enabled
+    run.end()
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    assert logged == metrics
 
 
 def test_params_tags_metrics_and_artifacts_read_back(uri: str, tmp_path: Path) -> None:

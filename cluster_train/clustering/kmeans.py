@@ -66,19 +66,26 @@ class ClusteringConfig:
     max_points_per_centroid: int | None = None
     # Where the K-means actor ("gather", "sample") runs, decided from the config, never from the GPUs
     # the cluster has when the run starts (an autoscaling cluster's GPU nodes may be scaled to 0):
-    #   auto   follow the training: GPU K-means exactly when scaling.use_gpu is true (the training
-    #          workers' GPUs are what makes the autoscaler launch GPU nodes); the CPU demo stays on CPU
-    #   true   the actor asks Ray for one GPU (an autoscaler launches a GPU node for it, a whole node
-    #          where a GPU node has one GPU) and faiss runs there
+    #   auto   a CPU actor, CPU faiss: the actor never takes a GPU the training workers need (it is
+    #          placed before them: on 8 one-GPU nodes, 8 GPU workers would wait forever)
+    #   true   the actor asks Ray for one GPU of its own, beyond the training's (an autoscaler launches
+    #          a GPU node for it, a whole node where a GPU node has one GPU) and faiss runs there
     #   false  a CPU actor, CPU faiss
-    # `service.actor_options` decides; the actor gets the decision as true/false. Called directly,
-    # `run_kmeans` reads "auto" as "on a GPU when faiss sees one".
+    # `service.actor_options` decides; the actor gets the decision as true/false. Called directly
+    # (one process without Ray, "allreduce" in the workers), `run_kmeans` reads "auto" as "on a GPU
+    # when faiss sees one": the process's own.
     use_gpu: bool | str = "auto"
     threads: int | None = None  # faiss OpenMP threads; None: the CPUs this process may use
     mode: str = "gather"  # one of MODES
     # sample / allreduce: the points (all ranks together) PCA-whitening is fitted on, and in
     # "sample" mode also the points the centroids are trained on. Bounds what reaches the actor.
     sample_size: int = 65_536
+    # "gather": the most memory the actor may need (GB, all copies: `train/preflight.py`); a run
+    # needing more fails before it starts. 500K segments x 11 chunks need ~17 GB: use "sample" there.
+    gather_max_gb: float = 4.0
+    # How long the driver waits for the K-means actor to be placed before failing with what it asked
+    # for and what the cluster has; an autoscaler launching a GPU node for it takes minutes.
+    placement_timeout_s: float = 900.0
     # The actor is restarted this many times when it dies (-1: always); an epoch's clustering is
     # retried on every rank that many times.
     actor_restarts: int = 3
@@ -103,6 +110,8 @@ class ClusteringConfig:
         require_choice(self.use_gpu, "clustering.use_gpu", (True, False, "auto"))
         require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
         require_choice(self.mode, "clustering.mode", MODES)
+        require(self.gather_max_gb > 0, "clustering.gather_max_gb", "must be > 0")
+        require(self.placement_timeout_s > 0, "clustering.placement_timeout_s", "must be > 0")
         require(self.sample_size >= self.num_clusters, "clustering.sample_size", "must be >= num_clusters")
         require(self.actor_restarts >= -1, "clustering.actor_restarts", "must be >= -1 (-1: always)")
         require(self.round_timeout_s > 0, "clustering.round_timeout_s", "must be > 0")

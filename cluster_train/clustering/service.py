@@ -243,15 +243,15 @@ def _summary(result: KMeansResult, epoch: int, version: int, kind: str) -> dict:
     }
 
 
-def actor_options(config: ClusteringConfig, training_uses_gpu: bool) -> dict:
-    """The Ray options of the K-means actor, from the config alone: `clustering.use_gpu` true -> one
-    GPU, false -> none, "auto" -> one exactly when the training workers use GPUs
-    (`training_uses_gpu`, the run's `scaling.use_gpu`). Never from what the cluster has now: on an
-    autoscaling cluster the GPU nodes may be scaled to 0, and the actor's own GPU request is what
-    makes the autoscaler launch one. No CPU either way (as the class declares): the clustering's
-    threads come from `clustering.threads`."""
-    gpu = training_uses_gpu if config.use_gpu == "auto" else config.use_gpu is True
-    return {"num_cpus": 0, "num_gpus": 1 if gpu else 0}
+def actor_options(config: ClusteringConfig, training_uses_gpu: bool = False) -> dict:
+    """The Ray options of the K-means actor, from the config alone: one GPU of its own exactly when
+    `clustering.use_gpu` is true; "auto" and false ask for none, whatever the training uses
+    (`training_uses_gpu`, the run's `scaling.use_gpu`, decides nothing): the actor is placed before the
+    trainer, and a training GPU it took would leave a worker waiting forever. Never from what the
+    cluster has now: on an autoscaling cluster the GPU nodes may be scaled to 0, and the actor's own
+    GPU request is what makes the autoscaler launch one. No CPU either way (as the class declares):
+    the clustering's threads come from `clustering.threads`."""
+    return {"num_cpus": 0, "num_gpus": 1 if config.use_gpu is True else 0}
 
 
 def get_or_create_service(
@@ -261,14 +261,15 @@ def get_or_create_service(
     """The named KMeansService, created if missing; workers find it with `ray.get_actor(name)`.
 
     Call it on the driver: a non-detached actor lives as long as the job that created it (a
-    detached one outlives it and must be killed by hand). Its GPU: `actor_options(config,
-    training_uses_gpu)`; the actor gets `config` with `use_gpu` set to that decision, so faiss runs
-    on the GPU Ray gave it and on no other (Ray leaves CUDA_VISIBLE_DEVICES alone for an actor
-    without GPUs: "auto" inside it would take one it did not ask for). A GPU actor on a cluster that
-    can never have a GPU waits here (Ray reports it infeasible). An existing actor of that name must
-    have the same (decided) config, world size and seed, else ValueError (a stale actor from another
-    run). `seed`: the training run's; epoch e clusters with `seeding.derive(seed, "kmeans", e)`.
-    `max_restarts`: None takes `config.actor_restarts`.
+    detached one outlives it and must be killed by hand). Its GPU: `actor_options(config)`; the actor
+    gets `config` with `use_gpu` set to that decision, so faiss runs on the GPU Ray gave it and on no
+    other (Ray leaves CUDA_VISIBLE_DEVICES alone for an actor without GPUs: "auto" inside it would
+    take a training GPU). An actor not placed within `clustering.placement_timeout_s` is killed and
+    TimeoutError names what it asked for and what the cluster has (`training_uses_gpu`: the message
+    says the training needs GPUs too). An existing actor of that name must have the same (decided)
+    config, world size and seed, else ValueError (a stale actor from another run). `seed`: the
+    training run's; epoch e clusters with `seeding.derive(seed, "kmeans", e)`. `max_restarts`: None
+    takes `config.actor_restarts`.
     """
     options = actor_options(config, training_uses_gpu)
     config = dataclasses.replace(config, use_gpu=options["num_gpus"] > 0)
@@ -277,7 +278,18 @@ def get_or_create_service(
         lifetime="detached" if detached else None,
         max_restarts=config.actor_restarts if max_restarts is None else max_restarts,
     ).remote(config, world_size, seed)  # fmt: skip
-    found = ray.get(service.describe.remote())
+    try:
+        found = ray.get(service.describe.remote(), timeout=config.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(service)
+        asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"]}
+        training = " beyond the training workers' own GPUs (scaling.use_gpu)" if training_uses_gpu else ""
+        raise TimeoutError(
+            f"the K-means actor {name!r} was not placed within clustering.placement_timeout_s = "
+            f"{config.placement_timeout_s:g} s: it asked for {asked}{training}; the cluster has "
+            f"{ray.cluster_resources()}, of which {ray.available_resources()} are free. Set "
+            f"clustering.use_gpu to auto/false (CPU faiss), add the resources, or raise the timeout "
+            f"where an autoscaler is still launching a node") from None
     wanted = {"config": dataclasses.asdict(config), "world_size": world_size, "seed": seed}
     if found != wanted:
         raise ValueError(f"actor {name!r} exists with {found}, not {wanted}")
