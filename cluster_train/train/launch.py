@@ -15,8 +15,10 @@ from cluster_train.console import quiet_process, ray_env, ray_train_log_level
 from cluster_train.data.labels import LabelScaler
 from cluster_train.train.checkpointer import BEST_DIR
 from cluster_train.train.config import ScalingConfig, TrainConfig
+from cluster_train.train.preflight import check_run_against_dataset
 from data_prep.config import to_flat_dict
 from data_prep.dataset import PreparedDataset
+from data_prep.guards import refuse_node_local_paths, refuse_outputs_lost_after_job
 from data_prep.manifest import ATTRIBUTES
 from data_prep.shards import ChunkRecipe
 from data_prep.storage import copy_folder
@@ -85,16 +87,26 @@ def with_dataset_shape(config: TrainConfig, dataset: PreparedDataset) -> TrainCo
     return dataclasses.replace(config, model=model)
 
 
+def refuse_lost_outputs(config: TrainConfig) -> None:
+    """Under `ray job submit`, refuse a relative `storage_path` or local MLflow store (the default one
+    included: `mlflow.db` in the current folder), before anything starts."""
+    tracking_uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    refuse_outputs_lost_after_job({"storage_path": config.storage_path,
+                                   "tracking.tracking_uri": tracking_uri if config.tracking.enabled else None})
+
+
 def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
     """Train `config` on Ray Train (a local Ray is started when none is running), or in this process
     without Ray when `scaling.num_workers` is 0; score the best model on the development and test
     splits, finish its MLflow run. `verbose`: keep Ray Train's and MLflow's own console output."""
+    refuse_lost_outputs(config)
     started = time.perf_counter()
     name = config.name or f"{config.model_kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = pin_local_paths(dataclasses.replace(
         config, name=name, tracking=dataclasses.replace(config.tracking, run_name=config.tracking.run_name or name)))
     dataset = PreparedDataset(config.data.dataset)  # a missing or unfinished dataset fails here
     dataset.normalizer()  # fails here, not on a worker, when the dataset has no statistics
+    check_run_against_dataset(config, dataset)  # its splits and clustering memory: before Ray starts
     config = with_dataset_shape(config, dataset)
     scaler = fit_label_scaler(dataset, config)
     tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
@@ -147,6 +159,9 @@ def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelSc
 
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", runtime_env={"env_vars": ray_env(verbose)})
+    refuse_node_local_paths({"storage_path": config.storage_path,
+                             "tracking.tracking_uri": config.tracking.tracking_uri if config.tracking.enabled else None,
+                             "data.dataset": config.data.dataset}, mlflow_key="tracking.tracking_uri")
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same seed, same run
     context.enable_progress_bars = False  # one bar per worker and epoch would bury the log
