@@ -41,7 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster_train.data.batches import READ_CPUS, ROW_COLUMNS, ChunkBatches, chunk_keys  # noqa: E402
+from cluster_train.data.batches import ROW_COLUMNS, ChunkBatches, chunk_keys  # noqa: E402
+from cluster_train.data.streaming import READ_CPUS, StreamedShard, StreamPlan  # noqa: E402
 from cluster_train.data.config import DataConfig  # noqa: E402
 from cluster_train.data.labels import LabelScaler  # noqa: E402
 from data_prep.config import ChunkConfig, PrepConfig, load_config  # noqa: E402
@@ -127,14 +128,27 @@ def busy_cpu_seconds() -> float:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
+class RayRows:
+    """A Ray Dataset served as training's rows are (`iter_batches` with a pass's seed), through Ray's
+    local shuffle buffer of `buffer_rows`."""
+
+    def __init__(self, rows, buffer_rows: int):
+        self.rows, self.buffer_rows = rows, buffer_rows
+
+    def iter_batches(self, batch_size: int, local_shuffle_seed: int | None = None, **options):
+        buffer = None if local_shuffle_seed is None else self.buffer_rows
+        return self.rows.iterator().iter_batches(batch_size=batch_size, local_shuffle_buffer_size=buffer,
+                                                 local_shuffle_seed=local_shuffle_seed, **options)
+
+
 def stream(dataset: PreparedDataset, shard, chunking: ChunkConfig, normalizer, scaler: LabelScaler,
            passes: int) -> dict:
-    """Chunks/s and busy CPU-seconds of a Ray Dataset's rows -> ChunkBatches, streamed `passes` times
-    after one warm-up pass."""
+    """Chunks/s and busy CPU-seconds of rows (anything with `iter_batches`) -> ChunkBatches, streamed
+    `passes` times after one warm-up pass."""
     batches = ChunkBatches(normalizer, scaler, torch.device("meta"), dataset.frame_format, chunking)
 
     def one_pass(seed: int) -> int:
-        return sum(batch.num_chunks * len(batch.targets) for batch in batches(shard.iterator(), BATCH, False, seed))
+        return sum(batch.num_chunks * len(batch.targets) for batch in batches(shard, BATCH, False, seed))
 
     one_pass(0)
     cpu, started = busy_cpu_seconds(), time.perf_counter()
@@ -181,12 +195,15 @@ def main() -> None:
         }
         print(f"{layout}: {json.dumps(steps[layout])}")
 
-    # what training streams (`data.batches._ParquetRows`): a pyarrow read task per shard
-    ours_rows = dataset.ray_dataset(None, ROW_COLUMNS, read_cpus=READ_CPUS, read_tasks=DataConfig(dataset="").read_tasks)
+    # what training streams (`data/streaming.py`): a pyarrow read task per shard, one rank's share
+    defaults = DataConfig(dataset="")
+    ours_rows = StreamedShard(StreamPlan.from_index(dataset.location, dataset.row_index(None, ["id"])), 0, 1,
+                              defaults.read_tasks, defaults.shuffle_buffer_rows, ROW_COLUMNS)
     streamed = stream(dataset, ours_rows, chunking, normalizer, scaler, args.passes)
     print(f"Ray Data (a pyarrow read task per shard) -> ChunkBatches, streamed: {json.dumps(streamed)}")
     # what it streamed before: Ray Data's own Parquet reader
-    read_parquet = ray.data.read_parquet(frames_paths, num_cpus=READ_CPUS).select_columns(ROW_COLUMNS)
+    read_parquet = RayRows(ray.data.read_parquet(frames_paths, num_cpus=READ_CPUS).select_columns(ROW_COLUMNS),
+                           defaults.shuffle_buffer_rows)
     before = stream(dataset, read_parquet, chunking, normalizer, scaler, args.passes)
     print(f"ray.data.read_parquet -> ChunkBatches, streamed: {json.dumps(before)}")
     gpu_rate, gpu_source = gpu_chunks_per_s()

@@ -29,6 +29,8 @@ STREAMS = (
     # new streams go last: a stream's index is part of every seed it derives
     "unlabeled_subset",  # which audio-only utterances `data.unlabeled_fraction` keeps
     "shuffled_labels",  # per epoch: the permutation of clustering.pseudo_labels = "shuffled"
+    "shard_order",  # streamed data, per pass (from the pass's shuffle seed): the order of the shards
+    "row_order",  # streamed data, per pass: the shuffle buffer's draws
 )
 
 

@@ -3,6 +3,7 @@ rows hold their frames (`frame_format`: `.chunks_of(rows["frames"], chunks)` cut
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -74,6 +75,20 @@ class PreparedDataset:
         dataset = self._arrow_dataset(shards)
         where = None if splits is None else pads.field("split").isin(list(splits))
         return dataset.to_table(columns=list(columns) if columns else None, filter=where)
+
+    def row_index(self, splits: Sequence[str] | None = None, columns: Sequence[str] = ("id",)) -> pa.Table:
+        """`columns` of every row of the given splits, with `shard`: the index of the shard (in
+        dataset.json's list) that holds the row. Reads only those columns, shards in parallel (in a
+        bucket, each read waits on the network)."""
+        where = None if splits is None else pads.field("split").isin(list(splits))
+        fragments = list(self._arrow_dataset().get_fragments())
+
+        def read(shard: int) -> pa.Table:
+            table = fragments[shard].to_table(columns=list(columns), filter=where)
+            return table.append_column("shard", pa.array(np.full(table.num_rows, shard, np.int32)))
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return pa.concat_tables(pool.map(read, range(len(fragments))))
 
     def ray_dataset(self, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None,
                     read_cpus: float = 1.0, ids: Sequence[str] | None = None, keep: bool = True,

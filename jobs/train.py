@@ -36,7 +36,9 @@ def main(argv=None) -> int:
     for split, values in result.scores.items():
         print(f"  {split:<36}" + "  ".join(f"{values[a]:9.4f}" if isinstance(values[a], float) else f"{values[a]:>9}" for a in attributes))
     if result.mlflow_run_id:
-        print(f"MLflow run {result.mlflow_run_id}; UI: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1")
+        store = config.tracking.resolved_uri()
+        ui = store if store.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {store} --host 127.0.0.1"
+        print(f"MLflow run {result.mlflow_run_id}; UI: {ui}")
     return 0
 
 

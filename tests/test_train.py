@@ -372,11 +372,9 @@ def test_a_cached_shard_gives_the_same_batches_whether_read_now_or_before(prepar
     assert first == [b["id"].to_pylist() for b in again.iter_batches(3, drop_last=True, local_shuffle_seed=5)]
     assert len(first) == 2 and len({i for ids in first for i in ids}) == 6
     assert first != [b["id"].to_pylist() for b in rows.iter_batches(3, drop_last=True, local_shuffle_seed=6)]
-    cache = ShardCache(enabled=True)
+    cache = ShardCache()
     held = cache("train", dataset.ray_dataset(["train"], ROW_COLUMNS).iterator())
     assert cache("train", None) is held  # read once, then kept
-    streamed = dataset.ray_dataset(["train"], ROW_COLUMNS).iterator()
-    assert ShardCache(enabled=False)("train", streamed) is streamed
 
     # Such small data reaches Ray Data as tables the driver read: the same rows as from the shards.
     config = DataConfig(dataset=str(prepared / "prepared"), label_fraction=0.5, labeled_as_unlabeled=False)

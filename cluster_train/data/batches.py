@@ -1,17 +1,19 @@
-"""Training data: which rows each stage reads, as Ray Datasets, and how a worker batches them.
+"""Training data: which rows each stage reads, and how a worker batches them.
 
-The driver builds four datasets from one prepared dataset (`build_datasets`):
-    labeled      stage 2 rows: labelled utterances (after `label_fraction`), sharded over workers
-    unlabeled    stage 1 rows: unlabeled audio (+ labelled audio, by default), sharded
-    cluster      what K-means embeds every epoch: labeled + unlabeled rows, sharded
-    development  early stopping; every worker reads all of it
-    precise_bn   a fixed sample of training utterances the BatchNorm statistics are recomputed on
-                 (`train/precise_bn.py`); every worker reads all of it and keeps it in memory
+A run reads these datasets of one prepared dataset:
+    labeled      stage 2 rows: labelled utterances (after `label_fraction`), shared out over ranks
+    unlabeled    stage 1 rows: unlabeled audio (+ labelled audio, by default), shared out
+    cluster      what K-means embeds every epoch: labeled + unlabeled rows, shared out
+    development  early stopping: each rank scores its part, the CCC sums are added up over ranks
+    precise_bn   a fixed sample of training utterances, drawn from every shard, the BatchNorm
+                 statistics are recomputed on (`train/precise_bn.py`); each rank holds all of it
 Rows hold each utterance's frames; workers cut them into chunks (`data.chunks`, the paper's Eq. 1-2)
-and turn them into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`. On data
-small enough (`DataConfig.cache_max_mb`) the driver reads the rows itself and hands Ray Data tables,
-and workers read each shard once and keep it (`ShardCache`); larger data streams from the shards.
-A pseudo-label is keyed by utterance and chunk (`chunk_keys`), never by worker.
+and turn them into (chunk keys, normalised chunks, z-scored labels) with `ChunkBatches`. Data small
+enough (`DataConfig.cache_max_mb`) the driver reads itself (`build_tables`) and hands Ray Train as
+tables; workers keep their rows (`ShardCache`) and permute all of them every pass. Larger data
+streams from the shards, a seeded order over shards and rows every pass (`data/streaming.py`,
+planned here by `plan_streams`). A pseudo-label is keyed by utterance and chunk (`chunk_keys`),
+never by worker.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 from cluster_train.data.config import DataConfig
 from cluster_train.data.labels import LabelScaler
+from cluster_train.data.streaming import StreamPlan, read_rows
 from cluster_train.seeding import derive
 from data_prep.config import MAX_CHUNKS, ChunkConfig
 from data_prep.dataset import PreparedDataset
@@ -37,7 +40,6 @@ from data_prep.stats import Normalizer
 
 SPLIT_DATASETS = ["labeled", "unlabeled", "cluster"]
 ROW_COLUMNS = ["id", *ATTRIBUTES, "frames"]
-READ_CPUS = 0.25  # Parquet reads are light; a full CPU each would starve beside the training workers
 
 
 def utterance_key_bits(num_chunks: int) -> int:
@@ -104,21 +106,17 @@ def kept_unlabeled_ids(dataset: PreparedDataset, config: DataConfig, kept: list[
 def precise_bn_table(dataset: PreparedDataset, splits: list[str], utterances: int, seed: int,
                      ids: list[str] | None = None) -> pa.Table:
     """`utterances` rows of `splits` (of `ids` among them, where given: the audio a run uses, so
-    audio it leaves out never reaches even its BatchNorm statistics) drawn at random (seeded), read
-    from as few shards as hold them: at MSP-Podcast scale a handful of shards, not the corpus.
-    Sorted by id."""
-    used = None if ids is None else pa.array(ids)
+    audio it leaves out never reaches even its BatchNorm statistics) drawn at random (seeded) from
+    all of them: at MSP-Podcast scale nearly one a shard, many podcasts, where a whole shard holds
+    one or two. Reads the id column, then only the shards holding the rows drawn. Sorted by id."""
+    index = dataset.row_index(splits, ["id"])
+    if ids is not None:
+        index = index.filter(pc.is_in(index["id"], value_set=pa.array(ids, index["id"].type)))
+    index = index.sort_by("id")  # the draw does not depend on the order the shards were listed in
     rng = np.random.default_rng(derive(seed, "precise_bn"))
-    parts, rows = [], 0
-    for shard in rng.permutation(len(dataset.info["shards"])):
-        part = dataset.read_table(splits, ROW_COLUMNS, shards=[int(shard)])
-        parts.append(part if used is None else part.filter(pc.is_in(part["id"], used.cast(part["id"].type))))
-        rows += parts[-1].num_rows
-        if rows >= utterances:
-            break
-    table = pa.concat_tables(parts)
-    chosen = np.sort(rng.choice(table.num_rows, min(utterances, table.num_rows), replace=False))
-    table = table.take(chosen)
+    chosen = index.take(np.sort(rng.choice(index.num_rows, min(utterances, index.num_rows), replace=False)))
+    plan = StreamPlan.from_index(dataset.location, chosen)
+    table = read_rows(dataset, list(zip(plan.shards.tolist(), plan.ids)), ROW_COLUMNS)
     return table.take(pc.sort_indices(table, [("id", "ascending")]))
 
 
@@ -181,43 +179,38 @@ def row_counts(dataset: PreparedDataset, config: DataConfig, seed: int) -> dict[
 
 def build_datasets(dataset: PreparedDataset, config: DataConfig, seed: int, in_memory: bool = False,
                    precise_bn_utterances: int = 0) -> dict:
-    """The Ray Datasets of one run (see the module docstring), built on the driver.
-
-    `in_memory` (data within `cache_max_mb`, see `cache_shards`): the driver reads the rows once with
-    pyarrow (`build_tables`) and hands them to Ray Data as tables; workers still get their shards
-    from Ray Data's split. Streamed instead, a read task per Parquet shard, `config.read_tasks` at once.
-    """
+    """The Ray Datasets Ray Train hands its workers, built on the driver: with `in_memory` (data
+    within `cache_max_mb`, see `cache_shards`) every dataset of the module docstring, from the rows
+    the driver read with pyarrow (`build_tables`; Ray Train splits `SPLIT_DATASETS` over workers);
+    streamed, only `precise_bn`: the rest the workers read themselves (`plan_streams`)."""
     import ray.data
 
     if in_memory:
         datasets = {name: ray.data.from_arrow(table)
                     for name, table in build_tables(dataset, config, seed, precise_bn_utterances).items()}
+        datasets["development"] = datasets["development"].materialize()  # read once, every epoch
     else:
-        labelled, audio_only = _kept_ids(dataset, config, seed)
-        datasets = _select(_ParquetRows(dataset, config.read_tasks), config, labelled, audio_only)
+        datasets = {}
         if precise_bn_utterances > 0:
-            table = precise_bn_table(dataset, _cluster_splits(config), precise_bn_utterances, seed,
-                                     _audio_used(labelled, audio_only))
-            datasets["precise_bn"] = ray.data.from_arrow(table)
-    datasets["development"] = datasets["development"].materialize()  # read once, every epoch
+            labelled, audio_only = _kept_ids(dataset, config, seed)
+            datasets["precise_bn"] = ray.data.from_arrow(precise_bn_table(
+                dataset, _cluster_splits(config), precise_bn_utterances, seed, _audio_used(labelled, audio_only)))
     if "precise_bn" in datasets:
         datasets["precise_bn"] = datasets["precise_bn"].materialize()
     return datasets
 
 
-class _ParquetRows:
-    """Rows of some splits, streamed from the Parquet shards by Ray Data's read tasks."""
-
-    def __init__(self, dataset: PreparedDataset, read_tasks: int):
-        self.dataset, self.read_tasks = dataset, read_tasks
-
-    def __call__(self, splits: list[str], ids: list[str] | None = None, keep: bool = True):
-        return self.dataset.ray_dataset(splits, columns=ROW_COLUMNS, read_cpus=READ_CPUS, ids=ids, keep=keep,
-                                        read_tasks=self.read_tasks)
+def plan_streams(dataset: PreparedDataset, config: DataConfig, seed: int) -> dict[str, StreamPlan]:
+    """The streamed datasets of a run (all but `precise_bn`) as plans: the ids each reads from each
+    shard, from the id column alone. A read task is then given its own shard's ids, never a run's."""
+    index = dataset.row_index([*_cluster_splits(config), config.development_split], ["id", "split"])
+    selected = _select(_TableRows(index), config, *_kept_ids(dataset, config, seed))
+    return {name: StreamPlan.from_index(dataset.location, rows.select(["id", "shard"]))
+            for name, rows in selected.items()}
 
 
 class _TableRows:
-    """Rows of some splits, cut from one Arrow table (the same rows `_ParquetRows` gives)."""
+    """Rows of some splits, cut from one Arrow table."""
 
     def __init__(self, table: pa.Table):
         self.table = table
@@ -267,18 +260,29 @@ class InMemoryRows:
             yield self.table.take(order[start : start + batch_size])
 
 
+class RankSlice:
+    """A rank's part of rows every rank holds (development and precise-BatchNorm rows, which Ray
+    Train does not split): batches r, r + W, r + 2W, ... of them."""
+
+    def __init__(self, rows, rank: int, world_size: int):
+        self.rows, self.rank, self.world_size = rows, rank, world_size
+
+    def iter_batches(self, batch_size: int, **options) -> Iterator[pa.Table]:
+        for index, batch in enumerate(self.rows.iter_batches(batch_size, **options)):
+            if index % self.world_size == self.rank:
+                yield batch
+
+
 class ShardCache:
     """A worker's dataset shards, read whole on first use and kept (see `DataConfig.cache_max_mb`).
 
     Order does not depend on whether a shard was cached before (a resumed run reads it anew and
     gets the same batches): rows are sorted by id, then shuffled with the pass's seed."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self._rows = enabled, {}
+    def __init__(self):
+        self._rows = {}
 
     def __call__(self, name: str, shard):
-        if not self.enabled:
-            return shard
         if name not in self._rows:
             self._rows[name] = InMemoryRows.read(shard)
         return self._rows[name]
@@ -297,8 +301,9 @@ class Batch:
 
 
 class ChunkBatches:
-    """Rows of a Ray DataIterator -> `Batch`es on `device`: chunks cut from each row's frames (held
-    as `frames` says, cut as `chunks` says), normalised as the dataset prescribes."""
+    """Rows of a rank (`InMemoryRows`, `StreamedShard`: anything with `iter_batches`) -> `Batch`es
+    on `device`: chunks cut from each row's frames (held as `frames` says, cut as `chunks` says),
+    normalised as the dataset prescribes."""
 
     def __init__(self, normalizer: Normalizer, scaler: LabelScaler, device: torch.device, frames: FrameFormat,
                  chunks: ChunkConfig):
@@ -307,7 +312,7 @@ class ChunkBatches:
         self.loading_seconds = 0.0  # waiting on Ray Data + turning rows into tensors, all calls so far
 
     def __call__(self, iterator, batch_size: int, drop_last: bool, seed: int | None = None) -> Iterator[Batch]:
-        shuffle = {} if seed is None else {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": seed}
+        shuffle = {} if seed is None else {"local_shuffle_seed": seed}  # how far each source mixes is its own
         rows_iter = iter(iterator.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
                                                **shuffle))
         while True:

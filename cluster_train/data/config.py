@@ -36,16 +36,22 @@ class DataConfig:
     # split): later passes skip Ray Data's per-pass start-up, several seconds each, which dominates
     # an epoch on small data. 0: stream from the shards every pass (what MSP-Podcast scale needs).
     cache_max_mb: float = 512
-    # Streamed data (beyond cache_max_mb): read tasks at once per dataset. Each reads a shard with
-    # pyarrow and delivers ~30K chunks per CPU-second here (bench/results/read_path.json), so two keep
-    # one H100 (23K chunks/s) fed; raise it with the GPUs per dataset. Many more tasks than free
-    # CPUs make Ray start and stop a worker process per task, every pass: 10x slower.
+    # Streamed data (beyond cache_max_mb), `data/streaming.py`: Ray Data read tasks at once per
+    # training worker, so reading grows with scaling.num_workers. Each reads a shard with pyarrow and
+    # delivers ~30K chunks per CPU-second here (bench/results/read_path.json): two keep one H100
+    # (23K chunks/s) fed. Changes the speed, never the rows or their order.
     read_tasks: int = 2
+    # Streamed data: rows each worker mixes before it draws a batch (Ray's local shuffle buffer), on
+    # top of the shards read in a new order every epoch. A shard holds 256 utterances of one or two
+    # podcasts, so 4,096 rows mix ~16 shards into every batch; at MSP-Podcast's ~6 s a segment they
+    # take ~0.4 GB of a worker's memory (float16 frames).
+    shuffle_buffer_rows: int = 4096
 
     def __post_init__(self) -> None:
         require(0 < self.label_fraction <= 1, "data.label_fraction", "must be in (0, 1]")
         require(0 <= self.unlabeled_fraction <= 1, "data.unlabeled_fraction", "must be in [0, 1]")
         require(self.cache_max_mb >= 0, "data.cache_max_mb", "must be >= 0")
         require(self.read_tasks >= 1, "data.read_tasks", "must be >= 1")
+        require(self.shuffle_buffer_rows >= 1, "data.shuffle_buffer_rows", "must be >= 1")
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         require(len(self.labeled_splits) > 0, "data.labeled_splits", "name at least one split")

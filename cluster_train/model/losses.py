@@ -48,6 +48,33 @@ def ccc(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, dim:
     return value.squeeze(dim)
 
 
+class CCCSums:
+    """`ccc` over rows that arrive in parts (a split shared out over ranks), from six float64 sums
+    per attribute: the count, the sums of p, t, p^2, t^2 and p t over labelled rows. Added up over
+    ranks (`reduce`), they give the CCC of all the rows, as `ccc` on them at once gives it."""
+
+    def __init__(self, attributes: int):
+        self.sums = np.zeros((6, attributes), dtype=np.float64)
+
+    def add(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """(N, A) predictions and targets, NaN where a target has no label."""
+        p, t = (torch.as_tensor(v).detach().double().cpu().numpy() for v in (pred, target))
+        labelled = ~np.isnan(t)
+        p, t = np.where(labelled, p, 0.0), np.where(labelled, t, 0.0)
+        self.sums += np.stack([labelled.sum(0), p.sum(0), t.sum(0), (p * p).sum(0), (t * t).sum(0), (p * t).sum(0)])
+
+    def ccc(self, reduce=None) -> np.ndarray:
+        """(A,) CCC of every row added here (and on every rank, with `reduce`: a float64 sum over
+        ranks); NaN for an attribute with no labelled row, 0 where both sides are constant and equal."""
+        count, sp, st, spp, stt, spt = reduce(self.sums) if reduce is not None else self.sums
+        n = np.maximum(count, 1.0)
+        mp, mt = sp / n, st / n
+        covariance = spt / n - mp * mt
+        denominator = (spp / n - mp**2) + (stt / n - mt**2) + (mp - mt) ** 2
+        value = 2.0 * covariance / np.maximum(denominator, np.finfo(np.float64).tiny)
+        return np.where(count > 0, value, np.nan)
+
+
 def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Sum over attributes (columns) of 1 - CCC; attributes with no label in the batch add 0.
 

@@ -154,7 +154,7 @@ def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelSc
     from ray.train.torch import TorchTrainer
 
     from cluster_train.clustering.service import get_or_create_service
-    from cluster_train.data.batches import SPLIT_DATASETS, build_datasets, cache_shards
+    from cluster_train.data.batches import SPLIT_DATASETS, build_datasets, cache_shards, plan_streams
     from cluster_train.train.ray_worker import train_func
 
     if not ray.is_initialized():
@@ -163,13 +163,18 @@ def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelSc
                              "tracking.tracking_uri": config.tracking.tracking_uri if config.tracking.enabled else None,
                              "data.dataset": config.data.dataset}, mlflow_key="tracking.tracking_uri")
     context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # same seed, same run
+    # Small data only (streamed data orders its passes itself): Ray Train's split of the driver's
+    # tables gives each rank the same rows every run, which each rank then permutes per pass.
+    context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # one bar per worker and epoch would bury the log
     context.print_on_execution_start = verbose  # an execution plan per dataset and epoch, likewise
     warn_if_reads_starve(config.scaling)
     in_memory = cache_shards(dataset, config.data)
     datasets = build_datasets(dataset, config.data, config.seed, in_memory=in_memory,
                               precise_bn_utterances=config.precise_bn.utterances)
+    # streamed: each worker reads its share of every pass (data/streaming.py); the plans go to the
+    # object store once, not into every worker's arguments
+    streams = None if in_memory else ray.put(plan_streams(dataset, config.data, config.seed))
     service = None
     if config.clusters and config.clustering.mode != "allreduce":  # "allreduce" clusters inside the workers
         # restarted up to clustering.actor_restarts times if it dies; the workers then cluster again
@@ -179,7 +184,7 @@ def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelSc
         trainer = TorchTrainer(
             train_func,
             train_loop_config={"config": config, "label_scaler": scaler.to_dict(), "service": service,
-                               "params": to_flat_dict(config), "tags": tags, "cache_shards": in_memory,
+                               "params": to_flat_dict(config), "tags": tags, "streams": streams,
                                "verbose": verbose},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.scaling.num_workers,
@@ -194,7 +199,7 @@ def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelSc
                 logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level(verbose)),
             ),
             datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=SPLIT_DATASETS),
+            dataset_config=ray.train.DataConfig(datasets_to_split=SPLIT_DATASETS if in_memory else []),
         )
         result = trainer.fit()
     finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -25,11 +24,11 @@ import torch
 from cluster_train.clustering.diagnostics import ClusterDiagnostics
 from cluster_train.clustering.labelers import LabelTable, build_labeler, uniform_over_clusters
 from cluster_train.console import epoch_line, print_line
-from cluster_train.data.batches import Batch, ChunkBatches, InMemoryRows
+from cluster_train.data.batches import Batch, ChunkBatches, InMemoryRows, RankSlice
 from cluster_train.data.labels import LabelScaler
 from cluster_train.distributed import Collective, weight_spread
 from cluster_train.model.kinds import Stage
-from cluster_train.model.losses import ccc, sentence_mean
+from cluster_train.model.losses import CCCSums, sentence_mean
 from cluster_train.seeding import derive
 from cluster_train.tracking import RunTracker
 from cluster_train.train.checkpointer import Checkpointer, TrainState
@@ -164,15 +163,10 @@ class Trainer:
         if self.bn_rows is None or self.bn_current:
             return
         started = time.perf_counter()
-        world, rank = self.collective.world_size, self.collective.rank
-
-        def own_batches() -> Iterator[torch.Tensor]:
-            for index, batch in enumerate(self.batches(self.bn_rows, self.config.data.batch_size, drop_last=False)):
-                if index % world == rank:
-                    yield batch.chunks
-
+        own = RankSlice(self.bn_rows, self.collective.rank, self.collective.world_size)
         with self.precision.autocast():
-            recompute_batchnorm(self.module, own_batches(), reduce=self.collective.sum)
+            recompute_batchnorm(self.module, (batch.chunks for batch in self.batches(
+                own, self.config.data.batch_size, drop_last=False)), reduce=self.collective.sum)
         self.bn_current = True
         timings["precise_bn"] = timings.get("precise_bn", 0.0) + time.perf_counter() - started
 
@@ -255,15 +249,15 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Sentence-level CCC on the development split (every worker reads all of it)."""
+        """Sentence-level CCC on the development split: each rank scores its part of it
+        (`Runtime.shard`) and the CCC comes from the sums of all ranks (`CCCSums`)."""
         self.module.eval()
-        predictions, targets = [], []
+        sums = CCCSums(len(self.scaler.attributes))
         for batch in self.batches(self.runtime.shard("development"), self.config.data.batch_size, drop_last=False):
             with self.precision.autocast():
                 prediction = self.module(batch.chunks)["prediction"].float()
-            predictions.append(sentence_mean(prediction, batch.num_chunks))
-            targets.append(batch.targets)
-        values = ccc(torch.cat(predictions), torch.cat(targets))
+            sums.add(sentence_mean(prediction, batch.num_chunks), batch.targets)
+        values = sums.ccc(reduce=self.collective.sum)
         metrics = {f"dev/ccc_{a}": float(v) for a, v in zip(self.scaler.attributes, values)}
         return metrics | {"dev/loss": float((1 - values).sum())}
 
