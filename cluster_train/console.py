@@ -3,8 +3,8 @@
 Quiet by default: Ray Train's per-worker report lines (a 2 KB metrics dict per worker per epoch) and
 resource messages, Ray Data's per-dataset messages, MLflow's INFO logs and artifact progress bars.
 `verbose=True` (`jobs/train.py --verbose`) keeps them all. Ray Data's actors read their logging
-config at start, so its quieting reaches them only on a Ray that the run joins or starts itself (`ray_env`)
-or whose job sets RAY_DATA_LOGGING_CONFIG (infra/runtime_env.yaml).
+config at start, so its quieting reaches them only on a Ray that the run starts itself or joins as a
+submitted job (`ray_env`: the driver's runtime env), unless the job's own env sets the key.
 """
 
 from __future__ import annotations

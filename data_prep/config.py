@@ -154,7 +154,8 @@ class PrepConfig:
     cpus_per_task: float = 1.0
     max_workers: int | None = None  # shards written at once; None: as many as the cluster's CPUs allow
     overwrite: bool = False  # allow replacing an output prepared with other settings
-    progress: bool | None = None  # None: a progress bar only when stderr is a terminal
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal, else plain lines
+    progress_seconds: float = 30.0  # between those lines (a log file, `ray job logs`)
 
     def __post_init__(self) -> None:
         require(len(self.sources) > 0, "sources", "at least one source is needed")
@@ -164,6 +165,7 @@ class PrepConfig:
         require(self.shard_size >= 1, "shard_size", "must be at least 1")
         require(self.cpus_per_task > 0, "cpus_per_task", "must be positive")
         require(self.max_workers is None or self.max_workers >= 1, "max_workers", "must be at least 1")
+        require(self.progress_seconds >= 0, "progress_seconds", "must not be negative")
         require(len(self.stats_splits) > 0, "stats_splits", "name at least one split")
 
 

@@ -16,6 +16,11 @@ from data_prep.config import ChunkConfig
 FORMAT = "deepemocluster-mel-frames/1"
 OLD_FORMATS = ("deepemocluster-mel-chunks/1",)  # chunks cut by prep: refused with what to run
 
+# The most bytes of frames one Arrow binary array holds, and so one utterance: int32 offsets address
+# 2 GiB - 1, and Parquet stores a value under 2 GiB in a page whose sizes are int32 too; 1 MiB less
+# leaves room for the page's header and the value's length prefix.
+MAX_ARRAY_BYTES = 2**31 - 2**20
+
 
 @dataclass(frozen=True)
 class FrameFormat:
@@ -36,21 +41,45 @@ class FrameFormat:
     def frame_bytes(self) -> int:
         return self.n_mels * np.dtype(self.dtype).itemsize
 
-    def column(self, mels: list[np.ndarray]) -> pa.BinaryArray:
-        """(T_i, n_mels) arrays -> one Arrow binary array, a row each."""
-        lengths = np.array([len(mel) for mel in mels], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]) * self.frame_bytes
-        if offsets[-1] > np.iinfo(np.int32).max:
-            raise ValueError(f"{offsets[-1]} bytes of frames do not fit one Arrow binary array; use a smaller shard_size")
+    @property
+    def max_frames(self) -> int:
+        """The most frames one row may hold (`MAX_ARRAY_BYTES`)."""
+        return MAX_ARRAY_BYTES // self.frame_bytes
+
+    def column(self, mels: list[np.ndarray]) -> pa.ChunkedArray:
+        """(T_i, n_mels) arrays -> a `frames` column, a row each: one Arrow binary array, or (a shard
+        of long audio) several, each of at most `MAX_ARRAY_BYTES`, in the rows' order."""
+        sizes = np.array([len(mel) for mel in mels], dtype=np.int64) * self.frame_bytes
+        if len(sizes) and sizes.max() > MAX_ARRAY_BYTES:
+            row = int(sizes.argmax())
+            raise ValueError(f"frames of row {row}: {sizes[row]:,} bytes, above the {MAX_ARRAY_BYTES:,} bytes "
+                             "one stored value may hold")
+        pieces, start = [], 0
+        while start < len(mels) or not pieces:
+            stop = start + int(np.searchsorted(np.cumsum(sizes[start:]), MAX_ARRAY_BYTES, side="right"))
+            pieces.append(self._array(mels[start:stop], sizes[start:stop]))
+            start = stop
+        return pa.chunked_array(pieces, pa.binary())
+
+    def _array(self, mels: list[np.ndarray], sizes: np.ndarray) -> pa.BinaryArray:
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
         data = b"".join(np.ascontiguousarray(mel, dtype=self.dtype).tobytes() for mel in mels)
-        return pa.BinaryArray.from_buffers(pa.binary(), len(mels), [None, pa.py_buffer(offsets.astype(np.int32)),
-                                                                    pa.py_buffer(data)])
+        return pa.BinaryArray.from_buffers(pa.binary(), len(mels), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
     def frames_of(self, column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         """A `frames` column of B rows -> (their frames end to end (sum T, n_mels), lengths (B,)),
-        a view of Arrow's buffer where the column is in one piece."""
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        a view of Arrow's buffer where the column is in one piece. A column in several pieces (a
+        shard of long audio) is joined by numpy, never by Arrow, whose binary arrays stop at 2 GiB."""
+        if not isinstance(column, pa.ChunkedArray):
+            return self._frames_of_array(column)
+        if column.num_chunks == 1:
+            return self._frames_of_array(column.chunk(0))
+        if column.num_chunks == 0:
+            return np.empty((0, self.n_mels), self.dtype), np.empty(0, np.int64)
+        pieces = [self._frames_of_array(chunk) for chunk in column.chunks]
+        return np.concatenate([frames for frames, _ in pieces]), np.concatenate([lengths for _, lengths in pieces])
+
+    def _frames_of_array(self, column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         if column.null_count:
             raise ValueError(f"frames column has {column.null_count} null rows")
         offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32

@@ -122,12 +122,53 @@ def _process_on_ray(todo: list[ShardPlan], config: PrepConfig) -> None:
     audio_seconds = 0.0
     started = time.perf_counter()
     with tqdm(total=total, unit="utt", desc="prep", disable=None if config.progress is None else not config.progress) as bar:
+        # A bar off by choice stays quiet; one off because the output is not a terminal (a log, `ray job
+        # logs`) becomes plain lines.
+        lines = ProgressLines(total, config.progress_seconds) if config.progress is None and bar.disable else None
         for row in results.iter_rows():
             summary = json.loads(row["summary"])
             audio_seconds += sum(summary["audio_seconds"].values())
             bar.update(row["rows"])
             rate = audio_seconds / 3600 / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix_str(f"{rate:.3f} audio-h/s")
+            if lines is not None:
+                lines.update(row["rows"])
+
+
+class ProgressLines:
+    """Progress as plain lines on stdout, for output that is not a terminal:
+    `prep 12,345/500,000 utterances (2.5%)  310 utt/s  ~26 min left`, at most one every `seconds`,
+    and a last one when all are done."""
+
+    def __init__(self, total: int, seconds: float):
+        self.total, self.seconds = total, seconds
+        self.done = 0
+        self.started = self.printed = time.perf_counter()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.printed >= self.seconds or self.done >= self.total:
+            self.printed = now
+            print(self.line(now - self.started), flush=True)
+
+    def line(self, elapsed: float) -> str:
+        rate = self.done / max(elapsed, 1e-9)
+        if self.done < self.total:
+            when = f"~{_duration((self.total - self.done) / rate)} left"
+        else:
+            when = f"done in {_duration(elapsed)}"
+        speed = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
+        share = 100 * self.done / self.total
+        return f"prep {self.done:,}/{self.total:,} utterances ({share:.1f}%)  {speed} utt/s  {when}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _write_shard_row(item: dict, config: PrepConfig) -> dict:

@@ -156,7 +156,8 @@ class AudioFrames:
 
 def load_frames(location: str, features: FeatureConfig, storage_dtype: str, min_seconds: float,
                 expected_duration: float | None = None) -> AudioFrames:
-    """Read, decode, check and turn one file into mel frames; raises AudioRejected with the reason.
+    """Read, decode, check and turn one file into mel frames; raises AudioRejected with the reason
+    (`load_audio`'s, or `too short`, `too long`: more frames than one stored value holds, `overflow`).
 
     The one implementation of audio -> frames: prep's shards and prediction both call it.
     """
@@ -168,7 +169,13 @@ def load_frames(location: str, features: FeatureConfig, storage_dtype: str, min_
     duration = len(wave) / features.sample_rate
     if duration < min_seconds:
         raise AudioRejected(f"too short: {duration:.3f} s is below min_seconds = {min_seconds} s")
-    mel = mel_extractor(features)(wave)
+    extractor = mel_extractor(features)
+    frames, layout = extractor.num_frames(len(wave)), FrameFormat(storage_dtype, features.n_mels)
+    if frames > layout.max_frames:
+        raise AudioRejected(f"too long: {duration:.1f} s gives {frames:,} frames of {layout.frame_bytes} bytes, more "
+                            f"than the {layout.max_frames:,} one stored utterance may hold (Arrow/Parquet's 2 GiB "
+                            "per value); cut the audio into shorter segments")
+    mel = extractor(wave)
     largest = float(np.abs(mel).max())
     if largest > np.finfo(storage_dtype).max:
         raise AudioRejected(f"overflow: mel value {largest:.4g} exceeds {storage_dtype}; use storage_dtype=float32")

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import ray
+import yaml
 from conftest import REPO_ROOT, prepare_train_sample, train_sample_manifest
 
 from cluster_train.console import RAY_DATA_QUIET, ray_env
@@ -22,17 +23,28 @@ TINY = ["epochs=1", "data.batch_size=4", "clustering.num_clusters=4", "model.cha
         "model.feature_dim=16", "scaling.cpus_per_worker=0.5"]
 
 
-@pytest.fixture
-def in_a_submitted_job(monkeypatch):
-    """This process as the driver of `ray job submit --runtime-env infra/runtime_env.yaml`: Ray 2.60's
+def as_submitted_job(monkeypatch, env_vars: dict[str, str]) -> None:
+    """This process as the driver of a `ray job submit` whose runtime env sets `env_vars`: Ray 2.60's
     job supervisor passes the job's runtime env in this variable (job_supervisor.py)."""
-    runtime_env = {"working_dir": "gcs://_ray_pkg_0.zip",
-                   "env_vars": {"RAY_DATA_LOGGING_CONFIG": "configs/logging/ray_data_quiet.yaml"}}
+    runtime_env = {"working_dir": "gcs://_ray_pkg_0.zip", "env_vars": env_vars}
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": runtime_env, "metadata": {}}))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def test_ray_env_leaves_the_keys_a_submitted_job_sets_to_the_job(in_a_submitted_job):
+@pytest.fixture
+def in_a_submitted_job(monkeypatch):
+    """The driver of `ray job submit --runtime-env infra/runtime_env.yaml`, with that file's env_vars."""
+    as_submitted_job(monkeypatch, yaml.safe_load((REPO_ROOT / "infra" / "runtime_env.yaml").read_text())["env_vars"])
+
+
+def test_ray_env_under_the_shipped_runtime_env_sets_both_with_an_absolute_path(in_a_submitted_job):
+    assert ray_env(verbose=False) == {"RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_QUIET),
+                                      "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    assert RAY_DATA_QUIET.is_absolute() and RAY_DATA_QUIET.is_file()
+
+
+def test_ray_env_leaves_the_keys_a_submitted_job_sets_to_the_job(monkeypatch):
+    as_submitted_job(monkeypatch, {"RAY_DATA_LOGGING_CONFIG": "/etc/my_ray_data_logging.yaml"})
     assert ray_env(verbose=False) == {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 

@@ -1212,8 +1212,11 @@ def test_runtime_env_keeps_data_out_of_the_upload(tmp_path):
     assert not tops & {"data", "outputs", "runs", "mlruns", ".git", ".venv", "mlflow-server", "docs", "tests"}, tops
     assert not any(name.endswith(".db") for name in names)
     for needed in ("jobs/train.py", "jobs/prep.py", "cluster_train/train/loop.py", "data_prep/pipeline.py",
-                   "configs/train/ravdess_full.yaml", "pyproject.toml", env["env_vars"]["RAY_DATA_LOGGING_CONFIG"]):
+                   "configs/train/ravdess_full.yaml", "pyproject.toml", "configs/logging/ray_data_quiet.yaml"):
         assert needed in names, needed  # the quiet logging config travels with the job
+    # The driver points Ray at it by its absolute path (console.ray_env); a relative path here is not
+    # found by Ray Data's processes, and a key set here too makes the driver's ray.init refuse to merge.
+    assert not {"RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS"} & set(env["env_vars"]), env["env_vars"]
     assert package.stat().st_size < 20 * 2**20  # Ray's working_dir limit is a few hundred MB
     # The image's commit is not the uploaded checkout's: blank it, the submit command sets the real one.
     assert env["env_vars"][tracking.COMMIT_ENV] == ""

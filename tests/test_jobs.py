@@ -171,8 +171,6 @@ def readme_training_submit(bucket: str, commit: str) -> list[str]:
     return shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], line), comments=True)
 
 
-@pytest.mark.xfail(strict=True, reason="infra/runtime_env.yaml's RAY_DATA_LOGGING_CONFIG is relative: a Ray Data "
-                   "process outside the working dir fails with FileNotFoundError: 'configs/logging/ray_data_quiet.yaml'")
 @pytest.mark.timeout(600)
 def test_the_readme_training_command_runs_as_written(cluster, tmp_path):
     """infra/README.md's training command verbatim (`--runtime-env infra/runtime_env.yaml`, the

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,6 +206,39 @@ def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path, ray_cluster
     ids = PreparedDataset(str(out)).read_table(columns=["id"])["id"].to_pylist()
     assert sorted(ids) == sorted(r["id"] for r in rows)  # every utterance exactly once
     assert not list(out.glob(".tmp-*"))
+
+
+PROGRESS_LINE = re.compile(r"prep (\d+)/(\d+) utterances \((\d+\.\d)%\)  [\d.,]+ utt/s  "
+                           r"(~\d+(?:\.\d)? (?:s|min|h) left|done in .+)")
+
+
+def progress_lines(text: str) -> list[re.Match]:
+    lines = [line for line in text.splitlines() if line.startswith("prep ") and "utterances (" in line]
+    matches = [PROGRESS_LINE.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    return matches
+
+
+def test_prep_without_a_terminal_prints_progress_lines(tmp_path, ray_cluster, capsys):
+    """Where the output is not a terminal (pytest's capture here, `ray job logs` on a cluster) tqdm's
+    bar is off: plain lines with done / total and the time left take its place."""
+    def prep(name: str, count: int, *overrides: str) -> None:
+        manifest = write_csv(tmp_path / f"{name}.csv", good_rows(count))
+        run_prep(load_config(PrepConfig, None, [f"sources=[{{kind: csv, path: {manifest}}}]",
+                                                f"output={tmp_path / name}", "shard_size=4", *overrides]))
+
+    prep("every", 12, "progress_seconds=0")  # a line for each of the 3 shards
+    out = capsys.readouterr().out
+    lines = progress_lines(out)
+    assert [int(m[1]) for m in lines] == [4, 8, 12] and {int(m[2]) for m in lines} == {12}, out
+    assert [m[3] for m in lines] == ["33.3", "66.7", "100.0"], out
+    assert all(m[4].endswith(" left") for m in lines[:-1]) and lines[-1][4].startswith("done in "), out
+
+    prep("default", 4)  # done well within the default 30 s: only the last line
+    assert [m[0].split("  ")[0] for m in progress_lines(capsys.readouterr().out)] == ["prep 4/4 utterances (100.0%)"]
+
+    prep("off", 4, "progress=false")  # progress turned off by the user: nothing
+    assert not progress_lines(capsys.readouterr().out)
 
 
 def test_cli_reports_config_mistake_by_key(tmp_path):

@@ -34,7 +34,7 @@ from cluster_train.data.streaming import StreamPlan, read_rows
 from cluster_train.seeding import derive
 from data_prep.config import MAX_CHUNKS, ChunkConfig
 from data_prep.dataset import PreparedDataset
-from data_prep.frames import FrameFormat
+from data_prep.frames import MAX_ARRAY_BYTES, FrameFormat
 from data_prep.manifest import ATTRIBUTES
 from data_prep.stats import Normalizer
 
@@ -236,6 +236,10 @@ class InMemoryRows:
     all (not a local buffer)."""
 
     def __init__(self, table: pa.Table):
+        if "frames" in table.column_names and table["frames"].nbytes > MAX_ARRAY_BYTES:
+            # a take across pieces would join them into one binary array, which stops at 2 GiB
+            table = table.set_column(table.column_names.index("frames"), "frames",
+                                     table["frames"].cast(pa.large_binary()))
         self.table = table.take(pc.sort_indices(table, [("id", "ascending")])) if table.num_rows else table
         self.num_rows = table.num_rows
 
