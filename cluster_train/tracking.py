@@ -58,6 +58,7 @@ HTTP_RETRY_ENV = {
 SQLITE_LOCK_WAITS_S = (1.0, 2.0, 4.0, 8.0)
 COMMIT_ENV = "DEEPEMOCLUSTER_GIT_COMMIT"
 IMAGE_ENV = "DEEPEMOCLUSTER_IMAGE"
+SOURCE_ENV = "DEEPEMOCLUSTER_SOURCE_NAME"  # the driver's script, for runs started on Ray workers
 
 
 # Opens a new experiment in the MLflow UI's model-training view (the default here was the GenAI view).
@@ -78,6 +79,13 @@ class TrackingConfig:
     artifact_location: str | None = None
     # The run this one is a child of (a sweep's parent run): the UI nests it there.
     parent_run_id: str | None = None
+    # The registered model that training adds its best model to as a new version (None: none).
+    registered_model: str | None = "deepemocluster"
+    # Also log the network alone (`best_network`, MLflow's pytorch flavour, a torch.export program).
+    log_network: bool = True
+    # CPU, memory, disk, network (and GPU with pynvml) as `system/...` metrics every interval.
+    system_metrics: bool = False
+    system_metrics_interval_s: float = 10.0
 
     def resolved_uri(self) -> str:
         """The store to use; resolve it on the driver when workers may run in another directory."""
@@ -103,6 +111,7 @@ class RunTracker:
         self._client: MlflowClient | None = None
         self._run_id: str | None = None
         self._experiment_id: str | None = None
+        self._system_metrics = None
         if config.enabled and active:
             if self.uri.startswith(("http://", "https://")):
                 for name, value in HTTP_RETRY_ENV.items():
@@ -124,11 +133,12 @@ class RunTracker:
         self, params: dict[str, object], tags: dict[str, str], run_id: str | None = None,
         key_tag: str | None = None,
     ) -> str | None:
-        """Start a run (or re-open `run_id`), log params and tags (and the image, when in one); the
-        run id, None if disabled. `key_tag`: a tag in `tags` that names the training; without a
-        `run_id`, the experiment's latest unfinished run with the same value is re-opened rather than
-        a new one started (a worker group restarted before any checkpoint kept the run's id)."""
-        tags = {**image_tags(), **tags}
+        """Start a run (or re-open `run_id`), log params and tags (MLflow's standard source tags, and
+        the image, when in one); the run id, None if disabled. `key_tag`: a tag in `tags` that names
+        the training; without a `run_id`, the experiment's latest unfinished run with the same value
+        is re-opened rather than a new one started (a worker group restarted before any checkpoint
+        kept the run's id)."""
+        tags = {**standard_tags(tags.get("git_commit")), **image_tags(), **tags}
         if self.config.parent_run_id:
             tags["mlflow.parentRunId"] = self.config.parent_run_id
 
@@ -149,7 +159,22 @@ class RunTracker:
                 client.set_tag(self._run_id, key, str(value))
             return self._run_id
 
-        return self._call("start the run", start, needs_run=False)
+        run_id = self._call("start the run", start, needs_run=False)
+        if run_id and self.config.system_metrics:
+            self._start_system_metrics()
+        return run_id
+
+    def _start_system_metrics(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._system_metrics = SystemMetricsMonitor(
+                self._run_id, sampling_interval=self.config.system_metrics_interval_s, resume_logging=True,
+                tracking_uri=self.uri)
+            self._system_metrics.start()
+        except Exception as err:  # noqa: BLE001 - no psutil, ...: the run goes on without them
+            logger.warning("MLflow system metrics are off for run %s: %s", self._run_id, err)
+            self._system_metrics = None
 
     def _experiment(self, client: MlflowClient) -> str:
         """The id of the configured experiment, created with its artifact location and the
@@ -277,6 +302,9 @@ class RunTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with `status` ("FINISHED", "FAILED", "KILLED"); the tracker goes inert."""
+        if self._system_metrics is not None:
+            self._system_metrics.finish()  # its last samples, before the run closes
+            self._system_metrics = None
         self._call("end the run", lambda c: c.set_terminated(self._run_id, status))
         self._client = None
 
@@ -330,6 +358,29 @@ def mlflow_globals(uri: str | None):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def standard_tags(commit: str | None = None) -> dict[str, str]:
+    """MLflow's own provenance tags, which a run made through MlflowClient does not get by itself
+    (the UI shows user "unknown", source UNKNOWN): user, source script and type, git commit.
+
+    On a Ray worker the process's script is Ray's: the driver's comes from $DEEPEMOCLUSTER_SOURCE_NAME
+    when the driver sets it (or passes these tags itself), else the source is "ray-worker"."""
+    import getpass
+    import sys
+
+    source = os.environ.get(SOURCE_ENV) or (sys.argv[0] if sys.argv and sys.argv[0] else "")
+    if "ray/_private/workers" in source or not source:
+        source = "ray-worker"
+    tags = {"mlflow.source.name": source, "mlflow.source.type": "JOB"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        pass
+    commit = commit or git_commit()
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
 
 
 def image_tags() -> dict[str, str]:

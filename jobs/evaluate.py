@@ -3,6 +3,10 @@
 M: a bundle directory (cluster_train/serve/bundle.py), `runs:/<run_id>/<name>` or
 `models:/<name>/<version>` (MLFLOW_TRACKING_URI says which MLflow). D: a prepared dataset.
 Prints the sentence-level CCC per attribute for each split (raw 1-7 label scale).
+
+Under `ray job submit` (or wherever RAY_ADDRESS names a cluster) the splits are scored on a Ray Data
+actor pool of model replicas that grows from --min-actors to --max-actors; elsewhere in this
+process (`--ray yes` starts a local Ray instead, `--ray no` never uses Ray). Same numbers either way.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +22,8 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
 from cluster_train.serve.bundle import BundleError, resolve_bundle  # noqa: E402
-from cluster_train.serve.evaluate import EvaluationError, evaluate_split  # noqa: E402
+from cluster_train.serve.evaluate import DEVICES, ActorPool, EvaluationError, score_splits  # noqa: E402
+from data_prep.config import ConfigError  # noqa: E402
 from data_prep.dataset import DatasetError, PreparedDataset  # noqa: E402
 
 
@@ -29,7 +35,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", action="append", help="split to score; repeat for several (default: test)")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    pool = parser.add_argument_group("actor pool (scoring on Ray)")
+    pool.add_argument("--ray", choices=("auto", "yes", "no"), default="auto",
+                      help="auto: on an actor pool when RAY_ADDRESS names a cluster (as under `ray job submit`), "
+                           "else in this process; yes: on an actor pool, starting a local Ray if none")
+    pool.add_argument("--device", choices=DEVICES, default="auto", help="auto: GPU actors when the cluster has GPUs")
+    pool.add_argument("--min-actors", type=int, default=1, help="model replicas at the start (default: 1)")
+    pool.add_argument("--max-actors", type=int,
+                      help="most model replicas; above the cluster's size now, an autoscaler adds nodes "
+                           "(default: as many as its GPUs or CPUs hold now)")
+    pool.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (torch threads) per replica")
+    pool.add_argument("--gpus-per-actor", type=float, default=1.0, help="share of a GPU per GPU replica")
     return parser.parse_args(argv)
+
+
+def on_ray(choice: str) -> bool:
+    """--ray: whether to score on an actor pool (`score_splits` joins RAY_ADDRESS's cluster, or starts a Ray)."""
+    if choice != "auto":
+        return choice == "yes"
+    return bool(os.environ.get("RAY_ADDRESS")) or ("ray" in sys.modules and sys.modules["ray"].is_initialized())
 
 
 def table(results: list[dict]) -> str:
@@ -54,11 +78,19 @@ def json_safe(value: object) -> object:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        pool = ActorPool(device=args.device, min_actors=args.min_actors, max_actors=args.max_actors,
+                         cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor)
         dataset = PreparedDataset(args.data)
         bundle = resolve_bundle(args.model)
-        results = [evaluate_split(bundle, dataset, split, args.batch_size) for split in args.split or ["test"]]
-    except (BundleError, DatasetError, EvaluationError) as error:
+        splits = args.split or ["test"]
+        scored = score_splits(bundle, dataset, splits, on_ray(args.ray), pool, args.batch_size)
+        results = [scored[split] for split in splits]
+    except (BundleError, ConfigError, DatasetError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ConnectionError as error:  # RAY_ADDRESS names a cluster that does not answer
+        print(f"error: cannot join the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {error}; "
+              "--ray no scores in this process", file=sys.stderr)
         return 2
     print(f"model {args.model} ({bundle.model_kind}), data {args.data}: CCC per attribute")
     print(table(results))

@@ -45,7 +45,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="auto: one GPU per model actor when the cluster has GPUs")
-    parser.add_argument("--actors", type=int, help="most model replicas (default: one per GPU, or CPUs / 2)")
+    parser.add_argument("--actors", type=int,
+                        help="most model replicas; above the cluster's size now, an autoscaler adds nodes "
+                             "(default: one per GPU, or per --cpus-per-actor CPUs, of the cluster now)")
+    parser.add_argument("--min-actors", type=int, default=1,
+                        help="model replicas at the start; the pool grows to --actors while files wait (default: 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (torch threads) per replica")
+    parser.add_argument("--gpus-per-actor", type=float, default=1.0, help="share of a GPU per GPU replica")
     parser.add_argument("--raw", action="store_true",
                         help="the model's values, not clipped to the range of the labels it was trained on")
     parser.add_argument("--register", metavar="NAME", help="register --run-id's best model under NAME")
@@ -75,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             config = PredictConfig(model=args.model, input=args.input, output=args.output,
                                    input_kind=args.input_kind, batch_size=args.batch_size, device=args.device,
-                                   actors=args.actors, raw=args.raw)
+                                   actors=args.actors, min_actors=args.min_actors,
+                                   cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                                   raw=args.raw)
             print(run_prediction(config).text())
     except AudioRejected as rejected:
         print(f"error: {args.audio}: {rejected.reason}", file=sys.stderr)

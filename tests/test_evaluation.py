@@ -33,6 +33,7 @@ from cluster_train.serve.evaluate import (
     predict_split,
     predict_table,
     score,
+    score_splits,
     split_into_subsets,
     subset_scores,
     welch_t_test,
@@ -198,6 +199,10 @@ def test_evaluate_split_reads_only_that_split(bundle_dir, dataset):
                                                            predictions.labels[halves[1]])["arousal"])
     with pytest.raises(EvaluationError, match="no utterances in split 'unlabeled'"):
         evaluate_split(bundle, dataset, "unlabeled")
+    assert score_splits(bundle, dataset, ["test"], on_ray=False, batch_size=2) == {"test": result}
+    with pytest.raises(EvaluationError, match="no utterances in split 'unlabeled'"):
+        score_splits(bundle, dataset, ["test", "unlabeled"], on_ray=True)  # before Ray is started or a split scored
+    assert not ray.is_initialized()
 
 
 def test_bundle_from_mlflow_uris(tmp_path, bundle_dir):

@@ -927,6 +927,62 @@ def test_kuberay_manifests_pass_kuberays_crd_schema(path):
         assert any(message in error for error in kuberay_errors(broken)), (message, kuberay_errors(broken))
 
 
+RAYSERVICE = INFRA / "kuberay" / "rayservice.yaml"
+SERVE_CONFIG = INFRA / "serve" / "serve_config.yaml"
+
+
+def serve_configs() -> dict[str, dict]:
+    """The Serve configs: `serve deploy`'s for ray up clusters and the RayService's serveConfigV2."""
+    (service,) = manifests(RAYSERVICE)
+    return {"serve_config.yaml": load_yaml(SERVE_CONFIG), "rayservice.yaml": yaml.safe_load(service["spec"]["serveConfigV2"])}
+
+
+def test_serve_configs_pass_serves_schema_and_build_the_endpoint():
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster_train.serve import endpoint
+
+    for where, config in serve_configs().items():
+        ServeDeploySchema.parse_obj(config)  # what `serve deploy` and KubeRay submit it to
+        (application,) = config["applications"]
+        assert application["import_path"] == "cluster_train.serve.endpoint:app_builder", where
+        assert application["args"]["model"] == "models:/deepemocluster@champion", where
+        built = endpoint.app_builder(application["args"])  # every arg an EndpointConfig field with a valid value
+        autoscaling = built._bound_deployment._deployment_config.autoscaling_config
+        assert 1 <= autoscaling.min_replicas < autoscaling.max_replicas == application["args"]["max_replicas"], where
+    assert serve_configs()["serve_config.yaml"]["http_options"]["host"] == "127.0.0.1"  # an SSH tunnel reaches it
+    with pytest.raises(TypeError, match="max_batch"):  # the check can fail: a mistyped arg
+        endpoint.app_builder({**serve_configs()["serve_config.yaml"]["applications"][0]["args"], "max_batch": 4})
+    with pytest.raises(Exception, match="applications"):
+        ServeDeploySchema.parse_obj({"applications": "emotion"})
+
+
+def test_rayservice_cluster_passes_kuberays_raycluster_schema():
+    (service,) = manifests(RAYSERVICE)
+    (cluster,) = manifests(RAYCLUSTER)
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    # the bundled CRD schemas have no RayService: its cluster is checked as the RayCluster spec it is
+    assert "RayService" not in kuberay_schemas()
+    assert set(service["spec"]) == {"serveConfigV2", "rayClusterConfig"}
+    spec = service["spec"]["rayClusterConfig"]
+    as_cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "serve"}, "spec": spec}
+    assert kuberay_errors(as_cluster) == []
+    broken = copy.deepcopy(as_cluster)
+    broken["spec"]["workerGroupSpecs"][0]["maxReplica"] = 4
+    assert any("'maxReplica' was unexpected" in e for e in kuberay_errors(broken))
+    assert spec["rayVersion"] == cluster["spec"]["rayVersion"] and spec["authOptions"] == {"mode": "token"}
+    images = {c["image"] for group in ray_groups(spec) for c in containers(group["template"])}
+    assert images == {containers(cluster["spec"]["headGroupSpec"]["template"])[0]["image"]}
+    for group in ray_groups(spec):
+        ray = containers(group["template"])[0]
+        assert env_of(ray)["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert group["template"]["spec"]["serviceAccountName"] == "deepemocluster"
+    (workers,) = spec["workerGroupSpecs"]
+    assert workers["minReplicas"] >= 1 and workers["maxReplicas"] > workers["minReplicas"]
+    replica_cpus = serve_configs()["rayservice.yaml"]["applications"][0]["args"]["num_cpus"]
+    assert int(containers(workers["template"])[0]["resources"]["requests"]["cpu"]) >= replica_cpus
+
+
 def test_raycluster_autoscales_gpu_workers_from_zero():
     (cluster,) = manifests(RAYCLUSTER)
     assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"

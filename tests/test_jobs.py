@@ -110,7 +110,8 @@ def test_jobs_submitted_to_a_cluster_keep_everything_in_a_bucket_and_track_to_an
             assert run.info.status == "FINISHED" and run.data.params["name"] == "submitted"
             assert [m.step for m in client.get_metric_history(run.info.run_id, "dev/loss")] == [0, 1]
             assert {"train/stage1_loss", "cluster/kmeans_objective", "test/ccc_arousal"} <= set(run.data.metrics)
-            assert [m.name for m in client.search_logged_models([experiment.experiment_id])] == ["best_model", "best_model"]
+            logged = sorted(m.name for m in client.search_logged_models([experiment.experiment_id]))
+            assert logged == ["best_model", "best_model", "best_network", "best_network"]
             assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the server, kept in the bucket
             artifacts = bucket_keys(aws, bucket, "mlflow/")
             assert any(key.endswith("/config.yaml") for key in artifacts), artifacts[:20]

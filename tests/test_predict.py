@@ -171,8 +171,11 @@ def test_csv_output_from_a_manifest_csv_matches_parquet(batch, bundle_dir, audio
     names = results["id"].to_pylist()[:3] + ["missing.wav"]
     manifest.write_text("id,audio,split\n" + "".join(f"{n},{audio_folder / n},unlabeled\n" for n in names))
     output = tmp_path / "predictions.csv"
-    # the GPU layout: a separate decoding stage before the model actors (on CPUs Ray Data may fuse the two)
-    run_prediction(PredictConfig(model=bundle_dir, input=str(manifest), output=str(output), decode_in_actors=False))
+    # the GPU layout: a separate decoding stage before the model actors (on CPUs Ray Data may fuse the two);
+    # a pool that may grow to 3 replicas, more than the 1 CPU left beside decoding holds now (an autoscaler's case)
+    summary = run_prediction(PredictConfig(model=bundle_dir, input=str(manifest), output=str(output),
+                                           decode_in_actors=False, min_actors=1, actors=3))
+    assert summary.actors == 3
     table = pacsv.read_csv(output)
     assert table["id"].to_pylist() == names[:3]
     for a in ATTRS:
@@ -181,6 +184,10 @@ def test_csv_output_from_a_manifest_csv_matches_parquet(batch, bundle_dir, audio
     assert rejects["id"].to_pylist() == ["missing.wav"] and rejects["reason"][0].as_py().startswith("unreadable")
     with pytest.raises(ConfigError, match="output"):
         PredictConfig(model=bundle_dir, input=str(manifest), output=str(tmp_path / "predictions.json"))
+    with pytest.raises(ConfigError, match=r"'actors': 2 is below min_actors \(3\)"):
+        PredictConfig(model=bundle_dir, input=str(manifest), output=str(output), min_actors=3, actors=2)
+    with pytest.raises(ConfigError, match="'gpus_per_actor'"):
+        PredictConfig(model=bundle_dir, input=str(manifest), output=str(output), gpus_per_actor=0)
 
 
 @pytest.mark.slow

@@ -313,3 +313,35 @@ def test_a_run_records_the_image_it_ran_in(uri: str, monkeypatch: pytest.MonkeyP
     run_id = run.start({}, tags={})
     run.end()
     assert "image" not in MlflowClient(uri).get_run(run_id).data.tags  # a laptop run names no image
+
+
+def test_runs_carry_mlflows_standard_tags(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import getpass
+
+    monkeypatch.setenv("DEEPEMOCLUSTER_SOURCE_NAME", "jobs/train.py")
+    run = tracker(uri)
+    run_id = run.start({}, tags={"git_commit": "f" * 40 + "-dirty"})
+    run.end()
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["mlflow.source.git.commit"] == "f" * 40 and tags["git_commit"] == "f" * 40 + "-dirty"
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.name"] == "jobs/train.py"
+    assert tags["mlflow.source.type"] == "JOB"
+    run = tracker(uri)
+    mine = run.start({}, tags={"mlflow.user": "ci-bot"})  # the caller's own values win
+    run.end()
+    assert MlflowClient(uri).get_run(mine).data.tags["mlflow.user"] == "ci-bot"
+
+
+def test_system_metrics_when_enabled(uri: str) -> None:
+    run = tracker(uri, system_metrics=True, system_metrics_interval_s=0.2)
+    run_id = run.start({}, tags={})
+    import time
+
+    time.sleep(1.5)
+    run.end()
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    quiet = tracker(uri)
+    quiet_id = quiet.start({}, tags={})
+    quiet.end()
+    assert not any(k.startswith("system/") for k in MlflowClient(uri).get_run(quiet_id).data.metrics)

@@ -95,8 +95,10 @@ def test_deepemocluster_trains_tracks_and_scores(prepared, tracked_run):
     assert set(result.scores) == {"development", "test"}
     bundle = load_bundle(result.best_bundle)
     dataset = PreparedDataset(str(prepared / "prepared"))
-    for split, scores in result.scores.items():  # the scores are the saved model's, recomputed here
-        assert evaluate_split(bundle, dataset, split)["ccc"] == pytest.approx(scores, abs=1e-9), split
+    # The scores are the saved model's: scored on Ray's actor pool, recomputed here in one process
+    # (other batches, so float32 rounding differs in the last digits).
+    for split, scores in result.scores.items():
+        assert evaluate_split(bundle, dataset, split)["ccc"] == pytest.approx(scores, abs=1e-5), split
     assert bundle.model_kind == "deepemocluster" and bundle.label_scaler.attributes == ("arousal", "dominance", "valence")
 
     client = MlflowClient(store)

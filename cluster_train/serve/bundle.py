@@ -20,7 +20,9 @@ run's artifact `<name>/bundle/model.pt` is the bundle file: `log_bundle` attache
 logged model `<name>` (made here, or one from `mlflow.pytorch.log_model(...).model_id`) at
 `bundle/model.pt`. Then `runs:/<run_id>/<name>`, `models:/<registered name>/<version>` and
 `models:/<model_id>` all resolve to it; a plain `mlflow.log_artifact(file, "<name>/bundle")` also
-works for `runs:/` URIs (MLflow 3 registers only logged models, so not for `models:/`).
+works for `runs:/` URIs (MLflow 3 registers only logged models, so not for `models:/`). The audio
+pyfunc (`serve/pyfunc.py`) keeps the bundle as its `artifacts/model.pt`; `resolve_bundle` reads that
+layout too, so `models:/<name>@<alias>` of a registered pyfunc loads as a bundle.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ BUNDLE_FILE = "model.pt"
 BUNDLE_FORMAT = "deepemocluster-bundle/1"
 MLFLOW_BUNDLE_DIR = "bundle"  # inside the logged model `<name>`: `<name>/bundle/model.pt`
 MLFLOW_SCHEMES = ("runs:/", "models:/")
+PYFUNC_BUNDLE = f"artifacts/{BUNDLE_FILE}"  # inside the audio pyfunc model (serve/pyfunc.py)
 
 
 class BundleError(ValueError):
@@ -228,7 +231,8 @@ def is_mlflow_uri(source: str) -> bool:
 
 
 def load_bundle_from_mlflow(uri: str, map_location: str | torch.device = "cpu") -> Bundle:
-    """`runs:/<run_id>/<name>` or `models:/<name>/<version>`: download, then `load_bundle`."""
+    """`runs:/<run_id>/<name>`, `models:/<name>/<version>` or `models:/<name>@<alias>`: download,
+    then `load_bundle`."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="bundle-") as folder:
@@ -236,7 +240,7 @@ def load_bundle_from_mlflow(uri: str, map_location: str | torch.device = "cpu") 
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
         except Exception as error:  # noqa: BLE001 - MlflowException, OSError, ...
             raise BundleError(f"{uri}: cannot download from MLflow: {error}") from error
-        for candidate in (local / MLFLOW_BUNDLE_DIR / BUNDLE_FILE, local / BUNDLE_FILE):
+        for candidate in (local / MLFLOW_BUNDLE_DIR / BUNDLE_FILE, local / BUNDLE_FILE, local / PYFUNC_BUNDLE):
             if candidate.is_file():
                 bundle = load_bundle(str(candidate), map_location)
                 bundle.source = uri

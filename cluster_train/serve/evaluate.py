@@ -5,27 +5,40 @@ from its frames as the model's bundle says, `Bundle.chunks`), mapped back
 to the raw 1-7 label scale; CCC comes from `losses.ccc`, the one implementation. The paper splits the
 test set at random into 4 subsets and trains 5 seeds: 20 CCCs per model and attribute, compared with
 a two-tailed t-test (p < 0.05).
+
+Scoring runs in this process (`predict_split`), or on a Ray Data actor pool of model replicas
+(`score_splits(..., on_ray=True)`, what `jobs/evaluate.py` and the training driver use on a
+cluster): the splits' shards are read as Ray Data (`PreparedDataset.ray_dataset`; Ray Data may fuse
+the reads into the actors), each actor predicts batches of rows, and only the per-utterance
+predictions and labels come back to the driver, which computes the CCC and the statistics with the
+same code as the in-process path (`summarize`). `ActorPool` sizes the pool for
+prediction from raw audio too (`serve/predict.py`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
 from torch import nn
 
 from cluster_train.data.labels import LabelScaler, label_matrix
 from cluster_train.model.losses import ccc, sentence_mean
-from cluster_train.serve.bundle import Bundle
-from data_prep.config import ChunkConfig
+from cluster_train.serve.bundle import Bundle, bundle_from_bytes, bundle_to_bytes
+from data_prep.config import ChunkConfig, require, require_choice
 from data_prep.dataset import PreparedDataset
 from data_prep.frames import FrameFormat
 from data_prep.manifest import ATTRIBUTES
 from data_prep.stats import Normalizer
+
+DEVICES = ("auto", "cpu", "gpu")
+log = logging.getLogger(__name__)
 
 
 class EvaluationError(ValueError):
@@ -111,8 +124,8 @@ def score(
     return {name: float(v) for name, v in zip(attributes, values.reshape(-1))}
 
 
-def predict_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_size: int = 64) -> SplitPredictions:
-    """Predictions for one split, streamed shard by shard, `batch_size` rows of the split at a time."""
+def check_split(bundle: Bundle, dataset: PreparedDataset, split: str) -> None:
+    """EvaluationError unless the dataset has utterances in `split` and frames the model takes."""
     known = {name: n for name, n in dataset.info["counts"]["utterances"].items() if n}
     if split not in known:
         raise EvaluationError(f"{dataset.location}: no utterances in split {split!r}; it has {', '.join(known)}")
@@ -120,6 +133,12 @@ def predict_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_si
     if n_mels != bundle.model_config.n_mels:
         raise EvaluationError(f"{dataset.location}: frames of {n_mels} mel bands, the model takes "
                               f"{bundle.model_config.n_mels}")
+
+
+def predict_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_size: int = 64) -> SplitPredictions:
+    """Predictions for one split in this process, streamed shard by shard, `batch_size` rows of the
+    split at a time; in the order of the dataset's shards and rows."""
+    check_split(bundle, dataset, split)
     attributes = bundle.label_scaler.attributes
     ids, preds, labels = [], [], []
     for shard in dataset.info["shards"]:
@@ -133,9 +152,8 @@ def predict_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_si
     return SplitPredictions(ids, np.concatenate(preds), np.concatenate(labels), attributes)
 
 
-def evaluate_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_size: int = 64) -> dict:
-    """{"split", "utterances", "labelled": {attribute: n}, "ccc": {attribute: CCC}} for one split."""
-    result = predict_split(bundle, dataset, split, batch_size)
+def summarize(split: str, result: SplitPredictions) -> dict:
+    """{"split", "utterances", "labelled": {attribute: n}, "ccc": {attribute: CCC}} of one split's predictions."""
     labelled = (~np.isnan(result.labels)).sum(axis=0)
     return {
         "split": split,
@@ -143,6 +161,157 @@ def evaluate_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_s
         "labelled": {name: int(n) for name, n in zip(result.attributes, labelled)},
         "ccc": score(result.prediction, result.labels, result.attributes),
     }
+
+
+def evaluate_split(bundle: Bundle, dataset: PreparedDataset, split: str, batch_size: int = 64) -> dict:
+    """`summarize` of one split scored in this process."""
+    return summarize(split, predict_split(bundle, dataset, split, batch_size))
+
+
+# --- on a Ray Data actor pool -------------------------------------------------------------------
+
+
+@dataclass
+class ActorPool:
+    """A Ray Data actor pool of model replicas: `min_actors` at the start, more while work waits, up
+    to `max_actors`. A maximum above what the cluster holds now lets an autoscaling cluster add nodes
+    for the pool (Ray Data asks the autoscaler for the actors it wants). Each actor reserves
+    `cpus_per_actor` CPUs (its torch threads: that number, at least 1) and, as a GPU actor,
+    `gpus_per_actor` of a GPU."""
+
+    device: str = "auto"  # auto: GPU actors when the cluster has GPUs; cpu; gpu
+    min_actors: int = 1
+    max_actors: int | None = None  # None: as many as the cluster's GPUs (or CPUs) hold now, at least min_actors
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        require_choice(self.device, "device", DEVICES)
+        require(self.min_actors >= 1, "min_actors", "must be at least 1")
+        require(self.max_actors is None or self.max_actors >= self.min_actors, "max_actors",
+                f"{self.max_actors} is below min_actors ({self.min_actors})")
+        require(self.cpus_per_actor >= 0, "cpus_per_actor", "must not be negative")
+        require(0 < self.gpus_per_actor <= 1, "gpus_per_actor", "must be in (0, 1]: a fraction of one GPU")
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus_per_actor))
+
+    def gpu_actors(self) -> bool:
+        """Whether the actors take GPUs: device gpu, or auto on a cluster that has GPUs now."""
+        import ray
+
+        return self.device == "gpu" or (self.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+    def layout(self, cpu_share: float = 1.0) -> tuple[bool, int, int]:
+        """(GPU actors, least actors, most actors) on the cluster Ray is connected to; `cpu_share`:
+        the fraction of its CPUs the actors may take when `max_actors` is None."""
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
+        use_gpu = self.gpu_actors()
+        if use_gpu and gpus == 0:
+            log.warning("device=gpu but the cluster has no GPU now: the model actors wait for one (autoscaler)")
+        if use_gpu:
+            fits = int(gpus / self.gpus_per_actor)
+        else:
+            fits = int(resources.get("CPU", 1.0) * cpu_share / max(self.cpus_per_actor, 1.0))
+        return use_gpu, self.min_actors, self.max_actors or max(self.min_actors, fits, 1)
+
+    def map_options(self, use_gpu: bool, least: int, most: int) -> dict:
+        """The `map_batches` arguments that place the actors."""
+        import ray.data
+
+        return {"compute": ray.data.ActorPoolStrategy(min_size=least, max_size=most),
+                "num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor if use_gpu else None}
+
+
+class ModelActor:
+    """Ray Data actor base: one copy of a bundle's model, on the actor's GPU when it has one.
+
+    `bundle`: `bundle_to_bytes` output (a worker node may not see the driver's files or MLflow).
+    """
+
+    def __init__(self, bundle: bytes, source: str, use_gpu: bool, threads: int):
+        torch.set_num_threads(threads)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.bundle = bundle_from_bytes(bundle, source, map_location=device)
+        self.threads = threads
+
+
+PREDICTED = "predicted_"  # the actors' output column of an attribute's prediction: predicted_<attribute>
+
+
+class RowScorer(ModelActor):
+    """Ray Data actor: a batch of a prepared dataset's rows (id, split, labels, frames in
+    `frames`' format) -> the same rows without their frames, with the model's sentence predictions
+    on the raw label scale (`predicted_<attribute>`)."""
+
+    def __init__(self, bundle: bytes, source: str, use_gpu: bool, threads: int, frames: FrameFormat,
+                 batch_size: int):
+        super().__init__(bundle, source, use_gpu, threads)
+        self.frames, self.batch_size = frames, batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prediction = predict_table(self.bundle, batch, self.batch_size, frames=self.frames)
+        batch = batch.drop_columns(["frames"])
+        for i, name in enumerate(self.bundle.label_scaler.attributes):
+            batch = batch.append_column(PREDICTED + name, pa.array(prediction[:, i], pa.float64()))
+        return batch
+
+
+def predict_splits_on_ray(bundle: Bundle, dataset: PreparedDataset, splits: Sequence[str],
+                          pool: ActorPool | None = None, batch_size: int = 64,
+                          read_cpus: float = 1.0) -> dict[str, SplitPredictions]:
+    """Predictions for the splits on a Ray Data actor pool, one pass over the shards for all of
+    them; each split's rows sorted by id. Ray must be initialised."""
+    pool = pool or ActorPool()
+    for split in splits:
+        check_split(bundle, dataset, split)
+    attributes = bundle.label_scaler.attributes
+    use_gpu, least, most = pool.layout()
+    rows = dataset.ray_dataset(splits=list(splits), columns=["id", "split", *attributes, "frames"],
+                               read_cpus=read_cpus)
+    actor = {"bundle": bundle_to_bytes(bundle), "source": bundle.source, "use_gpu": use_gpu,
+             "threads": pool.threads, "frames": dataset.frame_format, "batch_size": batch_size}
+    scored = rows.map_batches(RowScorer, batch_size=batch_size, batch_format="pyarrow",
+                              fn_constructor_kwargs=actor, udf_modifying_row_count=False,
+                              **pool.map_options(use_gpu, least, most))
+    table = pa.concat_tables(scored.iter_batches(batch_format="pyarrow", batch_size=None))
+    results = {}
+    for split in splits:
+        part = table.filter(pc.equal(table["split"], split)).sort_by("id")
+        prediction = np.stack([part[PREDICTED + name].to_numpy() for name in attributes], axis=1)
+        results[split] = SplitPredictions(part["id"].to_pylist(), prediction.astype(np.float64),
+                                          label_matrix(part, attributes), attributes)
+    return results
+
+
+def score_splits(bundle: Bundle, dataset: PreparedDataset, splits: Sequence[str], on_ray: bool | None = None,
+                 pool: ActorPool | None = None, batch_size: int = 64, read_cpus: float = 1.0) -> dict[str, dict]:
+    """{split: `summarize` of its predictions} for each of `splits`, in their order.
+
+    `on_ray`: True scores on a Ray Data actor pool (`pool`; Ray started or joined first when it is
+    not initialised: `ray.init()`); False in this process (`evaluate_split`); None on the pool when
+    Ray is initialised. Both give the same predictions to float32 rounding, and the same statistics.
+    A split the dataset lacks is an EvaluationError before any of them is scored.
+    """
+    for split in splits:
+        check_split(bundle, dataset, split)
+    if on_ray is None:
+        import ray
+
+        on_ray = ray.is_initialized()
+    if not on_ray:
+        return {split: evaluate_split(bundle, dataset, split, batch_size) for split in splits}
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    predicted = predict_splits_on_ray(bundle, dataset, splits, pool, batch_size, read_cpus)
+    return {split: summarize(split, predicted[split]) for split in splits}
 
 
 def split_into_subsets(n: int, k: int = 4, seed: int = 0) -> list[np.ndarray]:

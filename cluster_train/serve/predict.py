@@ -41,12 +41,11 @@ import torch
 from cluster_train.serve.bundle import (
     Bundle,
     BundleError,
-    bundle_from_bytes,
     bundle_to_bytes,
     is_mlflow_uri,
     resolve_bundle,
 )
-from cluster_train.serve.evaluate import predict_table
+from cluster_train.serve.evaluate import DEVICES, ActorPool, ModelActor, predict_table
 from data_prep.config import require, require_choice
 from data_prep.frames import FrameFormat
 from data_prep.importers import SourceSpec, build_manifest
@@ -56,7 +55,6 @@ from data_prep.storage import open_filesystem
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
 INPUT_KINDS = ("folder", "csv", "ravdess", "msp_podcast")
-DEVICES = ("auto", "cpu", "gpu")
 REGISTERED_ARTIFACT = "best_model"  # where the training job logs the best model of a run
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,9 @@ class PredictConfig:
     cpus_per_task: float = 1.0  # CPUs each decoding task reserves
     device: str = "auto"  # auto: GPU actors when the cluster has GPUs; cpu; gpu
     actors: int | None = None  # most model replicas; None: one per GPU, else one per cpus_per_actor CPUs
+    min_actors: int = 1  # model replicas at the start; the pool grows to `actors` while files wait
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0  # of one GPU, for GPU actors
     decode_in_actors: bool | None = None  # None: on CPU actors, not on GPU actors (there tasks decode)
     raw: bool = False  # the model's values, not clipped to the range of the training labels
 
@@ -90,7 +90,13 @@ class PredictConfig:
         require(self.files_per_task >= 1, "files_per_task", "must be at least 1")
         require(self.cpus_per_task > 0, "cpus_per_task", "must be positive")
         require(self.actors is None or self.actors >= 1, "actors", "must be at least 1")
-        require(self.cpus_per_actor >= 0, "cpus_per_actor", "must not be negative")
+        require(self.actors is None or self.actors >= self.min_actors, "actors",
+                f"{self.actors} is below min_actors ({self.min_actors})")
+        self.pool()  # its own checks: min_actors, cpus_per_actor, gpus_per_actor
+
+    def pool(self) -> ActorPool:
+        return ActorPool(device=self.device, min_actors=self.min_actors, max_actors=self.actors,
+                         cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor)
 
 
 @dataclass
@@ -194,19 +200,14 @@ def decode_batch(batch: dict[str, np.ndarray], recipe: ChunkRecipe, threads: int
     return {"id": batch["id"], "audio": batch["audio"], "duration": durations, "reason": reasons, "frames": frames}
 
 
-class ChunkPredictor:
+class ChunkPredictor(ModelActor):
     """Ray Data actor: one copy of the model; a batch of decoded files -> their sentence predictions.
-
-    `bundle`: `bundle_to_bytes` output (a worker node may not see the driver's files or MLflow).
-    With a `recipe` the actor decodes the files itself.
-    """
+    With a `recipe` the actor decodes the files itself."""
 
     def __init__(self, bundle: bytes, source: str, use_gpu: bool, threads: int, recipe: ChunkRecipe | None = None,
                  raw: bool = False):
-        torch.set_num_threads(threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.bundle = bundle_from_bytes(bundle, source, map_location=device)
-        self.recipe, self.threads, self.raw = recipe, threads, raw
+        super().__init__(bundle, source, use_gpu, threads)
+        self.recipe, self.raw = recipe, raw
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.recipe is not None:
@@ -222,21 +223,13 @@ class ChunkPredictor:
         return out | {name: prediction[:, i] for i, name in enumerate(attributes)}
 
 
-def _actor_pool(config: PredictConfig) -> tuple[bool, bool, int]:
-    """(a GPU per actor, actors decode their own files, most actors) for this cluster."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = config.device == "gpu" or (config.device == "auto" and gpus > 0)
-    decode_in_actors = not use_gpu if config.decode_in_actors is None else config.decode_in_actors
-    if use_gpu:
-        if gpus == 0:
-            log.warning("device=gpu but the cluster has no GPU now: the model actors wait for one (autoscaler)")
-        return True, decode_in_actors, config.actors or max(1, gpus)
-    # All CPUs to the actors when they decode too; else half, the other half for the decoding tasks.
-    cpus = resources.get("CPU", 1.0) / (1 if decode_in_actors else 2)
-    return False, decode_in_actors, config.actors or max(1, int(cpus / max(config.cpus_per_actor, 1.0)))
+def _actor_pool(config: PredictConfig) -> tuple[bool, bool, int, int]:
+    """(a GPU per actor, actors decode their own files, least actors, most actors) for this cluster."""
+    pool = config.pool()
+    decode_in_actors = not pool.gpu_actors() if config.decode_in_actors is None else config.decode_in_actors
+    # All CPUs to CPU actors when they decode too; else half, the other half for the decoding tasks.
+    use_gpu, least, most = pool.layout(cpu_share=1.0 if decode_in_actors else 0.5)
+    return use_gpu, decode_in_actors, least, most
 
 
 def run_prediction(config: PredictConfig) -> PredictSummary:
@@ -250,12 +243,12 @@ def run_prediction(config: PredictConfig) -> PredictSummary:
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     ray.data.DataContext.get_current().print_on_execution_start = False
-    use_gpu, decode_in_actors, actors = _actor_pool(config)
+    use_gpu, decode_in_actors, least, actors = _actor_pool(config)
     items = [{"id": u.id, "audio": u.audio, "duration": math.nan if u.duration is None else u.duration}
              for u in manifest]
     dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / config.files_per_task))
     actor_kwargs = {"bundle": bundle_to_bytes(bundle), "source": bundle.source, "use_gpu": use_gpu,
-                    "threads": max(1, int(config.cpus_per_actor)), "raw": config.raw}
+                    "threads": config.pool().threads, "raw": config.raw}
     if not decode_in_actors:
         dataset = dataset.map_batches(
             decode_batch, batch_size=config.files_per_task, udf_modifying_row_count=False,
@@ -265,8 +258,7 @@ def run_prediction(config: PredictConfig) -> PredictSummary:
         actor_kwargs["recipe"] = recipe
     predicted = dataset.map_batches(
         ChunkPredictor, batch_size=config.batch_size, fn_constructor_kwargs=actor_kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else None, udf_modifying_row_count=False,
+        udf_modifying_row_count=False, **config.pool().map_options(use_gpu, least, actors),
     )
     parts = list(predicted.iter_batches(batch_format="pyarrow", batch_size=None))
     rows = pa.concat_tables(parts) if parts else None

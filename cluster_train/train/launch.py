@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cluster_train.console import quiet_process, ray_env, ray_train_log_level
 from cluster_train.data.labels import LabelScaler
+from cluster_train.tracking import standard_tags
 from cluster_train.train.checkpointer import BEST_DIR
 from cluster_train.train.config import ScalingConfig, TrainConfig
 from cluster_train.train.preflight import check_run_against_dataset
@@ -109,8 +110,8 @@ def run_training(config: TrainConfig, verbose: bool = False) -> TrainResult:
     check_run_against_dataset(config, dataset)  # its splits and clustering memory: before Ray starts
     config = with_dataset_shape(config, dataset)
     scaler = fit_label_scaler(dataset, config)
-    tags = {"git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash, "model_kind": config.model_kind,
-            "recipe": config.recipe}
+    tags = {**standard_tags(_git_commit()), "git_commit": _git_commit(), "dataset_hash": dataset.dataset_hash,
+            "model_kind": config.model_kind, "recipe": config.recipe}
     run = _train_in_process if config.scaling.num_workers == 0 else _train_on_ray
     metrics, checkpoint = run(config, dataset, scaler, tags, verbose)
 
@@ -212,16 +213,21 @@ def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelSc
 
 def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,
                run_id: str | None) -> dict[str, dict[str, float]]:
-    """Score the best model on development and test (`serve/evaluate.py`: a second path beside the
-    training loop's validation); log the scores (`dev/final_ccc_*`, `<test split>/ccc_*`) and the
-    model to the run."""
-    from cluster_train.serve.bundle import load_bundle, log_bundle
-    from cluster_train.serve.evaluate import evaluate_split
+    """Score the best model on development and test (`serve/evaluate.py`, on a Ray Data actor pool
+    when the run trained on Ray: a second path beside the training loop's validation); log the
+    scores (`dev/final_ccc_*`, `<test split>/ccc_*`), the model and its registered version to the run."""
+    from cluster_train.serve.bundle import load_bundle
+    from cluster_train.serve.evaluate import ActorPool, score_splits
+    from cluster_train.serve.registry import publish_best_model
     from cluster_train.tracking import RunTracker
 
     bundle = load_bundle(bundle_dir)
     splits = [config.data.development_split, *config.data.test_splits]
-    scores = {split: evaluate_split(bundle, dataset, split)["ccc"] for split in splits}
+    # on Ray: an actor pool the size of the training's workers (the head has no CPUs for it)
+    pool = ActorPool(device="gpu" if config.scaling.use_gpu else "cpu", min_actors=1,
+                     max_actors=max(1, config.scaling.num_workers), cpus_per_actor=config.scaling.cpus_per_worker)
+    results = score_splits(bundle, dataset, splits, on_ray=config.scaling.num_workers > 0, pool=pool)
+    scores = {split: result["ccc"] for split, result in results.items()}
     final = {}
     for split, values in scores.items():
         key = "dev/final_ccc" if split == config.data.development_split else f"{split}/ccc"
@@ -230,14 +236,15 @@ def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,
     if run_id is not None and tracker.start({}, {}, run_id=run_id):
         logged = tracker.logged_metrics()
         if any(logged.get(key) != value for key, value in final.items()):  # else a finished run started again
-            model_uri = tracker.log_model(bundle.model, name="best_model",
-                              extra={"normalizer": {"mean": bundle.normalizer.mean.tolist(), "std": bundle.normalizer.std.tolist(),
-                                                    "clip": bundle.normalizer.clip},
-                                     "label_scaler": bundle.label_scaler.to_dict(), "features": bundle.features or {}})
-            if model_uri:  # the bundle inside the logged model: runs:/ and models:/ URIs both load it
-                log_bundle(bundle_dir, name="best_model", model_id=model_uri.rsplit("/", 1)[-1],
-                           tracking_uri=config.tracking.tracking_uri)
-            tracker.log_metrics(final, step=0)  # last: these scores mark this model as logged
+            try:  # the scores go last, linked to the model: they mark this model as logged
+                publish_best_model(bundle_dir, run_id=run_id, tracking_uri=tracker.uri, scores=scores,
+                                   development_split=config.data.development_split, metrics=final,
+                                   dataset_hash=dataset.dataset_hash, dataset_location=dataset.location,
+                                   git_commit=_git_commit(), registered_model=config.tracking.registered_model,
+                                   network=config.tracking.log_network)
+            except Exception as error:  # noqa: BLE001 - tracking never fails a finished training
+                warnings.warn(f"MLflow run {run_id}: the best model in {bundle_dir} was not logged to "
+                              f"{tracker.uri}: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
         tracker.end()
     return scores
 
