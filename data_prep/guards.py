@@ -59,23 +59,28 @@ def refuse_outputs_lost_after_job(outputs: Mapping[str, str | None]) -> None:
 
 
 def refuse_node_local_paths(paths: Mapping[str, str | None], mlflow_key: str | None = None) -> None:
-    """On a connected Ray cluster with more than one alive node, a local path in `paths` (config
-    key -> location; None skipped) is a ConfigError naming the key. `mlflow_key`: the key among them
-    that is an MLflow tracking URI, refused when it is a local store rather than a server."""
+    """On a connected Ray cluster of more than one machine, a local path in `paths` (config key ->
+    location; None skipped) is a ConfigError naming the key. `mlflow_key`: the key among them that
+    is an MLflow tracking URI, refused when it is a local store rather than a server.
+
+    More than one machine: more than one alive node, or a single node without CPUs for tasks (the
+    head of an autoscaling cluster at 0 workers: the job's tasks run on nodes not launched yet)."""
     import ray
 
-    nodes = sum(1 for node in ray.nodes() if node["Alive"])
-    if nodes < 2:
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    if len(alive) < 2 and any(node["Resources"].get("CPU", 0) > 0 for node in alive):
         return
+    cluster = (f"this Ray cluster has {len(alive)} nodes" if len(alive) > 1 else
+               "this Ray cluster's head runs no tasks (no CPUs): they run on worker nodes it launches")
     for key, location in paths.items():
         if location is None:
             continue
         if key == mlflow_key:
             if local_mlflow_store(location) is not None:
                 raise ConfigError(
-                    f"config key '{key}': {location} is a local MLflow store, and this Ray cluster has {nodes} "
-                    f"nodes: the training worker may run on another; use an MLflow server (http://...)")
+                    f"config key '{key}': {location} is a local MLflow store, and {cluster}: the training "
+                    f"worker may run on another node; use an MLflow server (http://...)")
         elif is_local(location):
             raise ConfigError(
-                f"config key '{key}': {location} is a local path, and this Ray cluster has {nodes} nodes, "
-                f"each with its own disk; use a bucket URI (s3://..., gs://...)")
+                f"config key '{key}': {location} is a local path, and {cluster}, each with its own disk; "
+                f"use a bucket URI (s3://..., gs://...)")

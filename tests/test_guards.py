@@ -132,3 +132,27 @@ def test_prep_on_two_nodes_refuses_a_local_output_and_local_sources(two_nodes):
     with pytest.raises(ConfigError, match=r"'sources\[0\].path': .* is a local path"):
         run_prep(sources)
     assert not (folder / "again").exists()
+
+
+@pytest.mark.slow
+def test_a_head_without_task_cpus_counts_as_several_machines(tmp_path):
+    """An autoscaling cluster at 0 workers has one node, its head, with no CPUs for tasks: the job's
+    tasks run on nodes it launches later, each with its own disk (seen: prep accepted local sources
+    there, tests/test_autoscaling.py). A one-node Ray with CPUs is one machine."""
+    from ray.cluster_utils import Cluster
+
+    from data_prep.guards import refuse_node_local_paths
+
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
+    try:
+        with pytest.raises(ConfigError, match=r"'output': .* is a local path, and this Ray cluster's head runs no tasks"):
+            refuse_node_local_paths({"output": str(tmp_path / "prepared"), "sources[0].path": "s3://b/m.csv"})
+        refuse_node_local_paths({"output": "s3://b/prepared"})  # a bucket is fine
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        refuse_node_local_paths({"output": str(tmp_path / "prepared")})  # one machine: nothing refused
+    finally:
+        ray.shutdown()

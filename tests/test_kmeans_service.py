@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 import uuid
 
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import ray
 
-from cluster_train.clustering.kmeans import ClusteringConfig, fit_clusters, nmi
-from cluster_train.clustering.labelers import LabelTable
-from cluster_train.clustering.service import get_or_create_service
+from cluster_train.clustering.kmeans import ClusteringConfig, assign, fit_clusters, nmi
+from cluster_train.clustering.labelers import LabelTable, _local_sample
+from cluster_train.clustering.service import SupersededGroup, get_or_create_service
 from cluster_train.model.losses import UNKNOWN_LABEL
 from cluster_train.seeding import derive
 
@@ -126,6 +127,131 @@ def test_a_worker_group_restarted_at_an_earlier_epoch_clusters_again_there(servi
         ray.get(left_waiting)
     assert [a["version"] for a in again] == [2, 2] and again[0]["epoch"] == 3
     np.testing.assert_array_equal(again[0]["labels"], first[0]["labels"])  # epoch 3's clustering, again
+
+
+def test_a_new_worker_group_takes_over_the_round_a_killed_group_left_half_filled(service) -> None:
+    """A worker group killed while its rank 0's sample sat in a round leaves it half-filled; the group
+    Ray Train starts next must not complete that round with the dead rank's sample. Here the new
+    group's rank 1 arrives first (the case that hung until clustering.round_timeout_s): the old round
+    ends for the dead group, the new ranks cluster promptly on their own samples only, and a late
+    submission of the old group is refused."""
+    rng = np.random.default_rng(4)
+    dead = rng.normal(loc=50.0, size=(30, 16)).astype(np.float32)  # 30 rows: unlike any new group's part
+    new = [rng.normal(size=(100, 16)).astype(np.float32), rng.normal(size=(120, 16)).astype(np.float32)]
+    left = service.fit_sample.remote(2, 0, dead, None, group="old")  # its caller then dies with its group
+    _wait_for_submissions(service, 1)
+    assert ray.get(service.progress.remote())["submitted"] == [0]
+    started = time.monotonic()
+    first = service.fit_sample.remote(2, 1, new[1], None, group="new")
+    _wait_for_submissions(service, 1)  # counts the new round's submissions: rank 1 alone in it
+    assert ray.get(service.progress.remote())["submitted"] == [1]
+    answers = ray.get([service.fit_sample.remote(2, 0, new[0], None, group="new"), first], timeout=30)
+    assert time.monotonic() - started < 20  # not clustering.round_timeout_s (60 s) of waiting
+    _, expected = fit_clusters(np.concatenate(new), CONFIG, seed=derive(0, "kmeans", 2))
+    for answer in answers:
+        assert answer["num_points"] == 220  # the new ranks' 100 + 120 rows, none of the dead rank's 30
+        np.testing.assert_array_equal(answer["centroids"], expected.centroids)
+    with pytest.raises(SupersededGroup, match="worker group new took over at epoch 2; the round of group old"):
+        ray.get(left, timeout=30)
+    with pytest.raises(SupersededGroup, match="epoch 2, rank 1: worker group old was superseded by group new"):
+        ray.get(service.fit_sample.remote(2, 1, dead, None, group="old"), timeout=30)
+    # the new group goes on to its next epoch as before
+    more = ray.get([service.fit_sample.remote(3, r, new[r], None, group="new") for r in (0, 1)], timeout=30)
+    assert [a["epoch"] for a in more] == [3, 3] and more[0]["version"] == answers[0]["version"] + 1
+
+
+@ray.remote(num_cpus=0)
+class TrainingRank:
+    """A training rank as Ray Train runs it: a gloo process-group member that labels with the
+    project's labeler; `wait_for_rank_1` holds rank 0 back until rank 1 has reached the actor."""
+
+    def setup(self, rank: int, world_size: int, port: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+
+    def label(self, config, service, epoch: int, keys: np.ndarray, x: np.ndarray, wait_for_rank_1: bool = False):
+        from cluster_train.clustering.labelers import SampleLabeler
+        from cluster_train.distributed import Collective
+
+        class Ordered(SampleLabeler):
+            def _ask(self, method, *args):
+                if wait_for_rank_1 and self.collective.rank == 0:
+                    deadline = time.monotonic() + 60
+                    while 1 not in ray.get(self.service.progress.remote())["submitted"]:
+                        assert time.monotonic() < deadline, "rank 1 never reached the actor"
+                        time.sleep(0.05)
+                return super()._ask(method, *args)
+
+        labeler = Ordered(config, service, Collective(), "cpu")
+        result = labeler.label(epoch, keys, x.copy(), C)
+        return result.table.flat(), result.summary, labeler.group
+
+
+def _training_group(tries: int = 3) -> list:
+    """Two `TrainingRank`s joined by gloo (a port free when picked may be taken before rank 0 binds
+    it: then another is tried)."""
+    for attempt in range(tries):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        handles = [TrainingRank.remote() for _ in range(2)]
+        try:
+            ray.get([r.setup.remote(i, 2, port) for i, r in enumerate(handles)], timeout=120)
+            return handles
+        except (ray.exceptions.RayError, TimeoutError):
+            for handle in handles:
+                ray.kill(handle)
+            if attempt == tries - 1:
+                raise
+
+
+@ray.remote(num_cpus=0)
+class DeadRank:
+    """Rank 0 of a worker group that gets killed while its sample waits in the actor's round."""
+
+    def submit(self, service, epoch: int, sample: np.ndarray, group: str) -> None:
+        ray.get(service.fit_sample.remote(epoch, 0, sample, None, group=group))
+
+
+@pytest.mark.slow
+def test_a_restarted_worker_group_clusters_on_its_own_samples_with_the_real_labeler(ray_cluster) -> None:
+    """End to end with the project's labeler in two gloo ranks: the previous group's rank 0 was
+    killed (a real process) with its sample in the round; the new group's rank 1 reaches the actor
+    first; both new ranks get one clustering of their own samples, tagged with one group token
+    that rank 0 drew and broadcast."""
+    config = dataclasses.replace(CONFIG, mode="sample", sample_size=200)
+    service = get_or_create_service(f"kmeans-{uuid.uuid4().hex[:8]}", config, world_size=2)
+    keys, x, _ = rank_data(seed=5)
+    dead = DeadRank.remote()
+    dead.submit.remote(service, 0, np.full((40, 16), 99.0, np.float32), "a-killed-group")
+    _wait_for_submissions(service, 1)
+    ray.kill(dead)
+    ranks = _training_group()
+    try:
+        started = time.monotonic()
+        halves = [slice(0, 198), slice(198, 400)]  # on utterance boundaries (198 = 18 * 11)
+        outs = ray.get([r.label.remote(config, service, 0, keys[s], x[s], wait_for_rank_1=(i == 0))
+                        for i, (r, s) in enumerate(zip(ranks, halves))], timeout=60)
+        assert time.monotonic() - started < 45  # clustering.round_timeout_s is 60 s
+    finally:
+        for handle in ranks:
+            ray.kill(handle)
+        ray.kill(service)
+    (keys0, labels0), summary0, group0 = outs[0]
+    (_, labels1), summary1, group1 = outs[1]
+    assert group0 == group1 and group0 != "a-killed-group"  # rank 0's token, on both ranks
+    assert summary0["sample_points"] == summary1["sample_points"] == 200  # 100 a rank, none of the 40
+    assert summary0["actor_attempts"] == summary1["actor_attempts"] == 1
+    np.testing.assert_array_equal(labels0, labels1)
+    np.testing.assert_array_equal(keys0, np.sort(keys))
+    # the labels of centroids fitted on the new ranks' samples alone (`SampleLabeler`'s own draw)
+    samples = [_local_sample(x[s], config, 0, 0, rank, 2) for rank, s in enumerate(halves)]
+    preprocessor, fitted = fit_clusters(np.concatenate(samples), config, seed=derive(0, "kmeans", 0))
+    expected, _ = assign(x[np.argsort(keys)], fitted.centroids, preprocessor, "cpu")
+    np.testing.assert_array_equal(labels0, expected)
 
 
 @pytest.mark.slow

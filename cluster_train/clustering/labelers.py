@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -177,6 +178,8 @@ _ACTOR_ERRORS = tuple(
 class _ActorLabeler:
     """The actor modes: each attempt runs under the incarnation rank 0 read; if any rank saw the
     actor die (or restart), every rank retries the whole clustering, up to `actor_restarts` times.
+    Every submission carries this worker group's token, drawn by rank 0 once per labeler (the loop
+    builds one per start of the worker group): the actor lets no round mix two groups' data.
 
     An attempt has two parts: the actor calls (`_ask_actor`), which may fail on some ranks only, and
     what is shared among the ranks (the callable it returns), run only once every rank's calls
@@ -185,13 +188,14 @@ class _ActorLabeler:
     def __init__(self, config: ClusteringConfig, service, collective: Collective, device, seed: int = 0) -> None:
         self.config, self.service, self.collective, self.device = config, service, collective, device
         self.seed = seed
+        self.group = uuid.uuid4().hex  # every rank takes rank 0's, broadcast with the incarnation
 
     def label(self, epoch: int, keys: np.ndarray, features: np.ndarray, num_chunks: int) -> PseudoLabels:
         retries = self.config.actor_restarts if self.config.actor_restarts >= 0 else math.inf
         attempt = 0
         while True:
-            incarnation = self.collective.broadcast(
-                self._incarnation() if self.collective.rank == 0 and self.service is not None else None)
+            incarnation, self.group = self.collective.broadcast(
+                (self._incarnation() if self.collective.rank == 0 and self.service is not None else None, self.group))
             error: BaseException | None = None
             try:
                 share = self._ask_actor(epoch, keys, features, num_chunks, incarnation)
@@ -229,7 +233,7 @@ class _ActorLabeler:
             kind = "gather" if method == "gather" else "sample"
             return answer_round(kind, [(keys, data)], self.config, self.seed, epoch, version=epoch + 1)
         args = (keys, data) if method == "gather" else (data,)
-        return ray.get(getattr(self.service, method).remote(epoch, rank, *args, incarnation))
+        return ray.get(getattr(self.service, method).remote(epoch, rank, *args, incarnation, group=self.group))
 
 
 class GatherLabeler(_ActorLabeler):

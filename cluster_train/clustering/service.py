@@ -12,7 +12,7 @@ theirs the actor runs `fit_clusters` on the union and any rank can read the pseu
 (`LabelTable`, `clustering/labelers.py`).
 
     service = get_or_create_service("kmeans", config, world_size)                 # on the driver
-    table = ray.get(service.gather.remote(epoch, rank, keys, embeddings, incarnation))  # on each rank
+    table = ray.get(service.gather.remote(epoch, rank, keys, embeddings, incarnation, group))  # each rank
 
 Its interface: `gather` and `fit_sample` (one call a rank and epoch, returning once the clustering
 ran), `incarnation` (see Restarts), `progress` (where the current round is) and `describe`. The actor
@@ -32,6 +32,16 @@ Restarts: created with `max_restarts`, a killed actor comes back empty with a ne
 Every call takes the incarnation the caller started its attempt with and fails at once with
 `IncarnationChanged` on a newer one, so no rank waits in a round the others will never join;
 `clustering/labelers.py` then retries the whole clustering on every rank.
+
+Worker groups: a round belongs to one worker group, named by the `group` token its rank 0 draws once
+per start of the group (`clustering/labelers.py`) and every rank's submission carries. A token the
+actor has not seen before is a new group (Ray Train restarted the workers): it takes over, and the
+round of the group before it, if not yet clustering, ends with `SupersededGroup` for the ranks
+still waiting in it, its data dropped. A submission of a group that was taken over is refused with
+`SupersededGroup`. So a rank of a killed group can never complete, with its sample, the round of the
+group that replaced it. Tokens are unordered: a group is new when first seen, so a call of a dead
+group still in flight after its successor's first submission is refused only if the actor saw that
+group before (a restarted actor refuses it by its incarnation instead).
 """
 
 from __future__ import annotations
@@ -53,10 +63,15 @@ class IncarnationChanged(RuntimeError):
     """The actor restarted since the caller's attempt began: what it held is gone; start again."""
 
 
+class SupersededGroup(RuntimeError):
+    """A newer worker group submitted: the caller's group (killed, restarted by Ray Train) is over."""
+
+
 @dataclass
 class _Round:
     epoch: int
     kind: str = "gather"  # "gather": all points, labels kept; "sample": a sample, centroids only
+    group: str | None = None  # the worker group whose ranks submit to it
     parts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     arrived: float = field(default_factory=time.monotonic)  # the latest submission's time
     all_in: asyncio.Event = field(default_factory=asyncio.Event)  # every rank submitted, or the round ended
@@ -78,6 +93,7 @@ class KMeansService:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self._config, self._world_size, self._seed = config, world_size, seed  # seed: the run's
         self._round: _Round | None = None
+        self._groups: list[str | None] = []  # worker-group tokens in the order seen; the last is current
         self._version = 0  # clusterings completed by this actor
         self._incarnation = uuid.uuid4().hex  # new on every (re)start: what a restart lost
 
@@ -99,19 +115,23 @@ class KMeansService:
 
     async def gather(
         self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, incarnation: str | None = None,
+        group: str | None = None,
     ) -> dict:  # fmt: skip
         """Mode "gather": this rank's (keys, embeddings) for `epoch`; once every rank has sent its
         own, the union is clustered and every caller gets the summary with the whole label table,
-        `keys` (sorted) and their `labels`: any rank can then look up any row it reads."""
+        `keys` (sorted) and their `labels`: any rank can then look up any row it reads. `group`:
+        the caller's worker-group token (see Worker groups)."""
         self._check(incarnation)
-        return (await self._wait(await self._join(epoch, rank, keys, embeddings))).answer
+        return (await self._wait(await self._join(epoch, rank, keys, embeddings, group=group))).answer
 
-    async def fit_sample(self, epoch: int, rank: int, sample: np.ndarray, incarnation: str | None = None) -> dict:
+    async def fit_sample(
+        self, epoch: int, rank: int, sample: np.ndarray, incarnation: str | None = None, group: str | None = None,
+    ) -> dict:  # fmt: skip
         """Mode "sample": this rank's sample for `epoch`; once every rank has sent its own, K-means
         is fitted on their union and every caller gets the summary with the fitted `preprocessor`
         and `centroids`, with which each rank assigns its own chunks."""
         self._check(incarnation)
-        round_ = await self._join(epoch, rank, np.empty(0, np.int64), sample, kind="sample")
+        round_ = await self._join(epoch, rank, np.empty(0, np.int64), sample, kind="sample", group=group)
         return (await self._wait(round_)).answer
 
     def _check(self, incarnation: str | None) -> None:
@@ -121,31 +141,57 @@ class KMeansService:
                 f"{incarnation}): its round is lost, cluster again"
             )
 
+    def _admit(self, group: str | None, epoch: int, rank: int) -> None:
+        """Let in a submission of worker group `group`: the current group's, or a new group's, which
+        takes over (the unfinished round of the group before it ends); a superseded group's fails."""
+        if self._groups and group == self._groups[-1]:
+            return
+        if group in self._groups:
+            raise SupersededGroup(
+                f"epoch {epoch}, rank {rank}: worker group {group} was superseded by group {self._groups[-1]} "
+                f"(Ray Train restarted the workers): its submissions are refused")
+        self._groups.append(group)
+        round_ = self._round
+        if round_ is not None and not round_.started:
+            self._end(round_, SupersededGroup(
+                f"superseded: worker group {group} took over at epoch {epoch}; the round of group "
+                f"{round_.group} (ranks {sorted(round_.parts)} in it) was dropped"))
+            self._round = None
+
+    @staticmethod
+    def _end(round_: _Round, error: BaseException) -> None:
+        """End a round that is not clustering: every rank waiting in it gets `error`."""
+        round_.parts = {}
+        round_.error = error
+        round_.all_in.set()
+        round_.done.set()
+
     async def _join(
-        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, kind: str = "gather"
-    ) -> _Round:
+        self, epoch: int, rank: int, keys: np.ndarray, embeddings: np.ndarray, kind: str = "gather",
+        group: str | None = None,
+    ) -> _Round:  # fmt: skip
         if not 0 <= rank < self._world_size:
             raise ValueError(f"rank {rank} outside world_size {self._world_size}")
         keys = np.asarray(keys, dtype=np.int64).ravel()
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or (kind == "gather" and len(embeddings) != len(keys)):
             raise ValueError(f"{len(keys)} keys but embeddings of shape {embeddings.shape}")
+        self._admit(group, epoch, rank)
         round_ = self._round
         if round_ is not None and round_.epoch == epoch and round_.started:
             await round_.done.wait()  # resubmission after clustering: a new round, once this ends
+            self._admit(group, epoch, rank)  # another group may have taken over meanwhile
         round_ = self._round
         if round_ is not None and epoch < round_.epoch:
             # Ranks move in lockstep (a round needs every rank), so only a worker group restarted from
             # an earlier checkpoint, or from none, sends an older epoch: clustering starts again there.
             if not round_.started:
-                round_.error = RuntimeError(f"superseded: the worker group restarted at epoch {epoch}")
-                round_.all_in.set()
-                round_.done.set()
+                self._end(round_, RuntimeError(f"superseded: the worker group restarted at epoch {epoch}"))
             round_ = None
         if round_ is not None and round_.epoch == epoch and round_.kind != kind and not round_.started:
             raise ValueError(f"epoch {epoch}: a {kind!r} submission in a {round_.kind!r} round")
         if round_ is None or epoch > round_.epoch or round_.started:
-            round_ = self._round = _Round(epoch, kind)  # drops the previous epoch: one in memory
+            round_ = self._round = _Round(epoch, kind, group)  # drops the previous epoch: one in memory
         round_.parts[rank] = (keys, embeddings)
         round_.submissions += 1
         round_.arrived = time.monotonic()
@@ -185,6 +231,8 @@ class KMeansService:
             except TimeoutError:
                 pass  # a rank may have arrived meanwhile and moved the deadline: look again
         await round_.done.wait()
+        if isinstance(round_.error, SupersededGroup):
+            raise round_.error
         if round_.error is not None:
             raise RuntimeError(f"epoch {round_.epoch}: clustering failed: {round_.error}") from round_.error
         return round_
