@@ -234,6 +234,21 @@ def test_models_from_mlflow_runs_and_the_registry(bundle_dir, audio_folder, tmp_
     assert code == 2 and f"runs:/{run_id}/nothing" in err
 
 
+def test_a_file_much_longer_than_its_chunks_cover_warns(dataset, utterances, tmp_path):
+    """Six real files end to end, twice (~40 s), scored as one number from 11 chunks of 62 frames (~11 s):
+    said, not silent; one file alone is not warned about."""
+    import warnings
+
+    bundle = load_bundle(make_bundle(dataset, tmp_path / "bundle", chunk_settings(dataset)))
+    long = tmp_path / "long.wav"
+    sf.write(long, np.concatenate([sf.read(u.audio, dtype="float32")[0] for u in utterances * 2]), 16000)
+    with pytest.warns(RuntimeWarning, match=r"long.wav: \d+\.\d s of audio scored as one number from chunks covering 10.9 s"):
+        predict_file(bundle, str(long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict_file(bundle, utterances[0].audio)
+
+
 def test_predictions_stay_in_the_range_of_the_training_labels_unless_raw(dataset, utterances, tmp_path):
     """A model's values can leave the 1-7 scale (one file got dominance 7.82); predictions are
     clipped to the range of the labels it was trained on, kept in its bundle."""

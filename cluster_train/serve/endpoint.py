@@ -33,7 +33,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from cluster_train.serve.predict import PredictError, load_model
-from cluster_train.serve.pyfunc import LONG_AUDIO_FACTOR, AudioInputError, AudioScorer, long_audio_warning
+from cluster_train.serve.predict import LONG_AUDIO_FACTOR, long_audio_warning
+from cluster_train.serve.pyfunc import AudioInputError, AudioScorer
 from data_prep.config import require
 
 log = logging.getLogger(__name__)

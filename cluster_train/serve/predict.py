@@ -30,6 +30,7 @@ import math
 import posixpath
 import time
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -153,11 +154,30 @@ def frames_table(frames: list[np.ndarray], frame_format: FrameFormat) -> pa.Tabl
     return pa.table({"frames": frame_format.column(frames)})
 
 
+# A file longer than this many times what its chunks cover gets a warning when scored as one number.
+LONG_AUDIO_FACTOR = 2.0
+
+
+def covered_seconds(recipe: ChunkRecipe) -> float:
+    """Audio the C chunks of one prediction cover at most."""
+    chunks, features = recipe.chunks, recipe.features
+    return chunks.num_chunks * chunks.chunk_frames * features.hop_length / features.sample_rate
+
+
+def long_audio_warning(name: str, duration: float, covered: float) -> str:
+    return (f"{name}: {duration:.1f} s of audio scored as one number from chunks covering {covered:.1f} s "
+            f"({100 * covered / duration:.0f}%); score windows with window_seconds for the whole file")
+
+
 def predict_file(bundle: Bundle, location: str, raw: bool = False) -> dict[str, float]:
     """{attribute: value} on the label scale for one audio file, clipped to the range of the training
-    labels unless `raw`; AudioRejected names a bad file."""
+    labels unless `raw`; AudioRejected names a bad file. A file much longer than its chunks cover
+    (`LONG_AUDIO_FACTOR`) warns: its one number stands for audio the chunks skip."""
     recipe = chunk_recipe(bundle)
     audio = recipe.load_frames(location)
+    if audio.duration > LONG_AUDIO_FACTOR * covered_seconds(recipe):
+        warnings.warn(long_audio_warning(location, audio.duration, covered_seconds(recipe)), RuntimeWarning,
+                      stacklevel=2)
     prediction = predict_table(bundle, frames_table([audio.stored], recipe.frame_format))[0]
     prediction = prediction if raw else bundle.label_scaler.clip(prediction)
     return {name: float(value) for name, value in zip(bundle.label_scaler.attributes, prediction)}

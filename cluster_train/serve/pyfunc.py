@@ -38,7 +38,8 @@ from mlflow.pyfunc import PythonModel
 
 from cluster_train.serve.bundle import BUNDLE_FILE, Bundle, load_bundle
 from cluster_train.serve.evaluate import predict_table
-from cluster_train.serve.predict import chunk_recipe, frames_table
+from cluster_train.serve.predict import (LONG_AUDIO_FACTOR, chunk_recipe, covered_seconds, frames_table,
+                                         long_audio_warning)
 from data_prep.audio import AudioRejected, load_audio
 from data_prep.shards import AudioFrames, mel_extractor, to_storage_dtype
 from data_prep.storage import read_bytes
@@ -48,8 +49,6 @@ log = logging.getLogger(__name__)
 BUNDLE_ARTIFACT = "bundle"  # the pyfunc's artifact key; the file is artifacts/model.pt
 AUDIO_COLUMN, URI_COLUMN = "audio", "uri"
 PARAM_DEFAULTS = {"raw": False, "window_seconds": 0.0}
-# A file longer than this many times what its chunks cover gets a warning when scored as one number.
-LONG_AUDIO_FACTOR = 2.0
 # Distributions the model's code imports (cluster_train and data_prep, transitively), pinned to the
 # versions installed where it is logged.
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "soundfile", "soxr", "librosa", "omegaconf",
@@ -95,8 +94,7 @@ class AudioScorer:
     @property
     def covered_seconds(self) -> float:
         """Audio the C chunks of one prediction cover at most."""
-        chunks = self.recipe.chunks
-        return chunks.num_chunks * chunks.chunk_frames * self.seconds_per_frame
+        return covered_seconds(self.recipe)
 
     def frames(self, data: bytes, name: str) -> AudioFrames:
         """The bytes of one file -> its frames, as `data_prep.shards.load_frames` makes them from a
@@ -160,11 +158,6 @@ class AudioScorer:
         return [Scored(i, a * step if window_seconds > 0 else 0.0,
                        min(b * step, audios[i].duration) if window_seconds > 0 else audios[i].duration, v)
                 for (i, a, b), v in zip(pieces, values)]
-
-
-def long_audio_warning(name: str, duration: float, covered: float) -> str:
-    return (f"{name}: {duration:.1f} s of audio scored as one number from chunks covering {covered:.1f} s "
-            f"({100 * covered / duration:.0f}%); score windows with window_seconds for the whole file")
 
 
 def read_params(params: dict[str, Any] | None) -> tuple[bool, float]:
