@@ -75,6 +75,31 @@ def test_a_submitted_prep_with_a_relative_output_is_refused(in_a_submitted_job, 
         run_prep(config)
 
 
+@pytest.mark.slow
+def test_a_head_without_task_cpus_counts_as_several_machines(tmp_path):
+    """An autoscaling cluster at 0 workers has one node, its head, with no CPUs for tasks: the job's
+    tasks run on nodes it launches later, each with its own disk (seen: prep accepted local sources
+    there, tests/test_autoscaling.py). A one-node Ray with CPUs is one machine. (Before the
+    two-node fixture below: a module fixture holds its cluster until the module ends.)"""
+    from ray.cluster_utils import Cluster
+
+    from data_prep.guards import refuse_node_local_paths
+
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
+    try:
+        with pytest.raises(ConfigError, match=r"'output': .* is a local path, and this Ray cluster's head runs no tasks"):
+            refuse_node_local_paths({"output": str(tmp_path / "prepared"), "sources[0].path": "s3://b/m.csv"})
+        refuse_node_local_paths({"output": "s3://b/prepared"})  # a bucket is fine
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        refuse_node_local_paths({"output": str(tmp_path / "prepared")})  # one machine: nothing refused
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """The prepared sample (prepared on a one-node Ray first: prep refuses local paths on two nodes),
@@ -133,26 +158,3 @@ def test_prep_on_two_nodes_refuses_a_local_output_and_local_sources(two_nodes):
         run_prep(sources)
     assert not (folder / "again").exists()
 
-
-@pytest.mark.slow
-def test_a_head_without_task_cpus_counts_as_several_machines(tmp_path):
-    """An autoscaling cluster at 0 workers has one node, its head, with no CPUs for tasks: the job's
-    tasks run on nodes it launches later, each with its own disk (seen: prep accepted local sources
-    there, tests/test_autoscaling.py). A one-node Ray with CPUs is one machine."""
-    from ray.cluster_utils import Cluster
-
-    from data_prep.guards import refuse_node_local_paths
-
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
-    try:
-        with pytest.raises(ConfigError, match=r"'output': .* is a local path, and this Ray cluster's head runs no tasks"):
-            refuse_node_local_paths({"output": str(tmp_path / "prepared"), "sources[0].path": "s3://b/m.csv"})
-        refuse_node_local_paths({"output": "s3://b/prepared"})  # a bucket is fine
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
-    try:
-        refuse_node_local_paths({"output": str(tmp_path / "prepared")})  # one machine: nothing refused
-    finally:
-        ray.shutdown()

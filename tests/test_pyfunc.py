@@ -207,8 +207,11 @@ def test_mlflow_models_serve_answers_the_cli_numbers(logged, bundle_dir, tmp_pat
     files = sample_audio(2)
     want = cli_values(bundle_dir, files)
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    # mlflow starts `uvicorn` by name: this venv's scripts must be on PATH (CI runs .venv/bin/python
+    # without activating the venv)
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
+    mlflow_cli = str(Path(scripts) / "mlflow")
     server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", f"runs:/{run_id}/best_model", "--env-manager",
                                "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
