@@ -85,12 +85,18 @@ def write_manifest(path: Path, segments: int, ravdess: Path) -> dict:
 
 class Sampler:
     """Peak RSS by role over a process and everything it starts, and the largest object-store spill,
-    sampled every `interval` seconds."""
+    sampled every `interval` seconds. With `state`, the peaks so far are saved there every
+    `save_every` samples and taken up again by the next Sampler: a job interrupted and resumed
+    (a rehearsal longer than a session) reports its peaks over all its parts."""
 
-    def __init__(self, pid: int, spill_dir: Path, interval: float = 1.0):
-        self.pid, self.spill_dir, self.interval = pid, spill_dir, interval
-        self.peak: dict[str, int] = {}
-        self.peak_total, self.spill_bytes = 0, 0
+    def __init__(self, pid: int, spill_dir: Path, interval: float = 1.0, state: Path | None = None,
+                 save_every: int = 30):
+        self.pid, self.spill_dir, self.interval, self.state, self.save_every = pid, spill_dir, interval, state, save_every
+        saved = json.loads(state.read_text()) if state is not None and state.exists() else {}
+        self.peak: dict[str, int] = saved.get("peak", {})
+        self.peak_total, self.spill_bytes = saved.get("peak_total", 0), saved.get("spill_bytes", 0)
+        self.earlier_seconds, self.parts = saved.get("seconds", 0.0), saved.get("parts", 0) + 1
+        self._started = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -102,7 +108,18 @@ class Sampler:
             return "kmeans_actor"
         return "ray_other" if title.startswith("ray::") or "/ray/" in title else "other"
 
+    def save(self) -> None:
+        if self.state is not None:
+            self.state.write_text(json.dumps({"peak": self.peak, "peak_total": self.peak_total, "parts": self.parts,
+                                              "spill_bytes": self.spill_bytes, "seconds": self.seconds}))
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds over every part of the job."""
+        return self.earlier_seconds + time.perf_counter() - self._started
+
     def _run(self) -> None:
+        samples = 0
         while not self._stop.is_set():
             try:
                 root = psutil.Process(self.pid)
@@ -123,6 +140,9 @@ class Sampler:
                 self.peak[f"{role}_all"] = max(self.peak.get(f"{role}_all", 0), sum(values))
             self.peak_total = max(self.peak_total, sum(sum(v) for v in now.values()))
             self.spill_bytes = max(self.spill_bytes, folder_bytes(self.spill_dir, only="spill"))
+            samples += 1
+            if samples % self.save_every == 0:
+                self.save()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "Sampler":
@@ -132,11 +152,12 @@ class Sampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.save()
 
     def summary(self) -> dict:
         mb = {f"peak_rss_{role}_mb": round(value / 2**20, 1) for role, value in sorted(self.peak.items())}
         return mb | {"peak_rss_total_mb": round(self.peak_total / 2**20, 1),
-                     "object_store_spill_mb": round(self.spill_bytes / 2**20, 1)}
+                     "object_store_spill_mb": round(self.spill_bytes / 2**20, 1), "job_parts": self.parts}
 
 
 def folder_bytes(folder: Path, only: str = "") -> int:
@@ -170,16 +191,16 @@ def end_leftover_ray(root: Path) -> None:
             continue
 
 
-def run_job(command: list[str], root: Path, log: Path, kill_when=None) -> tuple[int, float, dict]:
+def run_job(command: list[str], root: Path, log: Path, kill_when=None, state: Path | None = None) -> tuple[int, float, dict]:
     """Run `command` (a job of the project) in its own session; (exit code, seconds, sampled memory).
-    `kill_when()`: checked every second; when true the job's whole session is killed (SIGKILL)."""
-    started = time.perf_counter()
+    `kill_when()`: checked every second; when true the job's whole session is killed (SIGKILL).
+    `state`: where the job's peaks and seconds so far are kept, for a job that resumes (`Sampler`)."""
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(command)}\n")
         out.flush()
         job = subprocess.Popen(command, cwd=REPO, env=ray_env(root), stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True)
-        with Sampler(job.pid, root / "ray") as sampler:
+        with Sampler(job.pid, root / "ray", state=state) as sampler:
             while job.poll() is None:
                 if kill_when is not None and kill_when():
                     os.killpg(job.pid, signal.SIGKILL)
@@ -187,7 +208,7 @@ def run_job(command: list[str], root: Path, log: Path, kill_when=None) -> tuple[
                     end_leftover_ray(root)
                     break
                 time.sleep(1.0)
-    return job.returncode, time.perf_counter() - started, sampler.summary()
+    return job.returncode, sampler.seconds, sampler.summary()
 
 
 def shard_files(prepared: Path) -> dict[str, tuple[int, int]]:
@@ -348,7 +369,8 @@ def train(root: Path, scale: float, ravdess: Path) -> dict:
                f"data.dataset={folder / 'prepared'}", f"storage_path={root / 'runs'}", f"tracking.tracking_uri={store}",
                f"name={name}", "epochs=2", "scaling.num_workers=2", "scaling.use_gpu=false",
                "scaling.cpus_per_worker=0.5", *NARROW_MODEL]
-    code, seconds, memory = run_job(command, root, folder / "train.log")
+    end_leftover_ray(root)  # a part killed with its session (the end of a work session) leaves its Ray
+    code, seconds, memory = run_job(command, root, folder / "train.log", state=folder / "train_progress.json")
     if code != 0:
         raise RuntimeError(f"training at scale {scale:g} failed: see {folder / 'train.log'}")
     client = MlflowClient(store)
