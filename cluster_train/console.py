@@ -53,9 +53,10 @@ def ray_train_log_level(verbose: bool) -> str:
     return "INFO" if verbose else "WARNING"
 
 
-def epoch_line(metrics: dict, epochs: int, attributes: tuple[str, ...]) -> str:
-    """`epoch 3/30  stage 1 2.071  stage 2 1.402  dev CCC A 0.612 D 0.433 V 0.120  best 3  41 s`."""
-    parts = [f"epoch {int(metrics['epoch']) + 1}/{epochs}"]
+def epoch_line(metrics: dict, epochs: int, attributes: tuple[str, ...], run: str = "") -> str:
+    """`[run] epoch 3/30  stage 1 2.071  stage 2 1.402  dev CCC A 0.612 D 0.433 V 0.120  best 3  41 s`:
+    the run named, as trials of a sweep print side by side."""
+    parts = [f"[{run}] " * bool(run) + f"epoch {int(metrics['epoch']) + 1}/{epochs}"]
     for stage in (1, 2):
         if f"train/stage{stage}_loss" in metrics:
             parts.append(f"stage {stage} {metrics[f'train/stage{stage}_loss']:.3f}")

@@ -1,8 +1,10 @@
 """Sweep: `python jobs/sweep.py --config configs/sweep/X.yaml [--only POINT,...] [key=value ...]`.
 
-Trains every grid point x seed of the sweep config (cluster_train/experiments/sweep.py), skipping trials already
-trained, then prints the paper's table: mean test CCC over subsets x seeds per grid point, * where a
-two-tailed t-test finds it differs from the reference. Runs unchanged under `ray job submit`.
+Trains every grid point x seed of the sweep config as Ray Tune trials (cluster_train/experiments/),
+skipping trials already trained; with a `search:` section, first searches those settings on
+development CCC and retrains the chosen ones over the seeds. Then prints the paper's table: mean
+test CCC over subsets x seeds per grid point, * where a two-tailed t-test finds it differs from the
+reference. Killed, run it again: Tune restores the experiment. Runs unchanged under `ray job submit`.
 """
 
 import argparse
@@ -11,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
-from cluster_train.experiments.sweep import estimate_sweep, load_sweep_config, plan_trials  # noqa: E402
+from cluster_train.experiments.sweep import check_search, estimate_sweep, load_sweep_config, plan_trials  # noqa: E402
 from cluster_train.serve.evaluate import format_comparison  # noqa: E402
 from data_prep.config import ConfigError  # noqa: E402
 from data_prep.dataset import DatasetError  # noqa: E402
@@ -30,10 +32,15 @@ def main(argv=None) -> int:
     try:
         config = load_sweep_config(args.config, args.overrides)
         trials = plan_trials(config, args.only)
+        if config.search is not None:
+            check_search(config)
         print(f"sweep {config.name}: {len(trials)} trials")
         if args.dry_run:
             for trial in trials:
                 print(f"  {trial.point} seed {trial.seed}: {trial.config.name}")
+            if config.search is not None:
+                print(f"  then a search of {config.search.samples} trials over {', '.join(config.search.space)}, its "
+                      f"chosen settings retrained over seeds {config.seeds} as point {config.search.point}")
             print(estimate_sweep(config, trials))
             return 0
         from cluster_train.experiments.sweep import run_sweep

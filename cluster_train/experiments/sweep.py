@@ -32,10 +32,57 @@ from omegaconf import MISSING
 
 from cluster_train.serve.evaluate import SplitPredictions
 from cluster_train.train.config import TrainConfig, load_train_config
-from cluster_train.train.launch import pin_local_paths, warn_if_reads_starve
-from data_prep.config import ConfigError, load_config, require, to_flat_dict
+from cluster_train.train.launch import pin_local_paths
+from data_prep.config import ConfigError, load_config, require, require_choice, to_flat_dict
 from data_prep.manifest import ATTRIBUTES
 from data_prep.storage import OutputFolder
+
+
+SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")  # randint: [low, high), high excluded
+
+
+@dataclass(kw_only=True)
+class SearchConfig:
+    """A search over training settings on development CCC (`experiments/tuning.py`), then the
+    chosen settings retrained over the sweep's seeds and compared on test with the sweep's points."""
+
+    # training key -> {choice: [v, ...]} | {uniform: [low, high]} | {loguniform: [low, high]} | {randint: [low, high]}
+    space: dict[str, dict[str, Any]] = MISSING
+    samples: int = 8  # settings tried
+    algorithm: str = "optuna"  # optuna (TPE) | random
+    startup_samples: int = 4  # optuna: random samples before TPE models the results
+    scheduler: str = "asha"  # asha (ends poor trials early) | none
+    grace_epochs: int = 2  # ASHA: epochs every trial trains before it can be ended
+    reduction_factor: int = 2  # ASHA: 1 in this many goes on at each rung
+    seed: int = 0  # the search trials' training seed, and the algorithm's
+    point: str = "searched"  # the name of the chosen settings' point in the table
+
+    def __post_init__(self) -> None:
+        require(len(self.space) > 0, "search.space", "name at least one training key")
+        for key, spec in self.space.items():
+            where = f"search.space.{key}"
+            require(isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS, where,
+                    f"one of {{{', '.join(f'{k}: ...' for k in SPACE_KINDS)}}}, not {spec!r}")
+            [(kind, values)] = spec.items()
+            require(isinstance(values, list) and len(values) >= (1 if kind == "choice" else 2), where,
+                    f"{kind} takes a list ({'the values' if kind == 'choice' else '[low, high]'}), not {values!r}")
+            if kind != "choice":
+                require(len(values) == 2 and values[0] < values[1], where, f"{kind}: [low, high] with low < high")
+            require(kind != "loguniform" or values[0] > 0, where, "loguniform: low must be > 0")
+        require(self.samples >= 1, "search.samples", "must be >= 1")
+        require_choice(self.algorithm, "search.algorithm", ("optuna", "random"))
+        require_choice(self.scheduler, "search.scheduler", ("asha", "none"))
+        require(self.grace_epochs >= 1, "search.grace_epochs", "must be >= 1")
+        require(self.reduction_factor >= 2, "search.reduction_factor", "must be >= 2")
+
+    def corners(self) -> list[dict[str, Any]]:
+        """Settings at the ends of every range and each choice: checked as configs before Ray starts."""
+        found = []
+        for key, spec in self.space.items():
+            [(kind, values)] = spec.items()
+            ends = values if kind == "choice" else [values[0], values[1] - 1 if kind == "randint" else values[1]]
+            found += [{key: value} for value in ends]
+        return found
 
 
 @dataclass(kw_only=True)
@@ -60,6 +107,10 @@ class SweepConfig:
     # sweep from machine to machine (docs/RESULTS.md's sweeps keep theirs in docs/results/). None:
     # <output>/<name>/trials.
     records: str | None = None
+    # Trials are named <trial_prefix>-<point>-seed<n> (None: the sweep's name): a sweep that shares
+    # another's records folder and prefix reuses that sweep's trials of the same config.
+    trial_prefix: str | None = None
+    search: SearchConfig | None = None  # a search first; its chosen settings join `points`
 
     def __post_init__(self) -> None:
         require(len(self.seeds) > 0, "seeds", "name at least one seed")
@@ -124,7 +175,9 @@ def _override_value(value: Any) -> str:
 
 def plan_trials(config: SweepConfig, only: Sequence[str] = ()) -> list[Trial]:
     """Every trial's training config, validated: a wrong key or value fails here, before Ray starts.
-    `only`: these grid points and the reference (the table needs it), in the config's order."""
+    `only`: these grid points and the reference (the table needs it), in the config's order (the
+    search's point, which only the search can plan, is left out)."""
+    only = [name for name in only if config.search is None or name != config.search.point]
     trials = []
     points = grid_points(config)
     labels = [label for label, _, _ in points]
@@ -136,16 +189,22 @@ def plan_trials(config: SweepConfig, only: Sequence[str] = ()) -> list[Trial]:
             continue
         for seed in seeds:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-            overrides = [*(f"{k}={_override_value(v)}" for k, v in settings.items()), f"seed={seed}",
-                         f"name={config.name}-{slug}-seed{seed}", f"tracking.experiment={config.name}"]
-            try:  # the file and the sweep's overrides serve every kind: a trial keeps what its kind reads
-                train = load_train_config(config.train_config, overrides, shared_overrides=config.overrides)
-            except ConfigError as error:
-                raise ConfigError(f"sweep {config.name}, trial {label} seed {seed}: {error}") from error
-            trials.append(Trial(label, seed, train))
+            name = f"{config.trial_prefix or config.name}-{slug}-seed{seed}"
+            trials.append(Trial(label, seed, trial_config(config, settings, seed, name, f"trial {label} seed {seed}")))
     if config.reference is not None and config.reference not in labels:
         raise ConfigError(f"config key 'reference': {config.reference!r} is none of the grid points {labels}")
     return trials
+
+
+def trial_config(config: SweepConfig, settings: dict[str, Any], seed: int, name: str, what: str,
+                 extra: Sequence[str] = ()) -> TrainConfig:
+    """The training config of one trial: the sweep's file and overrides, then `settings`."""
+    overrides = [*(f"{k}={_override_value(v)}" for k, v in settings.items()), f"seed={seed}", f"name={name}",
+                 f"tracking.experiment={config.name}", *extra]
+    try:  # the file and the sweep's overrides serve every kind: a trial keeps what its kind reads
+        return load_train_config(config.train_config, overrides, shared_overrides=config.overrides)
+    except ConfigError as error:
+        raise ConfigError(f"sweep {config.name}, {what}: {error}") from error
 
 
 RUN_FILE = "run.json"  # beside a trial's best_model/: what its training reported
@@ -258,7 +317,7 @@ def _curves(config: TrainConfig, run_id: str | None) -> dict[str, list[float]]:
     return curves
 
 
-def _train(config: TrainConfig, records: str) -> dict:
+def train_trial(config: TrainConfig, records: str) -> dict:
     from cluster_train.train.launch import run_training
 
     result = run_training(config)
@@ -310,33 +369,39 @@ def scored_predictions(config: SweepConfig, trained: Iterable[tuple[Trial, dict]
 
 
 def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
-    """Train what is not trained yet (saying first how long it should take), score every trial's best
+    """Search first when the sweep has a search; then train every trial not trained yet as a Tune
+    grid (`experiments/tuning.py`, saying first how long it should take), score every trial's best
     model on `split`, write `<output>/<name>/table.json` and log it to the sweep's parent run.
     `only`: train and compare these grid points (and the reference) now, the others later."""
+    from cluster_train.experiments import tuning
     from cluster_train.serve.evaluate import compare_models
     from data_prep.dataset import PreparedDataset
 
+    searching = config.search is not None and (not only or config.search.point in only)
     trials = [dataclasses.replace(t, config=pin_local_paths(t.config)) for t in plan_trials(config, only)]
+    if searching:
+        check_search(config)
     dataset = PreparedDataset(trials[0].config.data.dataset)  # a missing dataset fails before training
     folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
     folder.make()
     records = records_folder(config)
-    runs: list[dict | None] = [trained_run(trial.config, records) for trial in trials]  # another config fails here
+    for trial in trials:
+        trained_run(trial.config, records)  # a trial trained with another config fails here
     parent = _ParentRun(config, trials[0].config.tracking, folder)
-    trials = [dataclasses.replace(t, config=dataclasses.replace(t.config, tracking=dataclasses.replace(
-        t.config.tracking, parent_run_id=parent.run_id))) for t in trials]
-    pending = [index for index, run in enumerate(runs) if run is None]
+    if searching:
+        trials += searched_trials(config, _search(config, parent.run_id, folder, records))
+    trials = [dataclasses.replace(t, config=with_parent(t.config, parent.run_id)) for t in trials]
+    runs: list[dict | BaseException | None] = [trained_run(trial.config, records) for trial in trials]
+    pending = [trial for trial, run in zip(trials, runs) if run is None]
     if pending:
         concurrent = min(config.max_concurrent, len(pending))
         print(f"sweep {config.name}: {len(pending)} of {len(trials)} trials to train, {concurrent} at a time", flush=True)
-        print(_estimate([trials[i] for i in pending], dataset, concurrent), flush=True)
-        local = all(trials[i].config.scaling.num_workers == 0 for i in pending)
-        train_all = _train_one_by_one if concurrent == 1 else _train_in_processes if local else _train_on_ray
-        for index, run in train_all([trials[i].config for i in pending], concurrent, records.location).items():
-            runs[pending[index]] = run
-        failed = [trials[i].config.name for i in pending if isinstance(runs[i], BaseException)]
+        print(_estimate(pending, dataset, concurrent), flush=True)
+        found = tuning.run_grid(config, trials, records.location, folder.location)
+        runs = [found[trial.config.name] for trial in trials]
+        failed = [trial.config.name for trial, run in zip(trials, runs) if isinstance(run, BaseException)]
         if failed:
-            error = next(runs[i] for i in pending if isinstance(runs[i], BaseException))
+            error = next(run for run in runs if isinstance(run, BaseException))
             parent.fail(error)
             raise RuntimeError(f"sweep {config.name}: {len(failed)} trial(s) failed ({', '.join(failed)}); the "
                                f"others are saved, and a rerun trains only what is missing") from error
@@ -356,6 +421,64 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     folder.write_json("table.json", table)
     parent.finish(table)
     return SweepResult(table, [r for r in runs if isinstance(r, dict)], folder.uri("table.json"))
+
+
+def check_search(config: SweepConfig) -> None:
+    """Every end of every range in the search space as a trial's config: a key training does not
+    have, or a value it refuses, fails here, before Ray starts."""
+    for corner in config.search.corners():
+        trial_config(config, corner, config.search.seed, "check", f"search.space {corner}")
+
+
+def with_parent(config: TrainConfig, parent_run_id: str | None) -> TrainConfig:
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, parent_run_id=parent_run_id))
+
+
+def search_file(config: SweepConfig) -> str:
+    """The search's record, beside the trials' records: every setting tried and its development loss."""
+    return f"{config.trial_prefix or config.name}-search.json"
+
+
+def search_trial_config(config: SweepConfig, parent_run_id: str | None, params: dict, trial_id: str) -> TrainConfig:
+    """A search trial's training config: the sweep's, the sampled settings, no test split scored."""
+    name = f"{config.trial_prefix or config.name}-search-{trial_id}"
+    settings = {key: params[key] for key in config.search.space}
+    train = trial_config(config, settings, config.search.seed, name, f"search trial {trial_id}", ["data.test_splits=[]"])
+    return with_parent(pin_local_paths(train), parent_run_id)
+
+
+def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder, records: OutputFolder) -> dict:
+    """Run the search (or take its record: a search done once, here or on another machine, is not
+    run again) and return the chosen settings."""
+    from functools import partial
+
+    from cluster_train.experiments import tuning
+
+    file = search_file(config)
+    if records.exists(file) and records.read_json(file)["search"] == to_flat_dict(config.search):
+        chosen = records.read_json(file)["trials"][0]
+    else:
+        make_config = partial(search_trial_config, config, parent_run_id)
+        example = make_config({key: corner[key] for corner in config.search.corners() for key in corner}, "check")
+        print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
+              f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})", flush=True)
+        tried = tuning.run_search(config, make_config, example, folder.location)
+        record = {"search": to_flat_dict(config.search), "metric": tuning.SEARCH_METRIC, "trials": tried}
+        records.make()
+        records.write_json(file, record)
+        folder.write_json("search.json", record)
+        chosen = tried[0]
+    print(f"sweep {config.name}: chosen {chosen['settings']} (development loss {chosen[tuning.SEARCH_METRIC]:.4f}); "
+          f"retrained over seeds {config.seeds} as point {config.search.point}", flush=True)
+    return chosen["settings"]
+
+
+def searched_trials(config: SweepConfig, settings: dict[str, Any]) -> list[Trial]:
+    """The chosen settings as a point of the table, over the sweep's seeds."""
+    point = config.search.point
+    return [Trial(point, seed, pin_local_paths(trial_config(config, settings, seed, f"{config.trial_prefix or config.name}"
+                                                            f"-{point}-seed{seed}", f"point {point} seed {seed}")))
+            for seed in config.seeds]
 
 
 def trained_in_bf16(run: dict) -> bool:
@@ -378,6 +501,8 @@ def _estimate(pending: list[Trial], dataset, concurrent: int) -> str:
     from cluster_train.experiments.estimate import format_estimate, time_steps_side_by_side
     from cluster_train.train.launch import with_dataset_shape
 
+    if any(trial.config.scaling.use_gpu for trial in pending):
+        return "estimate: none for GPU trials (steps timed on this machine's CPU would not predict them)"
     pending = [dataclasses.replace(t, config=with_dataset_shape(t.config, dataset)) for t in pending]
     copies = concurrent if all(t.config.scaling.num_workers == 0 for t in pending) else 1  # trials side by side here
     costs = {}
@@ -385,50 +510,6 @@ def _estimate(pending: list[Trial], dataset, concurrent: int) -> str:
         if trial.config.model_kind not in costs:
             costs[trial.config.model_kind] = time_steps_side_by_side(trial.config, copies)
     return format_estimate(pending, costs, concurrent, dataset)
-
-
-def _train_one_by_one(configs: list[TrainConfig], concurrent: int, records: str) -> dict[int, dict | BaseException]:
-    """Each trial here, one after the other (a Ray trial starts its own Ray, `launch.run_training`)."""
-    return {index: _train_or_error(config, records) for index, config in enumerate(configs)}
-
-
-def _train_in_processes(configs: list[TrainConfig], concurrent: int, records: str) -> dict[int, dict | BaseException]:
-    """Each trial in a process of its own on this machine (no Ray), `concurrent` at a time; a trial
-    that fails leaves the others training."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_or_error, config, records): index for index, config in enumerate(configs)}
-        return {futures[future]: future.result() for future in as_completed(futures)}
-
-
-def _train_on_ray(configs: list[TrainConfig], concurrent: int, records: str) -> dict[int, dict | BaseException]:
-    """Each trial its own Ray Train run, driven from a Ray task, `concurrent` at a time."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
-    warn_if_reads_starve(configs[0].scaling, runs=concurrent)
-    train_task = ray.remote(num_cpus=0, max_retries=0)(_train_or_error)
-    done: dict[int, dict | BaseException] = {}
-    waiting: dict = {}
-    queue = list(enumerate(configs))
-    while queue or waiting:
-        while queue and len(waiting) < concurrent:
-            index, config = queue.pop(0)
-            waiting[train_task.remote(config, records)] = index
-        ready, _ = ray.wait(list(waiting), num_returns=1)
-        done[waiting.pop(ready[0])] = ray.get(ready[0])
-    return done
-
-
-def _train_or_error(config: TrainConfig, records: str) -> dict | BaseException:
-    try:
-        return _train(config, records)
-    except Exception as error:  # noqa: BLE001 - the sweep reports it once every trial has ended
-        print(f"trial {config.name} failed: {type(error).__name__}: {error}", flush=True)
-        return error
 
 
 class _ParentRun:

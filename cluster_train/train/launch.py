@@ -10,6 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from cluster_train.console import quiet_process, ray_env, ray_train_log_level
 from cluster_train.data.labels import LabelScaler
@@ -139,7 +140,7 @@ def _train_in_process(config: TrainConfig, dataset: PreparedDataset, scaler: Lab
     quiet_process(verbose)
     tables = build_tables(dataset, config.data, config.seed, config.precise_bn.utterances)
     device = torch.device("cuda") if config.scaling.use_gpu else torch.device("cpu")
-    runtime = LocalRuntime(tables, config.run_dir, device)
+    runtime = LocalRuntime(tables, config.run_dir, device, on_report=tune_epoch_reporter())
     train(config, runtime, scaler.to_dict(), None, to_flat_dict(config), tags)
     metrics = runtime.last_metrics()  # this sitting's last epoch, or a finished run's, started again
     if metrics is None:
@@ -198,6 +199,7 @@ def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelSc
                 failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level(verbose)),
+                callbacks=tune_train_callbacks(),
             ),
             datasets=datasets,
             dataset_config=ray.train.DataConfig(datasets_to_split=SPLIT_DATASETS if in_memory else []),
@@ -209,6 +211,37 @@ def _train_on_ray(config: TrainConfig, dataset: PreparedDataset, scaler: LabelSc
     if result.checkpoint is None:
         raise RuntimeError(f"training run {config.name} ended without a checkpoint: {result.error}")
     return result.metrics, result.checkpoint.as_directory
+
+
+def in_tune_trial() -> bool:
+    """Whether this process runs a Ray Tune trial (`experiments/tuning.py`)."""
+    try:
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+    except ImportError:
+        return False
+    return _in_tune_session()
+
+
+def tune_epoch_reporter() -> Callable[[dict], None] | None:
+    """In a Tune trial, what hands each epoch's metrics to Tune, whose scheduler may end the trial
+    on them; None elsewhere."""
+    if not in_tune_trial():
+        return None
+    from ray import tune
+
+    def report(metrics: dict) -> None:
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or k == "mlflow_run_id"})
+
+    return report
+
+
+def tune_train_callbacks() -> list:
+    """In a Tune trial, Ray Train's callback that hands each epoch's report to Tune."""
+    if not in_tune_trial():
+        return []
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
 
 
 def finish_run(config: TrainConfig, bundle_dir: str, dataset: PreparedDataset,

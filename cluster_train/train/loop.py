@@ -129,7 +129,7 @@ class Trainer:
             closing = best | {"time/checkpoint": done - checkpointing, "time/epoch": done - started}
             self.tracker.log_metrics(closing, step=epoch)
             if self.rank == 0:
-                print_line(epoch_line(metrics | closing, self.config.epochs, self.scaler.attributes))
+                print_line(epoch_line(metrics | closing, self.config.epochs, self.scaler.attributes, self.config.name or ""))
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         timings: dict[str, float] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import uuid
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -74,8 +74,9 @@ class LocalRuntime:
     rank, world_size = 0, 1
 
     def __init__(self, tables: dict[str, pa.Table], run_dir: str, device: torch.device | None = None,
-                 keep: int = 2) -> None:
+                 keep: int = 2, on_report: Callable[[dict], None] | None = None) -> None:
         self.rows = {name: InMemoryRows.from_arrow(table) for name, table in tables.items()}
+        self.on_report = on_report  # each epoch's metrics, once its checkpoint is kept (Ray Tune's report)
         self.run_dir, self.keep = run_dir.rstrip("/"), keep
         self.filesystem, self.root = open_filesystem(self.run_dir)
         self.root = self.root.rstrip("/")
@@ -125,6 +126,8 @@ class LocalRuntime:
         for info in self.filesystem.get_file_info(pafs.FileSelector(self.root)):
             if info.base_name.startswith(TEMPORARY_PREFIX):  # left by a process killed while writing
                 self._delete(info.base_name)
+        if self.on_report is not None:
+            self.on_report(metrics)
 
     def _write(self, folder: str, name: str) -> None:
         """Copy the local `folder` to `name` under the run's folder, then mark it complete."""
