@@ -428,8 +428,8 @@ def test_training_that_leaves_no_cpu_for_reads_is_warned_about(prepared):
 
 @pytest.mark.slow
 def test_sweep_of_the_baselines_trains_them_concurrently_compares_them_and_resumes(prepared, tmp_path, capsys):
-    """The paper's baselines in the same loop, as a sweep: 2 trials at once (each in a process of its
-    own, without Ray: `scaling.num_workers=0`), each an MLflow run under the sweep's parent run, the
+    """The paper's baselines in the same loop, as a sweep: 2 Ray Tune trials at once (each trains in
+    its trial's process: `scaling.num_workers=0`), each an MLflow run under the sweep's parent run, the
     table, the time estimate printed first. The CNN-regressor has no stage 1; the CNN-VAE's stage 1
     is the CNN-AE's reconstruction plus the KL. Dataset, checkpoints, best models and the table are
     all addressed by file:// URIs, as buckets are. On another machine, with only the trials' records
@@ -459,6 +459,8 @@ records: {tmp_path / 'records'}
     result = run_sweep(config)
     printed = capsys.readouterr().out
     assert "3 of 3 trials to train, 2 at a time" in printed
+    assert re.search(r"trial 3 of 3 done: baselines-\S+-seed0  dev CCC A ", printed), printed  # Tune's trials, each named
+    assert not any(run.get("reused") for run in result.runs)
     assert re.search(r"regressor: 1 trial\(s\) x \d+ min\n  model_kind=cnn_vae: 1 trial", printed), printed
     need = re.search(r"memory: about (\d+\.\d) GiB for 2 trial\(s\) at once", printed)  # timed in 2 processes
     assert need and 0.1 < float(need.group(1)) < 8, printed

@@ -5,7 +5,7 @@ as Markdown + PNG in a folder and as artifacts of the sweep's MLflow parent run.
 
 Works on a sweep still training: it reports the trials trained so far (a table row says how many
 runs it holds). It reads the trials' records (`SweepConfig.records`): their test-split predictions
-(`sweep.trial_predictions`, predicting only those not there yet), curves and times. So it runs on
+(`records.trial_predictions`, predicting only those not there yet), curves and times. So it runs on
 any machine that has the records; the two figures drawn from models need those models here, and
 where they are elsewhere the report keeps the figure an earlier report drew from the same trials.
   - tables: mean test CCC per attribute over subsets x seeds, one t-test column per reference
@@ -29,15 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster_train.experiments.sweep import (
-    SweepConfig,
-    Trial,
-    plan_trials,
-    records_folder,
-    scored_predictions,
-    trained_in_bf16,
-    trained_run,
-)
+from cluster_train.experiments.records import records_folder, scored_predictions, trained_in_bf16, trained_run
+from cluster_train.experiments.sweep import SweepConfig, Trial, planned_with_search, recorded_search
 from cluster_train.serve.evaluate import compare_models
 from cluster_train.train.launch import pin_local_paths
 from data_prep.dataset import PreparedDataset
@@ -71,7 +64,7 @@ class Report:
 
 def trained_trials(config: SweepConfig) -> tuple[list[TrainedTrial], int]:
     """The sweep's trials trained so far, and how many it plans."""
-    trials = plan_trials(config)
+    trials = planned_with_search(config)
     records = records_folder(config)
     found = []
     for trial in trials:
@@ -267,6 +260,9 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     if unscored:
         sections += [f"Not in the table: {', '.join(unscored)} (no stage learns from labels, so its regressor is "
                      f"untrained; it is there for Fig. 3).", ""]
+    search = recorded_search(config)
+    if search is not None:
+        sections += ["## Search", "", search_markdown(search), ""]
     if learning_curves(trained, folder / "learning_curves.png"):
         sections += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
     by_point = {item.trial.point: item for item in sorted(trained, key=lambda t: t.trial.seed, reverse=True)}
@@ -291,6 +287,18 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     (folder / "report.md").write_text(markdown)
     _log_to_parent(config, first, folder)
     return Report(markdown, folder, tables, len(trained), planned)
+
+
+def search_markdown(search: dict) -> str:
+    """The settings the search tried, best development loss first (`search.point` took the first)."""
+    keys = list(search["trials"][0]["settings"])
+    lines = [f"| {' | '.join(keys)} | development loss (sum of 1 - CCC) | epochs |", "|" + "---|" * (len(keys) + 2)]
+    for trial in search["trials"]:
+        values = " | ".join(f"{trial['settings'][k]:.4g}" if isinstance(trial["settings"][k], float)
+                            else str(trial["settings"][k]) for k in keys)
+        stopped = " (ended early)" if trial["stopped_early"] else ""
+        lines.append(f"| {values} | {trial[search['metric']]:.4f} | {trial['epochs']}{stopped} |")
+    return "\n".join(lines)
 
 
 class _ModelFigures:

@@ -8,12 +8,11 @@ overrides. Grid points are the named `points` (a control is a point: a model kin
 that make it one) crossed with every combination of `grid`. Each trial's MLflow run is a child of the
 sweep's parent run, in the experiment named after the sweep, so the UI shows them side by side.
 All trials' configs are checked before anything trains, and the sweep prints how long it expects
-to take (`estimate.py`: steps timed here). A finished trial leaves a record (`SweepConfig.records`:
-config, scores, curves, predictions) and is not trained again, here or on any machine that has the
-record; a trial killed mid-way resumes from its last checkpoint: a killed sweep, run again, goes on
-where it stopped. Up to `max_concurrent` trials train at once: each its own Ray Train run (on a
-cluster the autoscaler adds the GPUs they ask for), or, when every trial trains without Ray
-(`scaling.num_workers=0`), each in its own process on this machine, with no Ray at all.
+to take (`estimate.py`: steps timed here). The trials run as Ray Tune trials (`tuning.py`), up to
+`max_concurrent` at once; a finished trial leaves a record (`records.py`) and is not trained again,
+here or on any machine that has the record; a sweep killed mid-way, run again, is restored by Tune
+and a cut trial goes on from its last checkpoint. A `search` section first searches settings on
+development CCC and adds the chosen ones to the table as a point of their own.
 """
 
 from __future__ import annotations
@@ -25,18 +24,15 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 from omegaconf import MISSING
 
-from cluster_train.serve.evaluate import SplitPredictions
+from cluster_train.experiments.records import records_folder, scored_predictions, trained_in_bf16, trained_run
 from cluster_train.train.config import TrainConfig, load_train_config
 from cluster_train.train.launch import pin_local_paths
 from data_prep.config import ConfigError, load_config, require, require_choice, to_flat_dict
-from data_prep.manifest import ATTRIBUTES
 from data_prep.storage import OutputFolder
-
 
 SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")  # randint: [low, high), high excluded
 
@@ -177,6 +173,7 @@ def plan_trials(config: SweepConfig, only: Sequence[str] = ()) -> list[Trial]:
     """Every trial's training config, validated: a wrong key or value fails here, before Ray starts.
     `only`: these grid points and the reference (the table needs it), in the config's order (the
     search's point, which only the search can plan, is left out)."""
+    selecting = len(only) > 0
     only = [name for name in only if config.search is None or name != config.search.point]
     trials = []
     points = grid_points(config)
@@ -185,7 +182,7 @@ def plan_trials(config: SweepConfig, only: Sequence[str] = ()) -> list[Trial]:
     if unknown:
         raise ConfigError(f"--only: {', '.join(map(repr, unknown))} is none of the grid points {labels}")
     for label, settings, seeds in points:
-        if only and label not in only and label != (config.reference or labels[0]):
+        if selecting and label not in only and label != (config.reference or labels[0]):
             continue
         for seed in seeds:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
@@ -207,165 +204,7 @@ def trial_config(config: SweepConfig, settings: dict[str, Any], seed: int, name:
         raise ConfigError(f"sweep {config.name}, {what}: {error}") from error
 
 
-RUN_FILE = "run.json"  # beside a trial's best_model/: what its training reported
-RECORD_ONLY = ("config", "predictions")  # in a trial's record, not in the run it describes
-# From MLflow, per epoch (`precision/bf16` per sitting: a trial resumed on another machine may change it)
-CURVES = (*(f"dev/ccc_{attribute}" for attribute in ATTRIBUTES), "time/epoch", "precision/bf16")
-
-
-def records_folder(config: SweepConfig) -> OutputFolder:
-    """Where the sweep keeps its trials' records (`SweepConfig.records`), a local one made absolute:
-    trials write theirs from Ray tasks, which run in other folders."""
-    location = config.records or f"{config.output.rstrip('/')}/{config.name}/trials"
-    return OutputFolder(location if "://" in location else str(Path(location).resolve()))
-
-
-def _record_file(name: str) -> str:
-    return f"{name}.json"
-
-
-def _config_record(config: TrainConfig) -> dict:
-    return json.loads(json.dumps(to_flat_dict(config), default=str))
-
-
-def trained_run(config: TrainConfig, records: OutputFolder) -> dict | None:
-    """The run of a trial trained before, else None: its run.json beside its best model here, or its
-    record in `records` (trained on another machine: no model here). A run found here and not yet
-    recorded is recorded now.
-
-    A trial trained with another config is an error naming the keys that differ: reusing it would
-    mix configs in one table, retraining would overwrite a model someone may need. (Runs written
-    before run.json kept the config cannot be checked and are reused.)"""
-    folder, file = OutputFolder(config.run_dir), _record_file(config.name)
-    here = folder.read_json(RUN_FILE) if folder.exists("best_model/model.pt") and folder.exists(RUN_FILE) else None
-    record = _read_record(records, file) if records.exists(file) else None
-    if here is None and record is None:
-        return None
-    found, where = (here, folder.location) if here is not None else (record, records.uri(file))
-    before, now = found.get("config"), _config_record(config)
-    # Keys the record lacks were added to the code later; their defaults keep the old behaviour.
-    keys = sorted(k for k in (before or {}) if before[k] != now.get(k) and not _changes_no_result(k))
-    if keys:
-        raise ConfigError(f"trial {config.name} was trained in {where} with another config "
-                          f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
-    # (Records written before they kept the dataset's hash are reused wherever the data lies.)
-    if found.get("dataset_hash") and found["dataset_hash"] != _dataset_hash(config):
-        raise ConfigError(f"trial {config.name} was trained in {where} on dataset {found['dataset_hash'][:12]}, "
-                          f"not on {config.data.dataset} ({_dataset_hash(config)[:12]}): move that folder "
-                          f"away or name the sweep anew")
-    if here is not None and (record is None or record.get("mlflow_run_id") != here.get("mlflow_run_id")):
-        # trained here since its record was written, or before records existed
-        return _keep_record(here, config, records) | {"reused": True}
-    return {key: value for key, value in record.items() if key not in RECORD_ONLY} | {"reused": True}
-
-
-def _read_record(records: OutputFolder, file: str) -> dict:
-    try:
-        return records.read_json(file)
-    except ValueError as error:
-        raise ConfigError(f"trial record {error}. A git merge conflict or a copy cut short? Fix it from git, or "
-                          f"delete it: the trial then trains again (or is recorded from its run here)") from error
-
-
-# Where a trial's data and checkpoints lie, not what it trains on: a record written in another
-# checkout or on another machine names other paths. The data is compared by its hash instead.
-LOCATION_KEYS = ("data.dataset", "storage_path")
-
-
-def _changes_no_result(key: str) -> bool:
-    """Where a run is tracked (a parent run, a store moved), where its data and checkpoints lie, and
-    how many CPU threads it trains on change no result beyond float rounding: a trial cut short may
-    go on with more threads once it trains alone."""
-    return key.startswith("tracking.") or key in LOCATION_KEYS or key == "scaling.cpus_per_worker"
-
-
-def _dataset_hash(config: TrainConfig) -> str:
-    from data_prep.dataset import PreparedDataset
-
-    return PreparedDataset(config.data.dataset).dataset_hash
-
-
-def _keep_record(run: dict, config: TrainConfig, records: OutputFolder) -> dict:
-    """Write the trial's record (its run, config and per-epoch curves; predictions are added when
-    scored) into `records`; the run it describes, curves included."""
-    kept = {key: value for key, value in run.items() if key not in ("config", "reused")} | {
-        "curves": _curves(config, run.get("mlflow_run_id"))}
-    records.make()
-    records.write_json(_record_file(config.name), kept | {"config": _config_record(config)})
-    return kept
-
-
-def _curves(config: TrainConfig, run_id: str | None) -> dict[str, list[float]]:
-    """`CURVES` of an MLflow run, one value per epoch (the last logged where a resumed epoch logged
-    twice); none, with a warning, where the store cannot be read: as for training, tracking that
-    fails loses the curves, not the trial."""
-    if not run_id or not config.tracking.enabled:
-        return {}
-    from mlflow import MlflowClient
-
-    client = MlflowClient(config.tracking.resolved_uri())
-    curves = {}
-    try:
-        for key in CURVES:
-            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
-            by_epoch = {m.step: m.value for m in history}
-            curves[key] = [by_epoch[step] for step in sorted(by_epoch)]
-    except Exception as error:  # noqa: BLE001 - any store failure: the record goes without curves
-        warnings.warn(f"trial {config.name}: no curves in its record, MLflow run {run_id} unreadable at "
-                      f"{config.tracking.resolved_uri()}: {error}", RuntimeWarning, stacklevel=2)
-        return {}
-    return curves
-
-
-def train_trial(config: TrainConfig, records: str) -> dict:
-    from cluster_train.train.launch import run_training
-
-    result = run_training(config)
-    run = {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
-           "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
-           "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-           "dataset_hash": _dataset_hash(config)}
-    folder = OutputFolder(config.run_dir)
-    folder.make()
-    folder.write_json(RUN_FILE, run | {"config": _config_record(config)})  # read back by `trained_run`
-    return _keep_record(run, config, OutputFolder(records))
-
-
 PARENT_FILE = "parent_run.json"  # beside table.json: the sweep's MLflow parent run, re-opened on a rerun
-
-
-def trial_predictions(config: SweepConfig, name: str, dataset) -> SplitPredictions:
-    """The predictions of trial `name`'s best model on the sweep's split: computed once into the
-    trial's record (the sweep's table and the report share them), then read from it. A trial trained
-    again has a new record, so it is predicted again."""
-    from cluster_train.serve.bundle import load_bundle
-    from cluster_train.serve.evaluate import predict_split
-
-    records, file = records_folder(config), _record_file(name)
-    record = _read_record(records, file)
-    saved = record.get("predictions", {}).get(config.split)
-    if saved is not None:
-        return SplitPredictions(saved["ids"], np.array(saved["prediction"]), np.array(saved["labels"], dtype=float),
-                                tuple(saved["attributes"]))
-    result = predict_split(load_bundle(record["best_model"]), dataset, config.split)
-    record.setdefault("predictions", {})[config.split] = {
-        "ids": result.ids, "prediction": result.prediction.tolist(),
-        "labels": np.where(np.isnan(result.labels), None, result.labels).tolist(), "attributes": list(result.attributes)}
-    records.write_json(file, record)
-    return result
-
-
-def scored_predictions(config: SweepConfig, trained: Iterable[tuple[Trial, dict]], dataset
-                       ) -> tuple[dict[str, list[SplitPredictions]], dict[str, list[int]]]:
-    """Point -> its trials' predictions, and point -> their seeds: what `compare_models` takes. A
-    point whose kind learns no regressor (stage 1 only, Fig. 3's model) has nothing to score."""
-    predictions: dict[str, list[SplitPredictions]] = {}
-    seeds: dict[str, list[int]] = {}
-    for trial, run in trained:
-        if trial.config.kind.trains_regressor:
-            predictions.setdefault(trial.point, []).append(trial_predictions(config, trial.config.name, dataset))
-            seeds.setdefault(trial.point, []).append(trial.seed)
-    return predictions, seeds
 
 
 def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
@@ -455,8 +294,9 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     from cluster_train.experiments import tuning
 
     file = search_file(config)
-    if records.exists(file) and records.read_json(file)["search"] == to_flat_dict(config.search):
-        chosen = records.read_json(file)["trials"][0]
+    record = recorded_search(config)
+    if record is not None:
+        chosen = record["trials"][0]
     else:
         make_config = partial(search_trial_config, config, parent_run_id)
         example = make_config({key: corner[key] for corner in config.search.corners() for key in corner}, "check")
@@ -473,17 +313,29 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     return chosen["settings"]
 
 
+def recorded_search(config: SweepConfig) -> dict | None:
+    """The record of the sweep's search (every setting tried, best first); None before it ran, or
+    when the search section changed since."""
+    if config.search is None:
+        return None
+    records, file = records_folder(config), search_file(config)
+    if not records.exists(file) or records.read_json(file)["search"] != to_flat_dict(config.search):
+        return None
+    return records.read_json(file)
+
+
+def planned_with_search(config: SweepConfig) -> list[Trial]:
+    """`plan_trials`, and the searched point's trials once the search has chosen."""
+    record = recorded_search(config)
+    return plan_trials(config) + (searched_trials(config, record["trials"][0]["settings"]) if record else [])
+
+
 def searched_trials(config: SweepConfig, settings: dict[str, Any]) -> list[Trial]:
     """The chosen settings as a point of the table, over the sweep's seeds."""
     point = config.search.point
     return [Trial(point, seed, pin_local_paths(trial_config(config, settings, seed, f"{config.trial_prefix or config.name}"
                                                             f"-{point}-seed{seed}", f"point {point} seed {seed}")))
             for seed in config.seeds]
-
-
-def trained_in_bf16(run: dict) -> bool:
-    """Whether a trial's run (or record) had an epoch in bf16 (`precision/bf16` in its curves)."""
-    return any(run.get("curves", {}).get("precision/bf16", []))
 
 
 def estimate_sweep(config: SweepConfig, trials: list[Trial]) -> str:

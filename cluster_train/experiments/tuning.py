@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ray import tune
 
+from cluster_train.experiments.records import train_trial, trained_run
 from cluster_train.train.config import TrainConfig
 from data_prep.storage import OutputFolder, open_filesystem
 
@@ -32,14 +33,18 @@ if TYPE_CHECKING:
 
 SEARCH_METRIC, SEARCH_MODE = "dev/best_loss", "min"  # sum over attributes of 1 - CCC, at the best epoch so far
 DONE = "trial/done"  # in a trial's last result only: it trained to the end and was scored
+REUSED = "trial/reused"  # a grid trial's result: it had a record, nothing trained
+
+
+DRIVER_CPU = 0.01  # a Ray Train trial's own share: Tune refuses none, its workers reserve the rest
 
 
 def trial_resources(config: TrainConfig) -> dict[str, float]:
     """What a Tune trial reserves: a one-process trial its CPUs (and a GPU), a Ray Train trial
-    nothing, as its workers reserve theirs."""
+    next to nothing, as its workers reserve theirs."""
     if config.scaling.num_workers == 0:
         return {"cpu": config.scaling.cpus_per_worker, "gpu": 1.0 if config.scaling.use_gpu else 0.0}
-    return {"cpu": 0.0}
+    return {"cpu": DRIVER_CPU}
 
 
 def _result(run: dict) -> dict[str, Any]:
@@ -53,11 +58,11 @@ def _result(run: dict) -> dict[str, Any]:
 
 def _grid_trial(params: dict, configs: dict[str, TrainConfig], records: str) -> None:
     """One trial of the grid, by name: trained (or found trained) and recorded."""
-    from cluster_train.experiments.sweep import train_trial, trained_run
 
     config = configs[params["trial"]]
-    run = trained_run(config, OutputFolder(records)) or train_trial(config, records)
-    tune.report(_result(run))
+    found = trained_run(config, OutputFolder(records))
+    run = found or train_trial(config, records)
+    tune.report(_result(run) | {REUSED: float(found is not None)})
 
 
 def _named(trial) -> str:
@@ -113,12 +118,12 @@ def run_grid(sweep: SweepConfig, trials: list[Trial], records: str, folder: str)
                                    trial_dirname_creator=_named), storage, name,
                    [TrialLines(len(configs), tracking_uri(trials[0].config))])
     grid = tuner.fit()
-    from cluster_train.experiments.sweep import trained_run
-
     found: dict[str, dict | BaseException] = {}
     for result in grid:
         trial = result.config["trial"]
         run = trained_run(configs[trial], OutputFolder(records)) if result.error is None else None
+        if run is not None:
+            run["reused"] = bool(result.metrics.get(REUSED))
         found[trial] = run if run is not None else (result.error or RuntimeError(f"trial {trial} left no record"))
     return found
 
@@ -198,6 +203,7 @@ class TrialLines(tune.Callback):
                        if f"dev/ccc_{a}" in result)
         minutes = result.get("time_total_s", 0) / 60
         stopped = "" if result.get(DONE) else f"  (stopped early after {result.get('training_iteration', 0)} epoch(s))"
+        stopped += "  (recorded before)" if result.get(REUSED) else ""
         print(f"trial {self.done} of {self.total} done: {name}  dev CCC {ccc}  {minutes:.0f} min{stopped}", flush=True)
         if not result.get(DONE) and result.get("mlflow_run_id") and self.tracking_uri:
             _mark_killed(result["mlflow_run_id"], self.tracking_uri)

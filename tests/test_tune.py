@@ -1,0 +1,263 @@
+"""Sweeps on Ray Tune (`cluster_train/experiments/tuning.py`): real prepared audio, a real local Ray,
+real Tune trials, a real MLflow store.
+
+A search's config fails before Ray starts; a trial trained through Tune equals the same run trained
+directly; a sweep whose driver is killed (SIGKILL) is restored by Tune and its cut trial goes on
+from its checkpoint; a search finds the setting that learns, ends trials early, scores no test
+split, and its chosen setting is retrained and compared on test."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import prepare_train_sample
+from mlflow import MlflowClient
+
+from cluster_train.experiments.sweep import SearchConfig, check_search, load_sweep_config, plan_trials, run_sweep
+from data_prep.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ("model.channels=[8,16]", "model.strides=[2,2]", "model.feature_dim=16", "precise_bn.utterances=8")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tune")
+    with pytest.MonkeyPatch.context() as environment:
+        if "RAY_agent_register_timeout_ms" not in os.environ:  # Ray starts slowly on a busy machine
+            environment.setenv("RAY_agent_register_timeout_ms", "120000")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        try:
+            yield prepare_train_sample(folder)
+        finally:
+            ray.shutdown()
+
+
+def _sweep_file(folder: Path, prepared: Path, body: str, overrides: tuple[str, ...] = ()) -> Path:
+    """A sweep of the tiny model on the sample, everything of its own under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = ", ".join(f"'{s}'" for s in (*TINY, *overrides))
+    file = folder / "sweep.yaml"
+    file.write_text(f"""
+train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
+overrides: [data.dataset={prepared}, data.batch_size=4, clustering.num_clusters=4, scaling.num_workers=0,
+            {settings}, storage_path={folder / 'runs'}, tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}]
+subsets: 2
+output: {folder / 'sweeps'}
+records: {folder / 'records'}
+{body}""")
+    return file
+
+
+def test_a_search_space_is_checked_before_ray_starts(tmp_path):
+    """A kind of range Tune has no domain for, a range upside down, and a key training does not have
+    (or a value it refuses, at an end of a range) each fail with the key named; nothing starts."""
+    with pytest.raises(ConfigError, match=r"search\.space\.cluster_weight.*one of \{choice"):
+        SearchConfig(space={"cluster_weight": {"normal": [0, 1]}})
+    with pytest.raises(ConfigError, match=r"search\.space\.cluster_weight.*low < high"):
+        SearchConfig(space={"cluster_weight": {"uniform": [2.0, 1.0]}})
+    with pytest.raises(ConfigError, match=r"search\.space\.optim\.encoder\.lr.*low must be > 0"):
+        SearchConfig(space={"optim.encoder.lr": {"loguniform": [0, 1e-3]}})
+    assert SearchConfig(space={"clustering.num_clusters": {"randint": [2, 9]}}).corners() == [
+        {"clustering.num_clusters": 2}, {"clustering.num_clusters": 8}]  # randint's high is excluded
+
+    def sweep(space: str):
+        return load_sweep_config(_sweep_file(tmp_path, tmp_path / "nowhere", f"name: checked\nsearch:\n  space: {space}\n"))
+
+    with pytest.raises(ConfigError, match=r"search\.space \{'clustering\.num_klusters': 2\}.*num_klusters"):
+        check_search(sweep("{clustering.num_klusters: {choice: [2, 4]}}"))
+    with pytest.raises(ConfigError, match=r"search\.space \{'epochs': 0\}.*epochs.*must be >= 1"):
+        check_search(sweep("{epochs: {randint: [0, 3]}}"))
+    check_search(sweep("{clustering.num_clusters: {choice: [2, 4]}, cluster_weight: {loguniform: [0.1, 3.0]}}"))
+    assert not ray.is_initialized()
+
+
+def test_the_search_point_is_planned_by_the_search_alone(tmp_path):
+    """`--only searched` trains the search (and the reference), and a shared `trial_prefix` names the
+    trials as the sweep whose records they reuse."""
+    config = load_sweep_config(_sweep_file(tmp_path, tmp_path / "data", """
+name: searching
+trial_prefix: ravdess-quarter
+points:
+  - {name: dec, model_kind: deepemocluster}
+  - {name: regressor, model_kind: cnn_regressor}
+reference: regressor
+search:
+  space: {cluster_weight: {uniform: [0.5, 2.0]}}
+"""))
+    assert [t.config.name for t in plan_trials(config, ["searched"])] == ["ravdess-quarter-regressor-seed0"]
+    assert [t.config.name for t in plan_trials(config)] == ["ravdess-quarter-dec-seed0", "ravdess-quarter-regressor-seed0"]
+
+
+@pytest.mark.slow
+def test_a_trial_trained_through_tune_equals_the_same_run_trained_directly(prepared, tmp_path):
+    """One DeepEmoCluster trial as a Tune grid, and the same config trained by `run_training` in
+    this process under another name: the same metrics at every epoch and the same scores."""
+    from cluster_train.train.launch import run_training
+
+    file = _sweep_file(tmp_path / "tune", prepared, """
+name: through-tune
+points: [{name: dec, model_kind: deepemocluster}]
+""", ("epochs=2",))
+    config = load_sweep_config(file)
+    result = run_sweep(config)
+    [trial] = plan_trials(config)
+    direct = run_training(dataclasses.replace(trial.config, name="direct"))
+    [run] = result.runs
+    untimed = {k: v for k, v in direct.metrics.items() if not k.startswith("time/") and k != "mlflow_run_id"}
+    assert {k: v for k, v in run["last_epoch"].items() if k in untimed} == untimed
+    assert run["scores"] == direct.scores
+    client = MlflowClient(f"sqlite:///{tmp_path / 'tune' / 'mlflow.db'}")
+    for key in ("dev/ccc_arousal", "train/stage1_loss", "cluster/kmeans_objective"):
+        through = [m.value for m in sorted(client.get_metric_history(run["mlflow_run_id"], key), key=lambda m: m.step)]
+        alone = [m.value for m in sorted(client.get_metric_history(direct.mlflow_run_id, key), key=lambda m: m.step)]
+        assert through == alone and len(through) == 2, key
+
+
+@pytest.mark.slow
+def test_a_ray_train_trial_runs_inside_its_tune_trial_and_reports_every_epoch(prepared, tmp_path):
+    """A trial with Ray Train workers (`scaling.num_workers=1`): its Tune trial reserves a hundredth
+    of a CPU (the worker and the K-means actor take theirs), and every epoch reaches Tune through
+    Ray Train's callback, so a scheduler could act on it."""
+    from cluster_train.experiments.tuning import DRIVER_CPU, trial_resources
+
+    file = _sweep_file(tmp_path, prepared, """
+name: on-ray-train
+points: [{name: dec, model_kind: deepemocluster}]
+""", ("epochs=2", "scaling.num_workers=1", "scaling.cpus_per_worker=1"))
+    config = load_sweep_config(file)
+    [trial] = plan_trials(config)
+    assert trial_resources(trial.config) == {"cpu": DRIVER_CPU}
+    [run] = run_sweep(config).runs
+    assert run["epochs_run"] == 2 and set(run["scores"]) == {"development", "test"}
+    [progress] = (tmp_path / "sweeps" / "on-ray-train" / "tune").glob("grid-*/on-ray-train-dec-seed0/progress.csv")
+    rows = progress.read_text().splitlines()
+    header = rows[0].split(",")
+    epochs = [row.split(",")[header.index("epoch")] for row in rows[1:]]
+    assert epochs[:2] == ["0", "1"], rows  # one Tune result per epoch, then the trial's final one
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_whose_driver_is_killed_is_restored_by_tune(prepared, tmp_path):
+    """`jobs/sweep.py` (joined to the running Ray, as a submitted job's driver is) killed with
+    SIGKILL once its first trial has a checkpoint; run again, it restores the Tune experiment: the
+    cut trial goes on from its checkpoint (its MLflow run is re-opened, no epoch logged twice) and
+    the others train; every trial ends with a record and the table compares them."""
+    file = _sweep_file(tmp_path, prepared, """
+name: restored
+points:
+  - {name: regressor, model_kind: cnn_regressor}
+  - {name: dec, model_kind: deepemocluster}
+seeds: [0, 1]
+reference: regressor
+max_concurrent: 1
+""", ("epochs=4", "patience=4"))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "jobs/sweep.py", "--config", str(file)]
+    first_run = tmp_path / "runs" / "restored-regressor-seed0"
+    with (tmp_path / "first.log").open("w") as log:
+        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not list(first_run.glob("checkpoint_*/")) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        experiment = tmp_path / "sweeps" / "restored" / "tune"
+        while not list(experiment.glob("grid-*/experiment_state-*.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    first_log = (tmp_path / "first.log").read_text()
+    assert driver.returncode == -signal.SIGKILL, first_log[-3000:]
+    assert not (tmp_path / "records" / "restored-dec-seed1.json").exists()  # killed before the last trial ended
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "tune: restoring experiment" in again.stdout, again.stdout[-3000:]
+    assert "trial 4 of 4 done" in again.stdout
+    assert len(list(experiment.glob("grid-*"))) == 1  # the same experiment, not a new one
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")}
+    assert sorted(records) == [f"restored-{p}-seed{s}" for p in ("dec", "regressor") for s in (0, 1)]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cut = records["restored-regressor-seed0"]
+    assert [m.step for m in client.get_metric_history(cut["mlflow_run_id"], "dev/loss")] == list(range(cut["epochs_run"]))
+    sittings = [m.step for m in client.get_metric_history(cut["mlflow_run_id"], "precision/bf16")]
+    assert len(sittings) in (1, 2) and sittings[0] == 0 and sittings == sorted(set(sittings))  # resumed, not restarted
+    table = json.loads((tmp_path / "sweeps" / "restored" / "table.json").read_text())
+    assert sorted(table["models"]) == ["dec", "regressor"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_search_finds_the_setting_that_learns_and_retrains_it(prepared, tmp_path, capsys):
+    """A search over the regressor's learning rate and the cluster-loss weight: Optuna samples, ASHA
+    may end poor trials after their first epoch (their MLflow runs KILLED, the others FINISHED), no
+    search trial scores the test split, the chosen setting is the one with the lowest development
+    loss; it is retrained over the seeds and compared on test with the reference; run again,
+    nothing searches or trains again."""
+    file = _sweep_file(tmp_path, prepared, """
+name: searched
+points: [{name: dec, model_kind: deepemocluster}]
+reference: dec
+max_concurrent: 2
+search:
+  space:
+    optim.regressor.lr: {choice: [1.0e-30, 1.0e-3]}
+    cluster_weight: {uniform: [0.5, 2.0]}
+  samples: 4
+  startup_samples: 2
+  grace_epochs: 1
+""", ("epochs=3", "patience=3"))
+    config = load_sweep_config(file)
+    result = run_sweep(config)
+    printed = capsys.readouterr().out
+    search = json.loads((tmp_path / "records" / "searched-search.json").read_text())
+    tried = search["trials"]
+    assert len(tried) == 4 and [t["dev/best_loss"] for t in tried] == sorted(t["dev/best_loss"] for t in tried)
+    assert {t["settings"]["optim.regressor.lr"] for t in tried} == {1e-30, 1e-3}  # both values were tried
+    assert "trial 4 of 4 done" in printed and "chosen {" in printed
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("searched").experiment_id
+    searched_runs = client.search_runs([experiment], "tags.mlflow.runName LIKE 'searched-search-%'")
+    assert len(searched_runs) == 4
+    for run in searched_runs:
+        assert not any(key.startswith("test/") for key in run.data.metrics)  # development only
+        assert run.data.tags.get("mlflow.parentRunId") == result.table["parent_run_id"]
+        epochs = len(client.get_metric_history(run.info.run_id, "dev/loss"))
+        assert run.info.status == ("FINISHED" if epochs == 3 else "KILLED"), (epochs, run.info.status)
+    assert list(result.table["models"]) == ["dec", "searched"]
+    retrained = [r for r in result.runs if r["point"] == "searched"]
+    assert [r["seed"] for r in retrained] == [0]
+    retrained_config = json.loads((tmp_path / "records" / "searched-searched-seed0.json").read_text())["config"]
+    assert {key: retrained_config[key] for key in tried[0]["settings"]} == tried[0]["settings"]  # the lowest loss
+
+    from cluster_train.experiments.report import write_report
+
+    report = write_report(config, tmp_path / "report")  # the searched point's trials and the search's table
+    assert (report.trained, report.planned) == (2, 2) and "| searched |" in report.markdown
+    assert "## Search" in report.markdown and report.markdown.count("(ended early)") == sum(t["stopped_early"] for t in tried)
+
+    runs_before = len(client.search_runs([experiment]))
+    again = run_sweep(config)
+    assert "searching" not in capsys.readouterr().out
+    assert again.table["models"] == result.table["models"] and len(client.search_runs([experiment])) == runs_before
+
+
+def test_the_readmes_search_dry_run_checks_the_search_and_lists_its_trials():
+    """`python jobs/sweep.py --config configs/sweep/ravdess_quarter_search.yaml --dry-run`, as the
+    README gives it: the space checked, the reused K = 10 trials listed, nothing trained."""
+    command = "python jobs/sweep.py --config configs/sweep/ravdess_quarter_search.yaml --dry-run".split()
+    done = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "deepemocluster seed 1: ravdess-quarter-deepemocluster-seed1" in done.stdout
+    assert "then a search of 8 trials over clustering.num_clusters, cluster_weight" in done.stdout
+    assert "every trial is trained" in done.stdout  # the K = 10 trials are ravdess-quarter's records
