@@ -5,7 +5,7 @@
 # Every finished trial leaves a record in docs/results/<sweep>/trials/ (kept in git), so a run on a
 # new machine trains only the trials without one. The order fills RESULTS.md soonest: the controls
 # beside the headline's seeds 0-1 and Fig. 3's model; Table 3 (unlabeled audio); Table 2 (all
-# labels); then the rest of the 25%-label sweep (the headline's seeds 2-4, K = 20 and 30).
+# labels); Table 4 (K); the search; then the rest of the 25%-label sweep (the headline's seeds 2-4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,5 +21,9 @@ sweep ravdess_quarter --only dec_unlabeled_0,dec_unlabeled_1of3,dec_unlabeled_2o
 report ravdess_quarter
 sweep ravdess_table2
 report ravdess_table2
-sweep ravdess_quarter  # the rest: the headline's seeds 2-4, K = 20 and 30
+sweep ravdess_quarter --only dec_k20,dec_k30  # Table 4: K = 20 and 30 beside the headline's K = 10, 2 seeds each
+report ravdess_quarter
+sweep ravdess_quarter_search  # K and the cluster weight searched on development, the choice retrained on seeds 0-1
+report ravdess_quarter_search
+sweep ravdess_quarter  # the rest: the headline's seeds 2-4
 report ravdess_quarter

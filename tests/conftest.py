@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -45,3 +48,18 @@ def prepare_train_sample(folder: Path) -> Path:
     run_prep(load_config(PrepConfig, None, [f"sources=[{{kind: csv, path: {manifest}}}]",
                                             f"output={folder / 'prepared'}", "progress=false"]))
     return folder / "prepared"
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2) -> Iterator[None]:
+    """A local Ray of `num_cpus` CPUs for one test module, shut down after it."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as environment:
+        if "RAY_agent_register_timeout_ms" not in os.environ:  # Ray starts slowly on a busy machine
+            environment.setenv("RAY_agent_register_timeout_ms", "120000")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+        try:
+            yield
+        finally:
+            ray.shutdown()

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import prepare_train_sample
+from conftest import local_ray, prepare_train_sample
 from mlflow import MlflowClient
 
 from cluster_train.clustering.service import KMeansService, actor_options
@@ -48,15 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("train")
-    with pytest.MonkeyPatch.context() as environment:
-        if "RAY_agent_register_timeout_ms" not in os.environ:  # Ray starts slowly on a busy machine
-            environment.setenv("RAY_agent_register_timeout_ms", "120000")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-        try:
-            prepare_train_sample(folder)
-            yield folder
-        finally:
-            ray.shutdown()
+    with local_ray():
+        prepare_train_sample(folder)
+        yield folder
 
 
 # A model a tenth the paper's width and depth: for tests of what surrounds the computation (recovery,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import prepare_train_sample
+from conftest import local_ray, prepare_train_sample
 from mlflow import MlflowClient
 
 from cluster_train.experiments.sweep import SearchConfig, check_search, load_sweep_config, plan_trials, run_sweep
@@ -31,15 +31,8 @@ TINY = ("model.channels=[8,16]", "model.strides=[2,2]", "model.feature_dim=16", 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tune")
-    with pytest.MonkeyPatch.context() as environment:
-        if "RAY_agent_register_timeout_ms" not in os.environ:  # Ray starts slowly on a busy machine
-            environment.setenv("RAY_agent_register_timeout_ms", "120000")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-        try:
-            yield prepare_train_sample(folder)
-        finally:
-            ray.shutdown()
+    with local_ray():
+        yield prepare_train_sample(tmp_path_factory.mktemp("tune"))
 
 
 def _sweep_file(folder: Path, prepared: Path, body: str, overrides: tuple[str, ...] = ()) -> Path:
@@ -79,6 +72,35 @@ def test_a_search_space_is_checked_before_ray_starts(tmp_path):
         check_search(sweep("{epochs: {randint: [0, 3]}}"))
     check_search(sweep("{clustering.num_clusters: {choice: [2, 4]}, cluster_weight: {loguniform: [0.1, 3.0]}}"))
     assert not ray.is_initialized()
+
+
+def test_the_space_becomes_tune_domains_and_an_experiment_is_named_after_its_plan(tmp_path):
+    """Each kind of range as Ray Tune's domain over the same values; the Tune experiment of a sweep
+    is named after its trials, so a changed plan starts anew instead of restoring other trials."""
+    from ray import tune
+
+    from cluster_train.experiments.tuning import _experiment, search_space
+
+    config = load_sweep_config(_sweep_file(tmp_path, tmp_path / "data", """
+name: domains
+search:
+  space:
+    clustering.num_clusters: {choice: [5, 10]}
+    cluster_weight: {loguniform: [0.1, 3.0]}
+    optim.encoder.lr: {uniform: [1.0e-4, 1.0e-3]}
+    data.batch_size: {randint: [4, 9]}
+"""))
+    space = search_space(config)
+    assert space["clustering.num_clusters"].categories == [5, 10]
+    assert isinstance(space["cluster_weight"].get_sampler(), tune.search.sample.LogUniform)
+    assert (space["cluster_weight"].lower, space["cluster_weight"].upper) == (0.1, 3.0)
+    assert (space["optim.encoder.lr"].lower, space["optim.encoder.lr"].upper) == (1e-4, 1e-3)
+    assert (space["data.batch_size"].lower, space["data.batch_size"].upper) == (4, 9)
+    storage, name = _experiment(str(tmp_path / "out"), "grid", ["a-seed0", "b-seed0"])
+    assert storage == str(tmp_path / "out" / "tune") and name.startswith("grid-")
+    assert _experiment(str(tmp_path / "out"), "grid", ["b-seed0", "a-seed0"])[1] != name  # another plan
+    assert _experiment(str(tmp_path / "out"), "grid", ["a-seed0", "b-seed0"])[1] == name  # the same, restorable
+    assert _experiment("s3://bucket/sweeps/x", "grid", [])[0] == "s3://bucket/sweeps/x/tune"
 
 
 def test_the_search_point_is_planned_by_the_search_alone(tmp_path):
@@ -158,10 +180,9 @@ name: restored
 points:
   - {name: regressor, model_kind: cnn_regressor}
   - {name: dec, model_kind: deepemocluster}
-seeds: [0, 1]
 reference: regressor
 max_concurrent: 1
-""", ("epochs=4", "patience=4"))
+""", ("epochs=3", "patience=3"))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "jobs/sweep.py", "--config", str(file)]
     first_run = tmp_path / "runs" / "restored-regressor-seed0"
@@ -177,15 +198,15 @@ max_concurrent: 1
         driver.wait()
     first_log = (tmp_path / "first.log").read_text()
     assert driver.returncode == -signal.SIGKILL, first_log[-3000:]
-    assert not (tmp_path / "records" / "restored-dec-seed1.json").exists()  # killed before the last trial ended
+    assert not (tmp_path / "records" / "restored-dec-seed0.json").exists()  # killed before the last trial ended
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "tune: restoring experiment" in again.stdout, again.stdout[-3000:]
-    assert "trial 4 of 4 done" in again.stdout
+    assert "trial 2 of 2 done" in again.stdout
     assert len(list(experiment.glob("grid-*"))) == 1  # the same experiment, not a new one
     records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")}
-    assert sorted(records) == [f"restored-{p}-seed{s}" for p in ("dec", "regressor") for s in (0, 1)]
+    assert sorted(records) == ["restored-dec-seed0", "restored-regressor-seed0"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     cut = records["restored-regressor-seed0"]
     assert [m.step for m in client.get_metric_history(cut["mlflow_run_id"], "dev/loss")] == list(range(cut["epochs_run"]))
@@ -212,28 +233,28 @@ search:
   space:
     optim.regressor.lr: {choice: [1.0e-30, 1.0e-3]}
     cluster_weight: {uniform: [0.5, 2.0]}
-  samples: 4
+  samples: 3
   startup_samples: 2
   grace_epochs: 1
-""", ("epochs=3", "patience=3"))
+""", ("epochs=2", "patience=2"))
     config = load_sweep_config(file)
     result = run_sweep(config)
     printed = capsys.readouterr().out
     search = json.loads((tmp_path / "records" / "searched-search.json").read_text())
     tried = search["trials"]
-    assert len(tried) == 4 and [t["dev/best_loss"] for t in tried] == sorted(t["dev/best_loss"] for t in tried)
+    assert len(tried) == 3 and [t["dev/best_loss"] for t in tried] == sorted(t["dev/best_loss"] for t in tried)
     assert {t["settings"]["optim.regressor.lr"] for t in tried} == {1e-30, 1e-3}  # both values were tried
-    assert "trial 4 of 4 done" in printed and "chosen {" in printed
+    assert "trial 3 of 3 done" in printed and "chosen {" in printed
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("searched").experiment_id
     searched_runs = client.search_runs([experiment], "tags.mlflow.runName LIKE 'searched-search-%'")
-    assert len(searched_runs) == 4
+    assert len(searched_runs) == 3
     for run in searched_runs:
         assert not any(key.startswith("test/") for key in run.data.metrics)  # development only
         assert run.data.tags.get("mlflow.parentRunId") == result.table["parent_run_id"]
         epochs = len(client.get_metric_history(run.info.run_id, "dev/loss"))
-        assert run.info.status == ("FINISHED" if epochs == 3 else "KILLED"), (epochs, run.info.status)
+        assert run.info.status == ("FINISHED" if epochs == 2 else "KILLED"), (epochs, run.info.status)
     assert list(result.table["models"]) == ["dec", "searched"]
     retrained = [r for r in result.runs if r["point"] == "searched"]
     assert [r["seed"] for r in retrained] == [0]

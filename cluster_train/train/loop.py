@@ -276,10 +276,13 @@ class Trainer:
 def train(config: TrainConfig, runtime: Runtime, label_scaler: dict, service=None, params: dict | None = None,
           tags: dict | None = None) -> TrainState:
     """Build the trainer and run it; a run that fails is marked FAILED in MLflow (a restarted worker
-    group re-opens it)."""
+    group re-opens it), one that Ray Tune's scheduler stops KILLED."""
     trainer = Trainer(config, runtime, label_scaler, service, params, tags)
     try:
         trainer.fit()
+    except SystemExit as stop:  # how Tune ends a trial it stopped: sys.exit(0) inside tune.report
+        trainer.tracker.end("KILLED" if stop.code in (0, None) else "FAILED")
+        raise
     except BaseException as error:
         trainer.tracker.fail(error)
         raise
