@@ -42,7 +42,8 @@ def cluster(tmp_path_factory):
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-             "--num-cpus=2", "--disable-usage-stats"],
+             "--num-cpus=2", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}"],  # not 52365: another Ray here may hold it
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 180
