@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
 from cluster_train.experiments.sweep import check_search, estimate_sweep, load_sweep_config, plan_trials  # noqa: E402
+from cluster_train.experiments.records import development_markdown  # noqa: E402
 from cluster_train.serve.evaluate import format_comparison  # noqa: E402
 from data_prep.config import ConfigError  # noqa: E402
 from data_prep.dataset import DatasetError  # noqa: E402
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    print("development CCC of each point's best models (choose settings here):")
+    print(development_markdown(result.table["development"]))
+    print(f"\ntest CCC ({result.table['split']}):")
     print(format_comparison(result.table))
     print(f"table and runs: {result.table_file}; MLflow experiment {config.name}")
     return 0

@@ -256,6 +256,13 @@ search:
         epochs = len(client.get_metric_history(run.info.run_id, "dev/loss"))
         assert run.info.status == ("FINISHED" if epochs == 2 else "KILLED"), (epochs, run.info.status)
     assert list(result.table["models"]) == ["dec", "searched"]
+    ranking = result.table["development"]  # the points by development CCC: what settings are chosen by
+    assert [row["mean"] for row in ranking] == sorted((row["mean"] for row in ranking), reverse=True)
+    for row in ranking:
+        [run] = [r for r in result.runs if r["point"] == row["point"]]
+        development = run["scores"]["development"]
+        assert row["arousal"] == development["arousal"] and row["runs"] == 1
+        assert row["mean"] == pytest.approx(sum(development[a] for a in ("arousal", "dominance", "valence")) / 3)
     retrained = [r for r in result.runs if r["point"] == "searched"]
     assert [r["seed"] for r in retrained] == [0]
     retrained_config = json.loads((tmp_path / "records" / "searched-searched-seed0.json").read_text())["config"]
@@ -265,7 +272,7 @@ search:
 
     report = write_report(config, tmp_path / "report")  # the searched point's trials and the search's table
     assert (report.trained, report.planned) == (2, 2) and "| searched |" in report.markdown
-    assert "## Search" in report.markdown and report.markdown.count("(ended early)") == sum(t["stopped_early"] for t in tried)
+    assert "## Development CCC" in report.markdown and "## Search" in report.markdown and report.markdown.count("(ended early)") == sum(t["stopped_early"] for t in tried)
 
     runs_before = len(client.search_runs([experiment]))
     again = run_sweep(config)

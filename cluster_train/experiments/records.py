@@ -183,3 +183,26 @@ def scored_predictions(config: SweepConfig, trained: Iterable[tuple[Trial, dict]
 def trained_in_bf16(run: dict) -> bool:
     """Whether a trial's run (or record) had an epoch in bf16 (`precision/bf16` in its curves)."""
     return any(run.get("curves", {}).get("precision/bf16", []))
+
+
+def development_ranking(trained: Iterable[tuple[Trial, dict]]) -> list[dict]:
+    """The points ranked by their best models' development CCC, mean over seeds and then over the
+    attributes: what to choose settings by (test is for reporting the chosen ones)."""
+    by_point: dict[str, list[list[float]]] = {}
+    for trial, run in trained:
+        development = run.get("scores", {}).get(trial.config.data.development_split)
+        if development and trial.config.kind.trains_regressor:
+            by_point.setdefault(trial.point, []).append([development[a] for a in ATTRIBUTES])
+    rows = []
+    for point, runs in by_point.items():
+        means = np.mean(runs, axis=0)
+        rows.append({"point": point, "runs": len(runs), **dict(zip(ATTRIBUTES, map(float, means))),
+                     "mean": float(means.mean())})
+    return sorted(rows, key=lambda row: -row["mean"])
+
+
+def development_markdown(ranking: list[dict]) -> str:
+    lines = ["| point | runs | " + " | ".join(ATTRIBUTES) + " | mean |", "|" + "---|" * (len(ATTRIBUTES) + 3)]
+    lines += [f"| {row['point']} | {row['runs']} | " + " | ".join(f"{row[a]:.3f}" for a in ATTRIBUTES)
+              + f" | {row['mean']:.3f} |" for row in ranking]
+    return "\n".join(lines)

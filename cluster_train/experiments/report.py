@@ -29,7 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster_train.experiments.records import records_folder, scored_predictions, trained_in_bf16, trained_run
+from cluster_train.experiments.records import (
+    development_markdown,
+    development_ranking,
+    records_folder,
+    scored_predictions,
+    trained_in_bf16,
+    trained_run,
+)
 from cluster_train.experiments.sweep import SweepConfig, Trial, planned_with_search, recorded_search
 from cluster_train.serve.evaluate import compare_models
 from cluster_train.train.launch import pin_local_paths
@@ -251,6 +258,9 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     (folder / "tables.json").write_text(json.dumps(tables, indent=1) + "\n")
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
                 f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
+                "## Development CCC", "", "The points ranked by their best models' development CCC (mean over "
+                "seeds): what to choose settings by; the test CCC below reports them.", "",
+                development_markdown(development_ranking((item.trial, item.run) for item in trained)), "",
                 "## Test CCC", "", table_markdown(tables, trained), ""]
     bf16 = [item.trial.config.name for item in trained if trained_in_bf16(item.run)]
     sections += ["Precision (`precision/bf16` of each sitting): "

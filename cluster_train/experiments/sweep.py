@@ -28,7 +28,13 @@ from typing import Any, Sequence
 
 from omegaconf import MISSING
 
-from cluster_train.experiments.records import records_folder, scored_predictions, trained_in_bf16, trained_run
+from cluster_train.experiments.records import (
+    development_ranking,
+    records_folder,
+    scored_predictions,
+    trained_in_bf16,
+    trained_run,
+)
 from cluster_train.train.config import TrainConfig, load_train_config
 from cluster_train.train.launch import pin_local_paths
 from data_prep.config import ConfigError, load_config, require, require_choice, to_flat_dict
@@ -96,6 +102,9 @@ class SweepConfig:
     split: str = "test"
     subsets: int = 4  # random equal parts of the split per trial (the paper: 4)
     max_concurrent: int = 1
+    # Times Tune starts a failed trial again (it goes on from its last checkpoint): a lost node, a
+    # killed worker. A trial that fails once more is reported, and the sweep run again retries it.
+    trial_retries: int = 2
     output: str = "outputs/sweeps"
     # One JSON file per finished trial: its config, scores, MLflow run id, development CCC and
     # seconds per epoch, and its predictions on `split`. A trial with its file there is done, on any
@@ -112,6 +121,7 @@ class SweepConfig:
         require(len(self.seeds) > 0, "seeds", "name at least one seed")
         require(self.subsets >= 1, "subsets", "must be >= 1")
         require(self.max_concurrent >= 1, "max_concurrent", "must be >= 1")
+        require(self.trial_retries >= 0, "trial_retries", "must be >= 0")
         require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name", "letters, digits, _ . - only")
         for key, values in self.grid.items():
             require(len(values) > 0, f"grid.{key}", "give at least one value")
@@ -256,7 +266,8 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     predictions, seeds = scored_predictions(config, zip(trials, runs), dataset)
     table = compare_models(predictions, config.reference or trials[0].point, k=config.subsets, seeds=seeds)
     table |= {"sweep": config.name, "split": config.split, "dataset": dataset.location,
-              "parent_run_id": parent.run_id, "runs": runs, "bf16_trials": bf16}
+              "parent_run_id": parent.run_id, "runs": runs, "bf16_trials": bf16,
+              "development": development_ranking(zip(trials, runs))}
     folder.write_json("table.json", table)
     parent.finish(table)
     return SweepResult(table, [r for r in runs if isinstance(r, dict)], folder.uri("table.json"))

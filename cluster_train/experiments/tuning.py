@@ -78,7 +78,7 @@ def _experiment(folder: str, kind: str, identity: object) -> tuple[str, str]:
     return (storage if "://" in storage else str(Path(storage).resolve())), f"{kind}-{digest}"
 
 
-def _tuner(trainable, param_space: dict, tune_config, storage: str, name: str, callbacks: list):
+def _tuner(trainable, param_space: dict, tune_config, storage: str, name: str, callbacks: list, retries: int):
     """A new Tuner, or the one restored from `storage/name` when that experiment exists (its
     driver died): finished trials are kept, unfinished and errored ones start again."""
     filesystem, root = open_filesystem(storage)
@@ -88,7 +88,7 @@ def _tuner(trainable, param_space: dict, tune_config, storage: str, name: str, c
         return tune.Tuner.restore(f"{root}/{name}", trainable, resume_errored=True, storage_filesystem=filesystem)
     # verbose 1: Tune's status table, not every result; TrialLines says when each trial ends
     run_config = tune.RunConfig(name=name, storage_path=root, storage_filesystem=filesystem, callbacks=callbacks,
-                                failure_config=tune.FailureConfig(max_failures=0), verbose=1)
+                                failure_config=tune.FailureConfig(max_failures=retries), verbose=1)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -116,7 +116,7 @@ def run_grid(sweep: SweepConfig, trials: list[Trial], records: str, folder: str)
     tuner = _tuner(trainable, {"trial": tune.grid_search(list(configs))},
                    tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent, trial_name_creator=_named,
                                    trial_dirname_creator=_named), storage, name,
-                   [TrialLines(len(configs), tracking_uri(trials[0].config))])
+                   [TrialLines(len(configs), tracking_uri(trials[0].config))], sweep.trial_retries)
     grid = tuner.fit()
     found: dict[str, dict | BaseException] = {}
     for result in grid:
@@ -173,7 +173,7 @@ def run_search(sweep: SweepConfig, make_config: Callable[[dict, str], TrainConfi
     tune_config = tune.TuneConfig(metric=SEARCH_METRIC, mode=SEARCH_MODE, search_alg=algorithm, scheduler=scheduler,
                                   num_samples=search.samples, max_concurrent_trials=sweep.max_concurrent)
     grid = _tuner(trainable, search_space(sweep), tune_config, storage, name,
-                  [TrialLines(search.samples, tracking_uri(example))]).fit()
+                  [TrialLines(search.samples, tracking_uri(example))], sweep.trial_retries).fit()
     found = []
     for result in grid:
         if result.error is not None or not result.metrics:
