@@ -234,13 +234,13 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     folder = OutputFolder(f"{config.output.rstrip('/')}/{config.name}")
     folder.make()
     records = records_folder(config)
-    for trial in trials:
-        trained_run(trial.config, records)  # a trial trained with another config fails here
+    # a trial trained with another config fails here, before the parent run or any training
+    runs: list[dict | BaseException | None] = [trained_run(trial.config, records) for trial in trials]
     parent = _ParentRun(config, trials[0].config.tracking, folder)
     if searching:
-        trials += searched_trials(config, _search(config, parent.run_id, folder, records))
+        searched = searched_trials(config, _search(config, parent.run_id, folder, records))
+        trials, runs = trials + searched, runs + [trained_run(trial.config, records) for trial in searched]
     trials = [dataclasses.replace(t, config=with_parent(t.config, parent.run_id)) for t in trials]
-    runs: list[dict | BaseException | None] = [trained_run(trial.config, records) for trial in trials]
     pending = [trial for trial, run in zip(trials, runs) if run is None]
     if pending:
         concurrent = min(config.max_concurrent, len(pending))
@@ -330,9 +330,8 @@ def recorded_search(config: SweepConfig) -> dict | None:
     if config.search is None:
         return None
     records, file = records_folder(config), search_file(config)
-    if not records.exists(file) or records.read_json(file)["search"] != to_flat_dict(config.search):
-        return None
-    return records.read_json(file)
+    record = records.read_json(file) if records.exists(file) else None
+    return record if record is not None and record["search"] == to_flat_dict(config.search) else None
 
 
 def planned_with_search(config: SweepConfig) -> list[Trial]:

@@ -1,12 +1,12 @@
 """A sweep's trials as Ray Tune trials: the fixed grid x seeds, and the search.
 
-    runs = run_grid(sweep, trials, records)      # trial name -> its run (a dict) or the error it raised
-    chosen = run_search(sweep, base, records)    # the settings with the best development loss
+    runs = run_grid(sweep, trials, records, folder)   # trial name -> its run (a dict) or the error it raised
+    tried = run_search(sweep, make_config, example, folder)   # every setting tried, best development loss first
 
 Each Tune trial is the ordinary training job (`launch.run_training`): a trial with
 `scaling.num_workers=0` trains in its Tune trial's process on the CPUs it reserves; one with workers
 starts a Ray Train run from its trial, whose workers ask the cluster for their own CPUs and GPUs (the
-autoscaler adds them) while the trial itself reserves none. Tune schedules the trials across the
+autoscaler adds them) while the trial itself reserves a hundredth of a CPU. Tune schedules the trials across the
 cluster, `max_concurrent` at once, prints its status table, and keeps the experiment's state under
 `<output>/<sweep>/tune/`: a sweep whose driver died is run again with `Tuner.restore`, and a trial cut
 short goes on from its own last checkpoint (its run folder is named after it). Every epoch reaches
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 SEARCH_METRIC, SEARCH_MODE = "dev/best_loss", "min"  # sum over attributes of 1 - CCC, at the best epoch so far
 DONE = "trial/done"  # in a trial's last result only: it trained to the end and was scored
 REUSED = "trial/reused"  # a grid trial's result: it had a record, nothing trained
-
-
 DRIVER_CPU = 0.01  # a Ray Train trial's own share: Tune refuses none, its workers reserve the rest
 
 
@@ -58,7 +56,6 @@ def _result(run: dict) -> dict[str, Any]:
 
 def _grid_trial(params: dict, configs: dict[str, TrainConfig], records: str) -> None:
     """One trial of the grid, by name: trained (or found trained) and recorded."""
-
     config = configs[params["trial"]]
     found = trained_run(config, OutputFolder(records))
     run = found or train_trial(config, records)
