@@ -69,9 +69,9 @@ RAY_SESSION_FOLDER = re.compile(r"/session_\d{4}-\d{2}-\d{2}_")  # e.g. /tmp/ray
 
 @dataclass(kw_only=True)
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # false: nothing goes to MLflow
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "deepemocluster"
+    experiment: str = "deepemocluster"  # the MLflow experiment runs are grouped in
     run_name: str | None = None  # None: the training run's name
     # Where a new experiment keeps its artifacts. None: <store folder>/mlartifacts for a local sqlite
     # store, the server's own artifact root for an http(s) store. (Left to MLflow, an experiment
@@ -85,7 +85,7 @@ class TrackingConfig:
     log_network: bool = True
     # CPU, memory, disk, network (and GPU with pynvml) as `system/...` metrics every interval.
     system_metrics: bool = False
-    system_metrics_interval_s: float = 10.0
+    system_metrics_interval_s: float = 10.0  # seconds between them
 
     def resolved_uri(self) -> str:
         """The store to use; resolve it on the driver when workers may run in another directory."""

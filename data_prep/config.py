@@ -105,12 +105,12 @@ class SourceConfig:
 
 @dataclass
 class FeatureConfig:
-    sample_rate: int = 16000
+    sample_rate: int = 16000  # audio at another rate is resampled to it
     n_fft: int = 512  # 32 ms
     hop_length: int = 256  # 16 ms
-    n_mels: int = 128
+    n_mels: int = 128  # mel bands a frame has
     scale: str = "power"  # the original code feeds the mel power without a log
-    peak_normalize: bool = True
+    peak_normalize: bool = True  # scale each utterance to a peak of 1 before the mel (the original code's)
 
     def __post_init__(self) -> None:
         require(self.sample_rate >= 4000, "features.sample_rate", f"{self.sample_rate} Hz is too low")
@@ -143,15 +143,15 @@ class ChunkConfig:
 
 @dataclass
 class PrepConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)  # where the audio and labels are listed
     output: str = MISSING  # local folder or URI (s3://, gs://) of the prepared dataset
     features: FeatureConfig = field(default_factory=FeatureConfig)
     min_seconds: float = 0.25  # shorter audio is rejected; a reader repeats audio under one chunk to fill it
-    storage_dtype: str = "float16"
-    compression: str = "zstd"
-    stats_splits: list[str] = field(default_factory=lambda: ["train"])
+    storage_dtype: str = "float16"  # one of STORAGE_DTYPES: the frames as stored
+    compression: str = "zstd"  # one of COMPRESSIONS: Parquet's
+    stats_splits: list[str] = field(default_factory=lambda: ["train"])  # the splits the mel mean and variance come from
     shard_size: int = 256  # utterances per Parquet shard and per Ray task
-    cpus_per_task: float = 1.0
+    cpus_per_task: float = 1.0  # Ray CPUs each shard's task reserves
     max_workers: int | None = None  # shards written at once; None: as many as the cluster's CPUs allow
     overwrite: bool = False  # allow replacing an output prepared with other settings
     progress: bool | None = None  # None: a progress bar when stderr is a terminal, else plain lines

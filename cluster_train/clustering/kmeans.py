@@ -47,8 +47,8 @@ PSEUDO_LABELS = ("kmeans", "shuffled")
 
 @dataclass(kw_only=True)
 class ClusteringConfig:
-    num_clusters: int = 10
-    iterations: int = 20
+    num_clusters: int = 10  # K: the pseudo-label classes (the paper's Table 4 tries 10, 20, 30)
+    iterations: int = 20  # K-means (Lloyd) iterations an epoch
     # Default: L2 normalisation only. Measured on RAVDESS (bench/results/clustering_ablation.json):
     # PCA-256 whitening of these 256-d features (DeepCluster's 4096 -> 256 is a reduction; here it
     # only rescales) lowered cluster-to-emotion NMI 0.052 -> 0.016 and seed-to-seed agreement
@@ -57,7 +57,7 @@ class ClusteringConfig:
     pca_dim: int | None = None
     # Scale each principal direction to unit variance (DeepCluster's PCA whitening).
     whiten: bool = False
-    l2_normalize: bool = True
+    l2_normalize: bool = True  # scale every embedding to unit length before K-means
     # Floor on the eigenvalues used for whitening, relative to the largest one: a dead ReLU
     # dimension has eigenvalue 0 and would otherwise be divided by 0 (NaN / inf).
     eigen_floor: float = 1e-5

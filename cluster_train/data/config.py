@@ -12,13 +12,13 @@ from data_prep.config import ChunkConfig, require
 @dataclass(kw_only=True)
 class DataConfig:
     dataset: str = MISSING  # a prepared dataset (python -m data_prep): local folder or URI
-    labeled_splits: list[str] = field(default_factory=lambda: ["train"])
-    unlabeled_splits: list[str] = field(default_factory=lambda: ["unlabeled"])
+    labeled_splits: list[str] = field(default_factory=lambda: ["train"])  # the splits whose labels train the regressor
+    unlabeled_splits: list[str] = field(default_factory=lambda: ["unlabeled"])  # audio only: stage 1 and the clustering
     # Labelled training utterances also join the clustering and stage 1 (the paper clusters all
     # training chunks).
     labeled_as_unlabeled: bool = True
-    development_split: str = "development"
-    test_splits: list[str] = field(default_factory=lambda: ["test"])
+    development_split: str = "development"  # chooses the best epoch and stops early
+    test_splits: list[str] = field(default_factory=lambda: ["test"])  # scored once, with the best model, after training
     # Keep the labels of this fraction of labelled utterances (a fixed choice per seed); the rest
     # train as unlabeled audio: the scarce-label setting the method is for.
     label_fraction: float = 1.0

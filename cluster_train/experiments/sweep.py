@@ -99,13 +99,13 @@ class SweepConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)  # training key -> values; every combination
     seeds: list[int] = field(default_factory=lambda: [0])  # trials per grid point (the paper: 5)
     reference: str | None = None  # the grid point the others are tested against; None: the first
-    split: str = "test"
+    split: str = "test"  # the split the table compares the points on
     subsets: int = 4  # random equal parts of the split per trial (the paper: 4)
-    max_concurrent: int = 1
+    max_concurrent: int = 1  # trials Tune runs at once
     # Times Tune starts a failed trial again (it goes on from its last checkpoint): a lost node, a
     # killed worker. A trial that fails once more is reported, and the sweep run again retries it.
     trial_retries: int = 2
-    output: str = "outputs/sweeps"
+    output: str = "outputs/sweeps"  # <output>/<name>/: the table, the parent run's id, Tune's experiments
     # One JSON file per finished trial: its config, scores, MLflow run id, development CCC and
     # seconds per epoch, and its predictions on `split`. A trial with its file there is done, on any
     # machine, with or without its model: a folder under version control or in a bucket carries a

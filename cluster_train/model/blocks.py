@@ -20,9 +20,9 @@ from data_prep.config import require
 class ModelConfig:
     # One conv block per entry: 3x3 conv (padding 1), BatchNorm, ReLU; stride 2 halves the size.
     channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64, 128, 128, 128])
-    strides: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 2, 2, 2])
+    strides: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 2, 2, 2])  # one per block
     feature_dim: int = 256  # the embedding K-means clusters
-    dropout: float = 0.5
+    dropout: float = 0.5  # on the embedding (after its ReLU) that the heads are trained on
     num_clusters: int = 10  # K
     # One output per attribute; ("arousal",) etc. is the paper's one-model-per-attribute mode.
     attributes: tuple[str, ...] = ("arousal", "dominance", "valence")

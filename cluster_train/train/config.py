@@ -38,9 +38,9 @@ def recipe_names(folder: Path = RECIPES_DIR) -> list[str]:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    name: str = "sgd"
+    name: str = "sgd"  # one of OPTIMIZERS
     lr: float = 1e-3
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -66,8 +66,8 @@ class OptimConfig:
 class ScalingConfig:
     # Ray Train workers (DDP); 0 runs the same loop in this process without Ray (smoke tests, benchmarks).
     num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    use_gpu: bool = False  # a GPU per worker (NCCL between them)
+    cpus_per_worker: float = 1.0  # Ray CPUs each worker reserves (and torch threads it uses)
     max_failures: int = 0  # restarts of the worker group from the last checkpoint
 
     def __post_init__(self) -> None:
@@ -93,7 +93,7 @@ class PreciseBNConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    recipe: str = DEFAULT_RECIPE  # a named set of settings (configs/recipes/<name>.yaml), under the file's
+    recipe: str = DEFAULT_RECIPE  # a named set of settings (configs/recipes/<name>.yaml) under the file's and the overrides
     model_kind: str = "deepemocluster"  # or the paper's baselines: cnn_regressor, cnn_ae, cnn_vae
     model: ModelConfig = field(default_factory=ModelConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
@@ -105,7 +105,7 @@ class TrainConfig:
     # bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with bf16 matrix units (AMX), where it
     # trains 1.75x faster; fp32 elsewhere (bf16 without them was 7x slower here). See train/precision.py.
     precision: str = "auto"
-    epochs: int = 50
+    epochs: int = 50  # at most: early stopping (patience) usually ends a run first
     patience: int = 5  # epochs without a better development loss before stopping
     # The stage numbers to train (model/kinds.py); None: all of the kind's. For DeepEmoCluster, [2] is
     # the "stage 1 off" control (unlabeled audio then only shapes the clustering) and [1] the paper's
