@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -39,14 +42,23 @@ def train_sample_manifest(folder: Path) -> Path:
     return manifest
 
 
+_PREPARED_SAMPLE = Path(tempfile.mkdtemp(prefix="prepared-sample-")) / "prepared"  # this session's first
+atexit.register(shutil.rmtree, _PREPARED_SAMPLE.parent, ignore_errors=True)
+
+
 def prepare_train_sample(folder: Path) -> Path:
-    """`train_sample_manifest` prepared with the real pipeline into `folder`/prepared; Ray must be running."""
+    """`train_sample_manifest` prepared with the real pipeline into `folder`/prepared. The session's
+    first call prepares it (Ray must be running) and keeps a copy that later calls copy: prep is
+    deterministic, and tests/test_pipeline.py tests it."""
     from data_prep.config import PrepConfig, load_config
     from data_prep.pipeline import run_prep
 
     manifest = train_sample_manifest(folder)
+    if _PREPARED_SAMPLE.exists():
+        return Path(shutil.copytree(_PREPARED_SAMPLE, folder / "prepared"))
     run_prep(load_config(PrepConfig, None, [f"sources=[{{kind: csv, path: {manifest}}}]",
                                             f"output={folder / 'prepared'}", "progress=false"]))
+    shutil.copytree(folder / "prepared", _PREPARED_SAMPLE)
     return folder / "prepared"
 
 

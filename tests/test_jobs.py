@@ -1,15 +1,15 @@
 """The jobs as users run them: `ray job submit` to a real local cluster (`ray start --head` on
-127.0.0.1 with its job server), tracking to a real `mlflow server` on 127.0.0.1.
+127.0.0.1 with its job server), tracking to a real `mlflow server` on 127.0.0.1, everything kept in
+a bucket (moto's S3 server on 127.0.0.1, whose AWS_* variables the head and so every job has, as a
+cluster's nodes have their cloud credentials).
 
-prep and then train are submitted with `--working-dir .` (the repository, as a user submits it);
-data, checkpoints and the MLflow store live outside it, as they must on a cluster. infra/README.md's
-training command runs as written there (`--runtime-env infra/runtime_env.yaml`, `env ...`).
+prep, predict and the sweep are submitted with `--working-dir .` (the repository, as a user submits
+it); training is infra/README.md's command as written there (`--runtime-env infra/runtime_env.yaml`,
+`env ...`). Data, checkpoints and the MLflow store live outside the repository, as on a cluster.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import re
 import shlex
@@ -27,14 +27,23 @@ from s3_server import bucket_keys, read_parquet, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+BUCKET = "deepemo"
 pytestmark = pytest.mark.slow  # a cluster of its own (`ray start`) and jobs submitted to it
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A head node on 127.0.0.1, its dashboard (job server) on a free port; stopped with its process group."""
+def bucket(tmp_path_factory):
+    """The S3 server and its empty bucket; yields the AWS_* variables that point clients at it."""
+    with s3_server(tmp_path_factory.mktemp("s3"), BUCKET) as aws:
+        yield aws
+
+
+@pytest.fixture(scope="module")
+def cluster(bucket, tmp_path_factory):
+    """A head node on 127.0.0.1 with the bucket's variables, its dashboard (job server) on a free
+    port; stopped with its process group."""
     dashboard, gcs_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | bucket
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # `python` in a job: this venv's, as activated
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 local clusters require the token (~/.ray/auth_token); the CLI must send it
     log = tmp_path_factory.mktemp("ray") / "head.log"
@@ -67,89 +76,96 @@ def cluster(tmp_path_factory):
         current.unlink()
 
 
-def submit(cluster, *command: str, env_vars: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def submit(cluster, *command: str) -> subprocess.CompletedProcess:
     address, env = cluster
-    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
-    return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", *runtime_env, "--",
-                           *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", *command],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _ok(job: subprocess.CompletedProcess) -> bool:
     return job.returncode == 0 and "succeeded" in job.stdout
 
 
-@pytest.mark.timeout(900)  # 205 s on a busy 2-core machine: a cluster, prep and training as jobs
-def test_jobs_submitted_to_a_cluster_keep_everything_in_a_bucket_and_track_to_an_mlflow_server(cluster, tmp_path):
-    """Every job as a user submits it, every output on s3:// (a real S3 server on 127.0.0.1, moto):
-    prep's dataset, training's checkpoints and best model, the MLflow server's artifacts
-    (`--artifacts-destination s3://...`), a resumed run that goes on from the bucket's checkpoint, batch
-    predictions, and a 2-trial sweep with its table. Only the audio and the sqlite store stay local."""
+@pytest.mark.timeout(900)  # prep, two trainings, predictions and a sweep as jobs on a 2-core machine
+def test_jobs_submitted_to_a_cluster_keep_everything_in_a_bucket_and_track_to_an_mlflow_server(cluster, bucket, tmp_path):
+    """Every job as a user submits it, every output on s3://: prep's dataset, then infra/README.md's
+    training command as written (sized for this machine by overrides), its checkpoints and best
+    model, the MLflow server's artifacts (`--artifacts-destination s3://...`), the same command run
+    again for one more epoch going on from the bucket's checkpoint, batch predictions, and a sweep
+    with its table. Only the audio and the sqlite store stay local."""
+    address, env = cluster
     manifest = train_sample_manifest(tmp_path)
-    bucket = "deepemo"
-    with s3_server(tmp_path / "s3", bucket) as aws:
-        job = functools.partial(submit, cluster, env_vars=aws)
-        prep = job("python", "jobs/prep.py", "--config", "configs/prep/ravdess_sample.yaml",
-                   f"sources=[{{kind: csv, path: {manifest}}}]", f"output=s3://{bucket}/prepared", "progress=false")
-        assert _ok(prep), prep.stdout[-3000:] + prep.stderr[-3000:]
-        assert {"prepared/dataset.json", "prepared/settings.json"} <= set(bucket_keys(aws, bucket, "prepared/"))
+    prep = submit(cluster, "python", "jobs/prep.py", "--config", "configs/prep/ravdess_sample.yaml",
+                  f"sources=[{{kind: csv, path: {manifest}}}]", f"output=s3://{BUCKET}/prepared/ravdess_full",
+                  "progress=false")  # where the README's training reads it
+    assert _ok(prep), prep.stdout[-3000:] + prep.stderr[-3000:]
+    assert {"prepared/ravdess_full/dataset.json", "prepared/ravdess_full/settings.json"} <= set(
+        bucket_keys(bucket, BUCKET, "prepared/"))
 
-        server_env = {**aws, "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/mlflow"}
-        with mlflow_server(tmp_path / "mlflow", env=server_env) as uri:
-            training = ["python", "jobs/train.py", "--config", "configs/train/ravdess_sample.yaml",
-                        f"data.dataset=s3://{bucket}/prepared", "data.batch_size=4", "clustering.num_clusters=4",
-                        "model.channels=[8,16]", "model.strides=[2,2]", "model.feature_dim=16",  # small: the bucket is tested
-                        "scaling.cpus_per_worker=0.5", f"storage_path=s3://{bucket}/runs", f"tracking.tracking_uri={uri}",
-                        "name=submitted"]
-            train = job(*training, "epochs=1")
-            assert _ok(train) and "MLflow run" in train.stdout, train.stdout[-3000:] + train.stderr[-3000:]
-            resumed = job(*training, "epochs=2")  # the same name and storage: it goes on from epoch 1's checkpoint
-            assert _ok(resumed), resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    command = readme_training_submit(BUCKET, commit)
+    assert command[:3] == ["ray", "job", "submit"] and "--runtime-env" in command, command
+    assert ["env", f"DEEPEMOCLUSTER_GIT_COMMIT={commit}"] == command[command.index("--") + 1:][:2], command
+    server_env = {**bucket, "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow"}
+    with mlflow_server(tmp_path / "mlflow", env=server_env) as uri:
+        small = [f"tracking.tracking_uri={uri}", "name=submitted", "scaling.num_workers=1", "scaling.use_gpu=false",
+                 "scaling.cpus_per_worker=0.5", "data.batch_size=4", "clustering.num_clusters=4",
+                 "model.channels=[8,16]", "model.strides=[2,2]", "model.feature_dim=16"]  # small: the jobs are tested
 
-            client = MlflowClient(uri)
-            experiment = client.get_experiment_by_name("deepemocluster")
-            [run] = client.search_runs([experiment.experiment_id])  # the resumed training re-opened its run
-            assert run.info.status == "FINISHED" and run.data.params["name"] == "submitted"
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "dev/loss")] == [0, 1]
-            assert {"train/stage1_loss", "cluster/kmeans_objective", "test/ccc_arousal"} <= set(run.data.metrics)
-            logged = sorted(m.name for m in client.search_logged_models([experiment.experiment_id]))
-            assert logged == ["best_model", "best_model", "best_network", "best_network"]
-            assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the server, kept in the bucket
-            artifacts = bucket_keys(aws, bucket, "mlflow/")
-            assert any(key.endswith("/config.yaml") for key in artifacts), artifacts[:20]
-            assert any(key.endswith("/model.pt") for key in artifacts), artifacts[:20]
+        def train(epochs: int) -> subprocess.CompletedProcess:
+            return subprocess.run([RAY, *command[1:], *small, f"epochs={epochs}"], cwd=REPO,
+                                  env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
 
-            runs = bucket_keys(aws, bucket, "runs/submitted/")
-            assert "runs/submitted/best_model/model.pt" in runs
-            checkpoints = {key.split("/")[2] for key in runs if re.match(r"checkpoint_\d{4}-", key.split("/")[2])}
-            assert len(checkpoints) == 2, runs  # one an epoch, the first written by the first job
+        first = train(1)
+        assert _ok(first) and "MLflow run" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
+        resumed = train(2)  # the same name and storage: it goes on from epoch 1's checkpoint
+        assert _ok(resumed), resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
-            predict = job("python", "jobs/predict.py", "--model", f"s3://{bucket}/runs/submitted/best_model",
-                          "--input", str(manifest), "--output", f"s3://{bucket}/predictions/sample.parquet")
-            assert _ok(predict), predict.stdout[-3000:] + predict.stderr[-3000:]
-            table = read_parquet(aws, f"{bucket}/predictions/sample.parquet")
-            assert table.num_rows == 24 and {"arousal", "dominance", "valence"} <= set(table.column_names)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("deepemocluster")
+        [run] = client.search_runs([experiment.experiment_id])  # the resumed training re-opened its run
+        assert run.info.status == "FINISHED" and run.data.params["name"] == "submitted"
+        assert run.data.tags["git_commit"] == commit
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "dev/loss")] == [0, 1]
+        assert {"train/stage1_loss", "cluster/kmeans_objective", "test/ccc_arousal"} <= set(run.data.metrics)
+        logged = sorted(m.name for m in client.search_logged_models([experiment.experiment_id]))
+        assert logged == ["best_model", "best_model", "best_network", "best_network"]
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the server, kept in the bucket
+        artifacts = bucket_keys(bucket, BUCKET, "mlflow/")
+        assert any(key.endswith("/config.yaml") for key in artifacts), artifacts[:20]
+        assert any(key.endswith("/model.pt") for key in artifacts), artifacts[:20]
 
-            sweep_file = tmp_path / "sweep.yaml"
-            sweep_file.write_text(f"""
+        runs = bucket_keys(bucket, BUCKET, "runs/submitted/")
+        assert "runs/submitted/best_model/model.pt" in runs
+        checkpoints = {key.split("/")[2] for key in runs if re.match(r"checkpoint_\d{4}-", key.split("/")[2])}
+        assert len(checkpoints) == 2, runs  # one an epoch, the first written by the first job
+
+        predict = submit(cluster, "python", "jobs/predict.py", "--model", f"s3://{BUCKET}/runs/submitted/best_model",
+                         "--input", str(manifest), "--output", f"s3://{BUCKET}/predictions/sample.parquet")
+        assert _ok(predict), predict.stdout[-3000:] + predict.stderr[-3000:]
+        table = read_parquet(bucket, f"{BUCKET}/predictions/sample.parquet")
+        assert table.num_rows == 24 and {"arousal", "dominance", "valence"} <= set(table.column_names)
+
+        sweep_file = tmp_path / "sweep.yaml"
+        sweep_file.write_text(f"""
 name: bucket
 train_config: configs/train/ravdess_sample.yaml
-overrides: [data.dataset=s3://{bucket}/prepared, data.batch_size=4, epochs=1, clustering.num_clusters=4,
+overrides: [data.dataset=s3://{BUCKET}/prepared/ravdess_full, data.batch_size=4, epochs=1, clustering.num_clusters=4,
             "model.channels=[8,16]", "model.strides=[2,2]", model.feature_dim=16, precise_bn.utterances=8,
-            scaling.num_workers=0, storage_path=s3://{bucket}/sweep-runs, tracking.tracking_uri={uri}]
+            scaling.num_workers=0, storage_path=s3://{BUCKET}/sweep-runs, tracking.tracking_uri={uri}]
 grid:
   model_kind: [cnn_regressor]
-seeds: [0, 1]
+seeds: [0]
 subsets: 2
-max_concurrent: 2
-output: s3://{bucket}/sweeps
+output: s3://{BUCKET}/sweeps
 """)
-            sweep = job("python", "jobs/sweep.py", "--config", str(sweep_file))
-            assert _ok(sweep), sweep.stdout[-3000:] + sweep.stderr[-3000:]
-            assert "model_kind=cnn_regressor" in sweep.stdout
-            assert {"sweeps/bucket/table.json", "sweeps/bucket/parent_run.json",  # and each trial's record
-                    "sweeps/bucket/trials/bucket-model_kind_cnn_regressor-seed1.json"} <= set(bucket_keys(aws, bucket, "sweeps/"))
-            trials = {key.split("/")[1] for key in bucket_keys(aws, bucket, "sweep-runs/") if key.endswith("run.json")}
-            assert trials == {"bucket-model_kind_cnn_regressor-seed0", "bucket-model_kind_cnn_regressor-seed1"}
+        sweep = submit(cluster, "python", "jobs/sweep.py", "--config", str(sweep_file))
+        assert _ok(sweep), sweep.stdout[-3000:] + sweep.stderr[-3000:]
+        assert "model_kind=cnn_regressor" in sweep.stdout and "trial 1 of 1 done" in sweep.stdout
+        assert {"sweeps/bucket/table.json", "sweeps/bucket/parent_run.json",  # and the trial's record
+                "sweeps/bucket/trials/bucket-model_kind_cnn_regressor-seed0.json"} <= set(bucket_keys(bucket, BUCKET, "sweeps/"))
+        trials = {key.split("/")[1] for key in bucket_keys(bucket, BUCKET, "sweep-runs/") if key.endswith("run.json")}
+        assert trials == {"bucket-model_kind_cnn_regressor-seed0"}
     assert not (REPO / "runs").exists() and not (REPO / "outputs" / "sweeps" / "bucket").exists()
 
 
@@ -171,35 +187,6 @@ def readme_training_submit(bucket: str, commit: str) -> list[str]:
     line = next(line for block in code_blocks(README.read_text()) for line in shell_lines(block)
                 if line.lstrip().startswith("ray job submit") and "jobs/train.py" in line)  # the first: AWS's
     return shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], line), comments=True)
-
-
-@pytest.mark.timeout(600)
-def test_the_readme_training_command_runs_as_written(cluster, tmp_path):
-    """infra/README.md's training command verbatim (`--runtime-env infra/runtime_env.yaml`, the
-    `env DEEPEMOCLUSTER_GIT_COMMIT=...` prefix, RAY_ADDRESS from the environment), then overrides that
-    size it for this machine and point it at local absolute paths and an MLflow server."""
-    address, env = cluster
-    prepared = tmp_path / "prepared"
-    prep = submit(cluster, "python", "jobs/prep.py", "--config", "configs/prep/ravdess_sample.yaml",
-                  f"sources=[{{kind: csv, path: {train_sample_manifest(tmp_path)}}}]", f"output={prepared}",
-                  "progress=false")
-    assert _ok(prep), prep.stdout[-3000:] + prep.stderr[-3000:]
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    command = readme_training_submit("deepemo", commit)
-    assert command[:3] == ["ray", "job", "submit"] and "--runtime-env" in command, command
-    assert ["env", f"DEEPEMOCLUSTER_GIT_COMMIT={commit}"] == command[command.index("--") + 1:][:2], command
-    with mlflow_server(tmp_path / "mlflow") as uri:
-        small = [f"data.dataset={prepared}", f"storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}",
-                 "scaling.num_workers=1", "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5",
-                 "epochs=1", "data.batch_size=4", "clustering.num_clusters=4",
-                 "model.channels=[8,16]", "model.strides=[2,2]", "model.feature_dim=16", "name=readme"]
-        train = subprocess.run([RAY, *command[1:], *small], cwd=REPO, env={**env, "RAY_ADDRESS": address},
-                               capture_output=True, text=True, timeout=600)
-        assert _ok(train), train.stdout[-3000:] + train.stderr[-3000:]
-        client = MlflowClient(uri)
-        [run] = client.search_runs([client.get_experiment_by_name("deepemocluster").experiment_id])
-        assert run.info.status == "FINISHED" and run.data.tags["git_commit"] == commit
 
 
 def test_a_job_with_a_relative_output_path_is_refused_before_it_starts(cluster, tmp_path):

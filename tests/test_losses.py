@@ -103,10 +103,11 @@ def test_deepemocluster_labelled_loss_adds_weighted_ce() -> None:
 def test_adam_on_the_regressor_trains_it() -> None:
     """The original froze the regressor for good; here Adam steps on it must lower the loss."""
     torch.manual_seed(0)
-    model = build_model("deepemocluster", ModelConfig(dropout=0.0))
+    # A narrow encoder: the regressor is what is tested, and the paper's encoder takes a minute here.
+    model = build_model("deepemocluster", ModelConfig(dropout=0.0, channels=[8, 16], strides=[2, 2], feature_dim=64))
     chunks, target = torch.randn(8, 62, 128), torch.randn(8, 3)
     pseudo = torch.randint(0, 10, (8,))
-    optimizer = torch.optim.Adam(model.param_groups()["regressor"], lr=5e-3)
+    optimizer = torch.optim.Adam(model.param_groups()["regressor"], lr=2e-2)
     encoder_before = [p.detach().clone() for p in model.param_groups()["encoder"]]
     regressor_before = [p.detach().clone() for p in model.regressor.parameters()]
 
@@ -122,7 +123,7 @@ def test_adam_on_the_regressor_trains_it() -> None:
         grads = [p.grad for p in model.regressor.parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
         optimizer.step()
-    assert loss().item() < first.item() - 1.0  # about 5.3 -> 2.5
+    assert loss().item() < first.item() - 1.0  # about 5.4 -> 2.6
     assert all(not torch.equal(a, b) for a, b in zip(regressor_before, model.regressor.parameters()))
     encoder_after = model.param_groups()["encoder"]
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, encoder_after))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from data_prep.dataset import PreparedDataset
 # same weights, so the second epoch is no better than the first and patience=1 stops the run after it.
 FROZEN = ("model_kind=cnn_regressor", "optim.encoder.lr=1e-30", "optim.regressor.lr=1e-30")
 QUICK = ("scaling.num_workers=0", *TINY_MODEL, "precise_bn.utterances=8")
-RAY_CHECKPOINT = re.compile(r"checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.\d{6}")  # Ray Train V2's names
 
 
 def _frozen_run(prepared: Path, runs: Path, name: str, *overrides: str) -> TrainConfig:
@@ -129,32 +127,11 @@ def test_a_finished_run_started_again_in_process_hands_back_its_result(prepared,
 
 
 @pytest.mark.slow
-def test_a_finished_ray_train_run_started_again_hands_back_its_result(prepared, tmp_path):
-    """The same on Ray Train, which restores the run from `<storage_path>/<name>`; and the epochs
-    its checkpoints hold are read from the folders Ray Train names after the time, not the epoch."""
-    from cluster_train.train.runtime import latest_state
-
-    store = _store(tmp_path)
-    config = _small_run(prepared, tmp_path / "runs", "on-ray", *TINY_MODEL, "precise_bn.utterances=0",
-                        f"tracking.tracking_uri={store}")
-    first = run_training(config)
-    run_dir = tmp_path / "runs" / "on-ray"
-    names = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert len(names) == 2 and all(RAY_CHECKPOINT.fullmatch(name) for name in names), names
-    assert latest_state(str(run_dir)).epoch == 2
-    again = run_training(config)
-    _same_result(again, first)
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == names
-    assert _steps(store, first.mlflow_run_id, "precision/bf16") == [0]
-    assert MlflowClient(store).get_run(first.mlflow_run_id).info.status == "FINISHED"
-
-
-@pytest.mark.slow
 def test_a_sweep_trial_killed_after_its_last_checkpoint_records_what_it_would_have(prepared, tmp_path):
     """A trial killed after its last checkpoint (here: it stopped early), before it scored and wrote
     its record: the sweep run again records the scores, epochs and curves of the same trial never
     killed (another folder, another store)."""
-    from cluster_train.experiments.sweep import load_sweep_config, plan_trials, run_sweep
+    from cluster_train.experiments.sweep import plan_trials, run_sweep
     from cluster_train.train.launch import pin_local_paths
 
     never_killed = _sweep(prepared, tmp_path / "never_killed")

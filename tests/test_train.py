@@ -561,6 +561,29 @@ records: {tmp_path / 'records'}
 
 
 @pytest.mark.slow
+def test_a_finished_ray_train_run_started_again_hands_back_its_result(prepared, tracked_run):
+    """The tracked run started again under its name and storage path: Ray Train restores it from
+    `<storage_path>/<name>`, it trains nothing, writes no checkpoint, logs no epoch and hands back
+    the same result; the epochs its checkpoints hold are read from the folders Ray Train names after
+    the time, not the epoch. (tests/test_resume.py starts runs again in one process.)"""
+    from cluster_train.train.runtime import latest_state
+
+    first, store = tracked_run
+    runs = Path(store.removeprefix("sqlite:///")).parent / "runs"
+    names = sorted(p.name for p in (runs / "smoke").glob("checkpoint_*") if p.is_dir())
+    ray_train_name = r"checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.\d{6}"  # Ray Train V2's names
+    assert len(names) == 2 and all(re.fullmatch(ray_train_name, name) for name in names), names
+    assert latest_state(str(runs / "smoke")).epoch == 2
+    again = run_training(_small_run(prepared, runs, "smoke", f"tracking.tracking_uri={store}"))
+    assert (again.name, again.best_bundle, again.mlflow_run_id) == (first.name, first.best_bundle, first.mlflow_run_id)
+    assert (again.epochs_run, again.metrics, again.scores) == (first.epochs_run, first.metrics, first.scores)
+    assert sorted(p.name for p in (runs / "smoke").glob("checkpoint_*") if p.is_dir()) == names
+    client = MlflowClient(store)
+    assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "precision/bf16")] == [0]
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
 def test_logged_model_outlives_the_ray_session(prepared, tracked_run):
     """Artifacts go beside the local store (`mlartifacts/`), never into Ray's session folder: with
     that folder deleted, `jobs/evaluate.py` still loads the run's model. Last in this module: it ends

@@ -2,9 +2,10 @@
 real Tune trials, a real MLflow store.
 
 A search's config fails before Ray starts; a trial trained through Tune equals the same run trained
-directly; a sweep whose driver is killed (SIGKILL) is restored by Tune and its cut trial goes on
-from its checkpoint; a search finds the setting that learns, ends trials early, scores no test
-split, and its chosen setting is retrained and compared on test."""
+directly; a sweep whose driver is killed (SIGKILL) is restored by Tune, its cut trial goes on from
+its checkpoint and a Ray Train trial reports every epoch to Tune; a search finds the setting that
+learns, ends trials early, scores no test split, and its chosen setting is retrained and compared
+on test."""
 
 from __future__ import annotations
 
@@ -146,43 +147,28 @@ points: [{name: dec, model_kind: deepemocluster}]
 
 
 @pytest.mark.slow
-def test_a_ray_train_trial_runs_inside_its_tune_trial_and_reports_every_epoch(prepared, tmp_path):
-    """A trial with Ray Train workers (`scaling.num_workers=1`): its Tune trial reserves a hundredth
-    of a CPU (the worker and the K-means actor take theirs), and every epoch reaches Tune through
-    Ray Train's callback, so a scheduler could act on it."""
-    from cluster_train.experiments.tuning import DRIVER_CPU, trial_resources
-
-    file = _sweep_file(tmp_path, prepared, """
-name: on-ray-train
-points: [{name: dec, model_kind: deepemocluster}]
-""", ("epochs=2", "scaling.num_workers=1", "scaling.cpus_per_worker=1"))
-    config = load_sweep_config(file)
-    [trial] = plan_trials(config)
-    assert trial_resources(trial.config) == {"cpu": DRIVER_CPU}
-    [run] = run_sweep(config).runs
-    assert run["epochs_run"] == 2 and set(run["scores"]) == {"development", "test"}
-    [progress] = (tmp_path / "sweeps" / "on-ray-train" / "tune").glob("grid-*/on-ray-train-dec-seed0/progress.csv")
-    rows = progress.read_text().splitlines()
-    header = rows[0].split(",")
-    epochs = [row.split(",")[header.index("epoch")] for row in rows[1:]]
-    assert epochs[:2] == ["0", "1"], rows  # one Tune result per epoch, then the trial's final one
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_sweep_whose_driver_is_killed_is_restored_by_tune(prepared, tmp_path):
     """`jobs/sweep.py` (joined to the running Ray, as a submitted job's driver is) killed with
     SIGKILL once its first trial has a checkpoint; run again, it restores the Tune experiment: the
     cut trial goes on from its checkpoint (its MLflow run is re-opened, no epoch logged twice) and
-    the others train; every trial ends with a record and the table compares them."""
+    the other trains; every trial ends with a record and the table compares them.
+
+    The other trial has a Ray Train worker (`scaling.num_workers=1`): its Tune trial reserves a
+    hundredth of a CPU (the worker and the K-means actor take theirs), and every epoch reaches Tune
+    through Ray Train's callback, so a scheduler could act on it."""
+    from cluster_train.experiments.tuning import DRIVER_CPU, trial_resources
+
     file = _sweep_file(tmp_path, prepared, """
 name: restored
 points:
   - {name: regressor, model_kind: cnn_regressor}
-  - {name: dec, model_kind: deepemocluster}
+  - {name: dec, model_kind: deepemocluster, scaling.num_workers: 1, scaling.cpus_per_worker: 1}
 reference: regressor
 max_concurrent: 1
 """, ("epochs=3", "patience=3"))
+    in_process, on_ray_train = plan_trials(load_sweep_config(file))
+    assert trial_resources(on_ray_train.config) == {"cpu": DRIVER_CPU} != trial_resources(in_process.config)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "jobs/sweep.py", "--config", str(file)]
     first_run = tmp_path / "runs" / "restored-regressor-seed0"
@@ -214,6 +200,11 @@ max_concurrent: 1
     assert len(sittings) in (1, 2) and sittings[0] == 0 and sittings == sorted(set(sittings))  # resumed, not restarted
     table = json.loads((tmp_path / "sweeps" / "restored" / "table.json").read_text())
     assert sorted(table["models"]) == ["dec", "regressor"]
+    assert records["restored-dec-seed0"]["epochs_run"] == 3
+    [progress] = experiment.glob("grid-*/restored-dec-seed0/progress.csv")
+    rows = progress.read_text().splitlines()
+    epochs = [row.split(",")[rows[0].split(",").index("epoch")] for row in rows[1:]]
+    assert epochs[:3] == ["0", "1", "2"], rows  # one Tune result per epoch, then the trial's final one
 
 
 @pytest.mark.slow
