@@ -25,6 +25,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -106,8 +108,6 @@ def _yaml(value: Any) -> str:
 
 def _default(item: dataclasses.Field, instance: Any) -> Any:
     """The field's default: the value in `instance` (the default its parent builds) when there is one."""
-    from omegaconf import MISSING
-
     if instance is not None:
         return getattr(instance, item.name)
     if item.default is not dataclasses.MISSING:
@@ -120,8 +120,6 @@ def _default(item: dataclasses.Field, instance: Any) -> Any:
 def config_rows(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[str, str, str, str]]:
     """(key, type, default, what it is) for every key of `cls`, nested configs expanded with the
     defaults their parent gives them; a nested config with a docstring gets a row of its own."""
-    from omegaconf import MISSING
-
     hints, comments, rows = typing.get_type_hints(cls), field_comments(cls), []
     for item in dataclasses.fields(cls):
         key, hint, default = f"{prefix}{item.name}", hints[item.name], _default(item, instance)
