@@ -35,6 +35,7 @@ from cluster_train.train.checkpointer import Checkpointer, TrainState
 from cluster_train.train.config import OptimizerConfig, TrainConfig
 from cluster_train.train.precise_bn import recompute_batchnorm
 from cluster_train.train.precision import Precision
+from cluster_train.train.row_buffer import RowBuffer
 from cluster_train.train.runtime import Runtime
 from data_prep.config import to_yaml
 from data_prep.dataset import PreparedDataset
@@ -201,15 +202,15 @@ class Trainer:
     @torch.no_grad()
     def _embed(self, shard) -> tuple[np.ndarray, np.ndarray]:
         self.module.eval()
-        keys, features = [], []
+        keys, features = RowBuffer(), RowBuffer()  # not a list of small arrays: see row_buffer.py
         for batch in self.batches(shard, self.config.data.batch_size, drop_last=False):
             keys.append(batch.keys)
             with self.precision.autocast():
                 embedded = self.module.embed(batch.chunks)
             features.append(embedded.float().cpu().numpy())
-        if not keys:
+        if not len(keys):
             return np.empty(0, np.int64), np.empty((0, self.config.model.feature_dim), np.float32)
-        return np.concatenate(keys), np.concatenate(features)
+        return keys.array(), features.array()
 
     def _stage(self, stage: Stage, epoch: int, pseudo: LabelTable | None) -> tuple[float, int, int]:
         """Mean loss of the stage's passes over this rank's shard (`labeled_passes` for the labelled
