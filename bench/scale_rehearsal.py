@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -87,11 +88,14 @@ class Sampler:
     """Peak RSS by role over a process and everything it starts, and the largest object-store spill,
     sampled every `interval` seconds. With `state`, the peaks so far are saved there every
     `save_every` samples and taken up again by the next Sampler: a job interrupted and resumed
-    (a rehearsal longer than a session) reports its peaks over all its parts."""
+    (a rehearsal longer than a session) reports its peaks over all its parts. With `timeline`, a
+    line of JSON is added there every `timeline_every` seconds: the job's seconds so far (over all
+    its parts) and the largest RSS of one process of each role, in MB."""
 
     def __init__(self, pid: int, spill_dir: Path, interval: float = 1.0, state: Path | None = None,
-                 save_every: int = 30):
+                 save_every: int = 30, timeline: Path | None = None, timeline_every: float = 60.0):
         self.pid, self.spill_dir, self.interval, self.state, self.save_every = pid, spill_dir, interval, state, save_every
+        self.timeline, self.timeline_every = timeline, timeline_every
         saved = json.loads(state.read_text()) if state is not None and state.exists() else {}
         self.peak: dict[str, int] = saved.get("peak", {})
         self.peak_total, self.spill_bytes = saved.get("peak_total", 0), saved.get("spill_bytes", 0)
@@ -119,7 +123,7 @@ class Sampler:
         return self.earlier_seconds + time.perf_counter() - self._started
 
     def _run(self) -> None:
-        samples = 0
+        samples, last_line = 0, -math.inf
         while not self._stop.is_set():
             try:
                 root = psutil.Process(self.pid)
@@ -143,6 +147,11 @@ class Sampler:
             samples += 1
             if samples % self.save_every == 0:
                 self.save()
+            if self.timeline is not None and now and self.seconds - last_line >= self.timeline_every:
+                last_line = self.seconds
+                line = {"seconds": round(self.seconds), "rss_mb": {role: round(max(v) / 2**20) for role, v in now.items()}}
+                with self.timeline.open("a") as out:
+                    out.write(json.dumps(line) + "\n")
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "Sampler":
@@ -191,16 +200,18 @@ def end_leftover_ray(root: Path) -> None:
             continue
 
 
-def run_job(command: list[str], root: Path, log: Path, kill_when=None, state: Path | None = None) -> tuple[int, float, dict]:
+def run_job(command: list[str], root: Path, log: Path, kill_when=None, state: Path | None = None,
+            timeline: Path | None = None) -> tuple[int, float, dict]:
     """Run `command` (a job of the project) in its own session; (exit code, seconds, sampled memory).
     `kill_when()`: checked every second; when true the job's whole session is killed (SIGKILL).
-    `state`: where the job's peaks and seconds so far are kept, for a job that resumes (`Sampler`)."""
+    `state`: where the job's peaks and seconds so far are kept, for a job that resumes; `timeline`:
+    where its memory is written every minute (`Sampler`)."""
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(command)}\n")
         out.flush()
         job = subprocess.Popen(command, cwd=REPO, env=ray_env(root), stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True)
-        with Sampler(job.pid, root / "ray", state=state) as sampler:
+        with Sampler(job.pid, root / "ray", state=state, timeline=timeline) as sampler:
             while job.poll() is None:
                 if kill_when is not None and kill_when():
                     os.killpg(job.pid, signal.SIGKILL)
@@ -370,7 +381,9 @@ def train(root: Path, scale: float, ravdess: Path) -> dict:
                f"name={name}", "epochs=2", "scaling.num_workers=2", "scaling.use_gpu=false",
                "scaling.cpus_per_worker=0.5", *NARROW_MODEL]
     end_leftover_ray(root)  # a part killed with its session (the end of a work session) leaves its Ray
-    code, seconds, memory = run_job(command, root, folder / "train.log", state=folder / "train_progress.json")
+    timeline = folder / "train_timeline.jsonl"
+    code, seconds, memory = run_job(command, root, folder / "train.log", state=folder / "train_progress.json",
+                                    timeline=timeline)
     if code != 0:
         raise RuntimeError(f"training at scale {scale:g} failed: see {folder / 'train.log'}")
     client = MlflowClient(store)
@@ -399,7 +412,17 @@ def train(root: Path, scale: float, ravdess: Path) -> dict:
         "scoring_and_start_s": round(seconds - sum(e["epoch_s"] for e in epochs), 1),
         "scores": {key: round(value, 4) for key, value in final.items() if "/ccc_" in key and key.split("/")[0] != "dev"},
         "memory": memory, "mlflow_run_id": run.info.run_id,
+        "worker_rss_timeline": worker_timeline(timeline),
     }
+
+
+def worker_timeline(path: Path, points: int = 60) -> list[list[int]]:
+    """[seconds, MB] of the largest training worker, at most `points` of the timeline's lines
+    (evenly spaced), for the memory of a training worker over the whole run."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = [line for line in lines if "train_worker" in line["rss_mb"]]
+    step = max(1, math.ceil(len(lines) / points))
+    return [[line["seconds"], line["rss_mb"]["train_worker"]] for line in lines[::step]]
 
 
 if __name__ == "__main__":
