@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,13 +48,13 @@ class CycledRows:
     def __init__(self, rows, batches: int):
         self.rows, self.batches = rows, batches
 
-    def iter_batches(self, batch_size: int, **_) -> "queue.Queue":
+    def iter_batches(self, batch_size: int, **_) -> Iterator:
         handed = queue.Queue(maxsize=2)
 
         def produce():
             source = itertools.cycle(list(self.rows.iter_batches(batch_size, drop_last=True)))
             for batch in itertools.islice(source, self.batches):
-                handed.put(batch.combine_chunks())  # a new buffer each batch, as a fetched block is
+                handed.put(batch.combine_chunks())  # one chunk a column (a copy where a batch spans two)
             handed.put(None)
 
         threading.Thread(target=produce, daemon=True).start()
