@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from test_train import REPO, TINY_MODEL, _small_run, prepared  # noqa: F401 - `prepared` is a fixture
 
+from cluster_train.tracking import git_commit
 from cluster_train.train.config import TrainConfig, load_train_config
 from cluster_train.train.launch import TrainResult, run_training
 from cluster_train.train.loop import Trainer
@@ -170,6 +171,7 @@ def test_a_sweeps_records_carry_to_another_checkout_and_name_their_dataset(prepa
     record_file = Path(first.records, f"{trial.config.name}.json")
     record = json.loads(record_file.read_text())
     assert record["dataset_hash"] == PreparedDataset(str(prepared / "prepared")).dataset_hash
+    assert record["commit"] == git_commit(str(REPO))  # the provenance RESULTS leaves to the records
 
     shutil.copytree(prepared / "prepared", tmp_path / "elsewhere" / "prepared")
     moved = _sweep(tmp_path / "elsewhere", tmp_path / "moved")

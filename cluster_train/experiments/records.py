@@ -133,10 +133,12 @@ def _curves(config: TrainConfig, run_id: str | None) -> dict[str, list[float]]:
 
 
 def train_trial(config: TrainConfig, records: str) -> dict:
+    from cluster_train.tracking import git_commit
     from cluster_train.train.launch import run_training
 
     result = run_training(config)
     run = {"best_model": result.best_bundle, "mlflow_run_id": result.mlflow_run_id,
+           "commit": git_commit(str(Path(__file__).resolve().parent)),  # the code that finished the trial
            "seconds": round(result.seconds, 1), "epochs_run": result.epochs_run, "scores": result.scores,
            "last_epoch": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
            "dataset_hash": _dataset_hash(config)}

@@ -23,7 +23,7 @@ import asyncio  # no `from __future__ import annotations`: FastAPI must see `Req
 # signatures Serve's class ingress rewrites (a string annotation there turned into a query field)
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -236,8 +236,12 @@ def run_endpoint(config: EndpointConfig, host: str = "127.0.0.1", port: int = 80
     none is running) and deploy; a DeploymentHandle (never returns when `blocking`)."""
     import ray
 
+    from cluster_train.tracking import TrackingConfig
+
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
+    # ./mlflow.db is this directory's: a replica may start in another (a cluster's head, for one)
+    config = replace(config, tracking_uri=TrackingConfig(tracking_uri=config.tracking_uri).resolved_uri())
     AudioScorer(load_model(config.model, tracking_uri=config.tracking_uri))  # a wrong model fails here, by name
     serve.start(http_options={"host": host, "port": port})
     try:
