@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,9 +85,28 @@ def write_manifest(path: Path, segments: int, ravdess: Path) -> dict:
     return counts
 
 
+def private_bytes(pid: int) -> int:
+    """A process's anonymous memory (its own heap and stacks: not the object store's shared pages,
+    which RSS also counts, nor mapped files), from /proc/<pid>/smaps_rollup; 0 where unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^Anonymous:\s+(\d+) kB", text, re.M)
+    return int(found.group(1)) * 1024 if found else 0
+
+
+def machine_used_bytes() -> int:
+    """Memory the machine has in use: total - available, shared pages counted once."""
+    memory = psutil.virtual_memory()
+    return memory.total - memory.available
+
+
 class Sampler:
-    """Peak RSS by role over a process and everything it starts, and the largest object-store spill,
-    sampled every `interval` seconds. With `state`, the peaks so far are saved there every
+    """Peak RSS by role over a process and everything it starts, the same of each process's private
+    (anonymous) memory, the machine's memory in use, and the largest object-store spill, sampled every
+    `interval` seconds. A Ray worker's RSS counts the object-store pages it has read, which the store
+    holds once for the machine: its private memory is what the worker itself adds. With `state`, the peaks so far are saved there every
     `save_every` samples and taken up again by the next Sampler: a job interrupted and resumed
     (a rehearsal longer than a session) reports its peaks over all its parts. With `timeline`, a
     line of JSON is added there every `timeline_every` seconds: the job's seconds so far (over all
@@ -99,6 +119,7 @@ class Sampler:
         saved = json.loads(state.read_text()) if state is not None and state.exists() else {}
         self.peak: dict[str, int] = saved.get("peak", {})
         self.peak_total, self.spill_bytes = saved.get("peak_total", 0), saved.get("spill_bytes", 0)
+        self.peak_machine = saved.get("peak_machine", 0)
         self.earlier_seconds, self.parts = saved.get("seconds", 0.0), saved.get("parts", 0) + 1
         self._started = time.perf_counter()
         self._stop = threading.Event()
@@ -115,7 +136,8 @@ class Sampler:
     def save(self) -> None:
         if self.state is not None:
             self.state.write_text(json.dumps({"peak": self.peak, "peak_total": self.peak_total, "parts": self.parts,
-                                              "spill_bytes": self.spill_bytes, "seconds": self.seconds}))
+                                              "peak_machine": self.peak_machine, "spill_bytes": self.spill_bytes,
+                                              "seconds": self.seconds}))
 
     @property
     def seconds(self) -> float:
@@ -131,6 +153,7 @@ class Sampler:
             except psutil.Error:
                 processes = []
             now: dict[str, list[int]] = {}
+            private: dict[str, list[int]] = {}
             for process in processes:
                 try:
                     title = " ".join(process.cmdline()) or process.name()
@@ -139,17 +162,22 @@ class Sampler:
                     continue
                 role = "driver" if process.pid == self.pid else self.role(title)
                 now.setdefault(role, []).append(rss)
+                private.setdefault(role, []).append(private_bytes(process.pid))
             for role, values in now.items():  # per process for workers: each worker's own peak
                 self.peak[role] = max(self.peak.get(role, 0), max(values))
                 self.peak[f"{role}_all"] = max(self.peak.get(f"{role}_all", 0), sum(values))
+                self.peak[f"private_{role}"] = max(self.peak.get(f"private_{role}", 0), max(private[role]))
             self.peak_total = max(self.peak_total, sum(sum(v) for v in now.values()))
+            self.peak_machine = max(self.peak_machine, machine_used_bytes())
             self.spill_bytes = max(self.spill_bytes, folder_bytes(self.spill_dir, only="spill"))
             samples += 1
             if samples % self.save_every == 0:
                 self.save()
             if self.timeline is not None and now and self.seconds - last_line >= self.timeline_every:
                 last_line = self.seconds
-                line = {"seconds": round(self.seconds), "rss_mb": {role: round(max(v) / 2**20) for role, v in now.items()}}
+                line = {"seconds": round(self.seconds), "rss_mb": {role: round(max(v) / 2**20) for role, v in now.items()},
+                        "private_mb": {role: round(max(v) / 2**20) for role, v in private.items()},
+                        "machine_used_mb": round(machine_used_bytes() / 2**20)}
                 with self.timeline.open("a") as out:
                     out.write(json.dumps(line) + "\n")
             self._stop.wait(self.interval)
@@ -164,8 +192,10 @@ class Sampler:
         self.save()
 
     def summary(self) -> dict:
-        mb = {f"peak_rss_{role}_mb": round(value / 2**20, 1) for role, value in sorted(self.peak.items())}
+        mb = {(f"peak_{role}_mb" if role.startswith("private_") else f"peak_rss_{role}_mb"): round(value / 2**20, 1)
+              for role, value in sorted(self.peak.items())}
         return mb | {"peak_rss_total_mb": round(self.peak_total / 2**20, 1),
+                     "peak_machine_used_mb": round(self.peak_machine / 2**20, 1),
                      "object_store_spill_mb": round(self.spill_bytes / 2**20, 1), "job_parts": self.parts}
 
 
