@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,3 +69,45 @@ def test_every_training_key_is_in_the_reference_and_a_changed_result_changes_the
     (tmp_path / "train.json").write_text(json.dumps(result))
     after = reference_docs.benchmarks_page(tmp_path)
     assert "**12345.6 " in after and "**12345.6 " not in before
+
+
+def test_a_results_note_follows_its_figures_and_a_note_without_a_result_has_its_own_section(tmp_path):
+    results, notes = tmp_path / "results", tmp_path / "notes"
+    results.mkdir(), notes.mkdir()
+    shutil.copy(REPO / "bench" / "results" / "train.json", results / "train.json")
+    (notes / "train.md").write_text("One worker kept up with the loop.\n")
+    (notes / "test_suite.md").write_text("The suite took a while.\n")
+    page = reference_docs.benchmarks_page(results, notes)
+    train = page.index("## train")
+    assert page.index("- file: [`bench/results/train.json`]") < page.index("One worker kept up") > train
+    assert page.index("## test_suite\n\nThe suite took a while.") > page.index("One worker kept up")
+    assert "## test_suite" not in reference_docs.benchmarks_page(results, tmp_path / "no-notes")
+
+
+def test_every_relative_link_of_the_user_docs_points_at_a_file():
+    pages = [REPO / "README.md", REPO / "infra" / "README.md", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "docs" / "results").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL or an anchor on the same page
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
+
+
+def test_the_readmes_scale_table_follows_scale_json():
+    result = json.loads((REPO / "bench" / "results" / "scale.json").read_text())
+    table = reference_docs.scale_table(result)
+    assert table in (REPO / "README.md").read_text()
+    measured = result["details"]["measured"]
+    worker = measured["train@0.1"]["memory"]["peak_rss_train_worker_mb"]
+    assert "| peak RSS of a training worker | " in table and f"{worker / 1000:.2f} GB" in table
+
+    del measured["train@0.1"]
+    measured["prep@0.1"]["seconds"] = 4321.0
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in
+            reference_docs.scale_table(result).splitlines()[2:]}
+    assert rows["prep: seconds (killed + resumed run)"][1] == "4,321"
+    assert rows["peak RSS of a training worker"][1] == "pending"  # no training at 10%: not a stale figure
