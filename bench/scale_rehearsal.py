@@ -106,11 +106,12 @@ class Sampler:
     """Peak RSS by role over a process and everything it starts, the same of each process's private
     (anonymous) memory, the machine's memory in use, and the largest object-store spill, sampled every
     `interval` seconds. A Ray worker's RSS counts the object-store pages it has read, which the store
-    holds once for the machine: its private memory is what the worker itself adds. With `state`, the peaks so far are saved there every
-    `save_every` samples and taken up again by the next Sampler: a job interrupted and resumed
-    (a rehearsal longer than a session) reports its peaks over all its parts. With `timeline`, a
-    line of JSON is added there every `timeline_every` seconds: the job's seconds so far (over all
-    its parts) and the largest RSS of one process of each role, in MB."""
+    holds once for the machine: its private memory is what the worker itself adds. With `state`, the
+    peaks so far are saved there every `save_every` samples and taken up again by the next Sampler:
+    a job interrupted and resumed (a rehearsal longer than a session) reports its peaks over all its
+    parts. With `timeline`, a line of JSON is added there every `timeline_every` seconds: the job's
+    seconds so far (over all its parts), the largest RSS and private memory of one process of each
+    role, and the machine's memory in use, in MB."""
 
     def __init__(self, pid: int, spill_dir: Path, interval: float = 1.0, state: Path | None = None,
                  save_every: int = 30, timeline: Path | None = None, timeline_every: float = 60.0):
@@ -168,7 +169,8 @@ class Sampler:
                 self.peak[f"{role}_all"] = max(self.peak.get(f"{role}_all", 0), sum(values))
                 self.peak[f"private_{role}"] = max(self.peak.get(f"private_{role}", 0), max(private[role]))
             self.peak_total = max(self.peak_total, sum(sum(v) for v in now.values()))
-            self.peak_machine = max(self.peak_machine, machine_used_bytes())
+            used = machine_used_bytes()
+            self.peak_machine = max(self.peak_machine, used)
             self.spill_bytes = max(self.spill_bytes, folder_bytes(self.spill_dir, only="spill"))
             samples += 1
             if samples % self.save_every == 0:
@@ -177,7 +179,7 @@ class Sampler:
                 last_line = self.seconds
                 line = {"seconds": round(self.seconds), "rss_mb": {role: round(max(v) / 2**20) for role, v in now.items()},
                         "private_mb": {role: round(max(v) / 2**20) for role, v in private.items()},
-                        "machine_used_mb": round(machine_used_bytes() / 2**20)}
+                        "machine_used_mb": round(used / 2**20)}
                 with self.timeline.open("a") as out:
                     out.write(json.dumps(line) + "\n")
             self._stop.wait(self.interval)

@@ -257,10 +257,6 @@ def _ccc(value: float) -> str:
     return ".00" if text == "-.00" else text
 
 
-def _max(*values: float | None) -> float:
-    return max(v for v in values if v is not None)
-
-
 def scale_table(result: dict) -> str:
     """The rehearsal's figures per scale, as README.md shows them: each cell from `result`
     (bench/results/scale.json), "pending" where that stage has not run at that scale."""
@@ -278,8 +274,8 @@ def scale_table(result: dict) -> str:
 
     def prep_total(prep: dict) -> str:
         first, resumed = prep["memory_first_run"], prep["memory_resumed_run"]
-        total = _max(peak(first, "total"), peak(resumed, "total")) / 1000
-        return f"{total:.1f} GB ({_max(peak(first, 'driver'), peak(resumed, 'driver')) / 1000:.2f})"
+        total = max(peak(first, "total"), peak(resumed, "total")) / 1000
+        return f"{total:.1f} GB ({max(peak(first, 'driver'), peak(resumed, 'driver')) / 1000:.2f})"
 
     def epochs(key: str) -> callable:
         return lambda train: ", ".join(f"{epoch[key]:,.0f}" for epoch in train["epochs"])
