@@ -13,7 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for a bare checkout
 
-from cluster_train.experiments.sweep import check_search, estimate_sweep, load_sweep_config, plan_trials  # noqa: E402
+from cluster_train.experiments.sweep import (  # noqa: E402
+    check_search,
+    estimate_sweep,
+    load_sweep_config,
+    plan_trials,
+    search_record,
+)
 from cluster_train.experiments.records import development_markdown  # noqa: E402
 from cluster_train.serve.evaluate import format_comparison  # noqa: E402
 from data_prep.config import ConfigError  # noqa: E402
@@ -40,8 +46,9 @@ def main(argv=None) -> int:
             for trial in trials:
                 print(f"  {trial.point} seed {trial.seed}: {trial.config.name}")
             if config.search is not None:
-                print(f"  then a search of {config.search.samples} trials over {', '.join(config.search.space)}, its "
-                      f"chosen settings retrained over seeds {config.seeds} as point {config.search.point}")
+                print(f"  then a search of {config.search.samples} trials over {', '.join(config.search.space)}"
+                      f"{_search_state(config)}, its chosen settings retrained over seeds {config.seeds} as point "
+                      f"{config.search.point}")
             print(estimate_sweep(config, trials))
             return 0
         from cluster_train.experiments.sweep import run_sweep
@@ -56,6 +63,15 @@ def main(argv=None) -> int:
     print(format_comparison(result.table))
     print(f"table and runs: {result.table_file}; MLflow experiment {config.name}")
     return 0
+
+
+def _search_state(config) -> str:
+    """What the search's record says: done (its choice), cut short (how many trials it finished), or nothing."""
+    if (ended := search_record(config, complete=True)) is not None:
+        return f" (done: chose {ended['trials'][0]['settings']})"
+    if (cut := search_record(config, complete=False)) is not None:
+        return f" ({len(cut['trials'])} finished before it was cut short: it goes on from them)"
+    return ""
 
 
 if __name__ == "__main__":

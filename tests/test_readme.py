@@ -67,6 +67,7 @@ RUN_HERE = {
     "promote": "jobs/register.py promote",
     "serve": "jobs/serve.py --model",
     "search dry run": "jobs/sweep.py --config configs/sweep/ravdess_quarter_search.yaml --dry-run",
+    "report": "jobs/report.py --config configs/sweep/ravdess_quarter.yaml",
     "mlflow ui": "mlflow ui --backend-store-uri sqlite:///mlflow.db",
 }
 
@@ -93,8 +94,8 @@ def checkout(tmp_path_factory) -> Path:
     for name in ("configs", "data", "jobs"):
         (folder / name).symlink_to(REPO / name)
     (folder / ".venv").symlink_to(Path(sys.prefix))
-    records = Path("docs/results/ravdess-quarter/trials")
-    shutil.copytree(REPO / records, folder / records)  # the search's dry run reads them
+    results = Path("docs/results/ravdess-quarter")
+    shutil.copytree(REPO / results, folder / results)  # the records, which the search's dry run and the report read
     return folder
 
 
@@ -239,6 +240,23 @@ def test_the_search_dry_run_checks_the_space_and_lists_the_trials_it_reuses(chec
     assert "then a search of 8 trials over clustering.num_clusters, cluster_weight" in search.stdout
     assert "every trial is trained" in search.stdout  # the K = 10 trials are ravdess-quarter's records
     assert not (checkout / "outputs" / "sweeps").exists()  # nothing trained, no experiment started
+
+
+def test_the_report_gives_back_the_committed_tables_from_the_records_alone(checkout):
+    """No model and no prepared data here: the tables come from the predictions in the records, and
+    equal the committed ones (the dataset line aside, which says where they came from)."""
+    results = Path("docs/results/ravdess-quarter")
+    assert not (checkout / "outputs" / "ravdess_full").exists()
+    report = run(checkout, readme_command("report"), timeout=180)
+    assert succeeded(report)
+    tables = json.loads((checkout / results / "tables.json").read_text())
+    assert tables == json.loads((REPO / results / "tables.json").read_text())
+    assert "| deepemocluster |" in (markdown := (checkout / results / "report.md").read_text())
+    assert "not prepared here, so the tables are the predictions the records hold" in markdown
+
+    def without_dataset_line(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith("Dataset ")]
+    assert without_dataset_line(markdown) == without_dataset_line((REPO / results / "report.md").read_text())
 
 
 def test_the_mlflow_ui_shows_the_runs(checkout, registered):

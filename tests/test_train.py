@@ -534,7 +534,7 @@ records: {tmp_path / 'records'}
     assert kept.tables == report.tables and "![clusters_arousal](clusters_arousal.png)" in kept.markdown
     assert re.search(r"unsupervised only \(no regressor\) \(baselines-dec_unsupervised_only-seed0\): highest", kept.markdown)
     fresh = write_report(load_sweep_config(moved), tmp_path / "fresh_report")
-    assert "Not drawn: the best model of baselines-dec_unsupervised_only-seed0 is not on this machine" in fresh.markdown
+    assert "Not drawn, not on this machine: the best model of baselines-dec_unsupervised_only-seed0" in fresh.markdown
     assert not (tmp_path / "fresh_report" / "clusters_arousal.png").exists()
     assert (tmp_path / "fresh_report" / "learning_curves.png").stat().st_size > 10_000
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +234,7 @@ search:
     printed = capsys.readouterr().out
     search = json.loads((tmp_path / "records" / "searched-search.json").read_text())
     tried = search["trials"]
+    assert search["complete"] is True  # written as each trial ended, complete once the search did
     assert len(tried) == 3 and [t["dev/best_loss"] for t in tried] == sorted(t["dev/best_loss"] for t in tried)
     assert {t["settings"]["optim.regressor.lr"] for t in tried} == {1e-30, 1e-3}  # both values were tried
     assert "trial 3 of 3 done" in printed and "chosen {" in printed
@@ -269,3 +271,25 @@ search:
     again = run_sweep(config)
     assert "searching" not in capsys.readouterr().out
     assert again.table["models"] == result.table["models"] and len(client.search_runs([experiment])) == runs_before
+
+    # Cut short on another machine: its record kept two finished trials, the Tune experiment is not
+    # here. Run again, Optuna is told those two and only the third trains; the record ends complete.
+    kept = tried[:2]
+    (tmp_path / "records" / "searched-search.json").write_text(json.dumps(search | {"complete": False, "trials": kept}))
+    (tmp_path / "records" / "searched-searched-seed0.json").unlink()  # the retrain comes after the search
+    shutil.rmtree(tmp_path / "sweeps" / "searched" / "tune")
+    dry_run = subprocess.run([sys.executable, "jobs/sweep.py", "--config", str(file), "--dry-run"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert "then a search of 3 trials over optim.regressor.lr, cluster_weight (2 finished before it was cut short" \
+        in dry_run.stdout, dry_run.stdout + dry_run.stderr[-3000:]
+    resumed = run_sweep(config)
+    printed = capsys.readouterr().out
+    assert "searching optim.regressor.lr, cluster_weight over 3 trials (optuna, scheduler asha), 2 of them tried before" in printed
+    assert "trial 3 of 3 done" in printed and "trial 1 of 3" not in printed and "trial 2 of 3" not in printed
+    ended = json.loads((tmp_path / "records" / "searched-search.json").read_text())
+    assert ended["complete"] is True and len(ended["trials"]) == 3
+    assert [t for t in ended["trials"] if t["trial_id"] in {k["trial_id"] for k in kept}] == kept
+    [new] = [t for t in ended["trials"] if t["trial_id"] not in {k["trial_id"] for k in kept}]
+    assert new["trial_id"] not in {t["trial_id"] for t in tried}
+    assert len(client.search_runs([experiment], "tags.mlflow.runName LIKE 'searched-search-%'")) == 4
+    assert [r["seed"] for r in resumed.runs if r["point"] == "searched"] == [0]

@@ -63,10 +63,12 @@ def trained_run(config: TrainConfig, records: OutputFolder) -> dict | None:
     if keys:
         raise ConfigError(f"trial {config.name} was trained in {where} with another config "
                           f"(differs in {', '.join(keys)}): move that folder away or name the sweep anew")
-    # (Records written before they kept the dataset's hash are reused wherever the data lies.)
-    if found.get("dataset_hash") and found["dataset_hash"] != _dataset_hash(config):
+    # (Records written before they kept the dataset's hash are reused wherever the data lies, and any
+    # record where the data is not prepared: a report made from the records alone.)
+    data_here = _dataset_hash(config)
+    if found.get("dataset_hash") and data_here and found["dataset_hash"] != data_here:
         raise ConfigError(f"trial {config.name} was trained in {where} on dataset {found['dataset_hash'][:12]}, "
-                          f"not on {config.data.dataset} ({_dataset_hash(config)[:12]}): move that folder "
+                          f"not on {config.data.dataset} ({data_here[:12]}): move that folder "
                           f"away or name the sweep anew")
     if here is not None and (record is None or record.get("mlflow_run_id") != here.get("mlflow_run_id")):
         # trained here since its record was written, or before records existed
@@ -94,10 +96,18 @@ def _changes_no_result(key: str) -> bool:
     return key.startswith("tracking.") or key in LOCATION_KEYS or key == "scaling.cpus_per_worker"
 
 
-def _dataset_hash(config: TrainConfig) -> str:
+def _dataset_hash(config: TrainConfig) -> str | None:
+    """The hash of the trial's prepared dataset, None where it is not prepared on this machine."""
+    dataset = prepared_dataset(config)
+    return dataset.dataset_hash if dataset is not None else None
+
+
+def prepared_dataset(config: TrainConfig):
+    """The trial's prepared dataset, None where it is not prepared on this machine (the records hold
+    what a report needs; only predicting a trial again, or drawing from its model, needs the data)."""
     from data_prep.dataset import PreparedDataset
 
-    return PreparedDataset(config.data.dataset).dataset_hash
+    return PreparedDataset(config.data.dataset) if OutputFolder(config.data.dataset).exists("dataset.json") else None
 
 
 def _keep_record(run: dict, config: TrainConfig, records: OutputFolder) -> dict:
@@ -161,6 +171,9 @@ def trial_predictions(config: SweepConfig, name: str, dataset) -> SplitPredictio
     if saved is not None:
         return SplitPredictions(saved["ids"], np.array(saved["prediction"]), np.array(saved["labels"], dtype=float),
                                 tuple(saved["attributes"]))
+    if dataset is None:
+        raise ValueError(f"trial {name}: its record ({records.uri(file)}) holds no {config.split} predictions, and "
+                         f"predicting them needs its dataset, which is not prepared here: run the prep job first")
     result = predict_split(load_bundle(record["best_model"]), dataset, config.split)
     record.setdefault("predictions", {})[config.split] = {
         "ids": result.ids, "prediction": result.prediction.tolist(),

@@ -32,6 +32,7 @@ import torch
 from cluster_train.experiments.records import (
     development_markdown,
     development_ranking,
+    prepared_dataset,
     records_folder,
     scored_predictions,
     trained_in_bf16,
@@ -81,7 +82,8 @@ def trained_trials(config: SweepConfig) -> tuple[list[TrainedTrial], int]:
     return found, len(trials)
 
 
-def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset: PreparedDataset) -> dict[str, dict]:
+def comparison_tables(config: SweepConfig, trained: list[TrainedTrial], dataset: PreparedDataset | None
+                      ) -> dict[str, dict]:
     """Reference -> compare_models table over the points with a trained trial that learned a
     regressor (a stage-1-only model has an untrained one: it is in Fig. 3, not in the table)."""
     predictions, seeds = scored_predictions(config, ((item.trial, item.run) for item in trained), dataset)
@@ -253,11 +255,11 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     if not trained:
         raise ValueError(f"sweep {config.name}: no trial is trained yet ({planned} planned)")
     first = pin_local_paths(trained[0].trial.config)
-    dataset = PreparedDataset(first.data.dataset)
+    dataset = prepared_dataset(first)
     tables = comparison_tables(config, trained, dataset)
     (folder / "tables.json").write_text(json.dumps(tables, indent=1) + "\n")
     sections = [f"# Sweep {config.name}: {len(trained)} of {planned} trials trained", "",
-                f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{config.split}`.", "",
+                _dataset_line(dataset, trained, config.split), "",
                 "## Development CCC", "", "The points ranked by their best models' development CCC (mean over "
                 "seeds): what to choose settings by; the test CCC below reports them.", "",
                 development_markdown(development_ranking((item.trial, item.run) for item in trained)), "",
@@ -278,7 +280,7 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     by_point = {item.trial.point: item for item in sorted(trained, key=lambda t: t.trial.seed, reverse=True)}
     pair = {name: by_point[point] for name, point in (("unsupervised only (no regressor)", "dec_unsupervised_only"),
                                                       ("DeepEmoCluster", "deepemocluster")) if point in by_point}
-    figures = _ModelFigures(folder)
+    figures = _ModelFigures(folder, dataset is not None)
     if pair:
         def draw_clusters(file: Path) -> list[str]:
             gaps = cluster_figure(pair, dataset, file)
@@ -297,6 +299,15 @@ def write_report(config: SweepConfig, folder: str | Path) -> Report:
     (folder / "report.md").write_text(markdown)
     _log_to_parent(config, first, folder)
     return Report(markdown, folder, tables, len(trained), planned)
+
+
+def _dataset_line(dataset: PreparedDataset | None, trained: list[TrainedTrial], split: str) -> str:
+    if dataset is not None:
+        return f"Dataset `{dataset.location}` (hash {dataset.dataset_hash[:12]}), split `{split}`."
+    hashes = sorted({item.run["dataset_hash"][:12] for item in trained if item.run.get("dataset_hash")})
+    kept = f"hash {', '.join(hashes)} in the records that keep it" if hashes else "no record keeps its hash"
+    return (f"Dataset `{trained[0].trial.config.data.dataset}`, split `{split}`: not prepared here, so the tables "
+            f"are the predictions the records hold ({kept}).")
 
 
 def search_markdown(search: dict) -> str:
@@ -318,19 +329,21 @@ class _ModelFigures:
 
     FILE = "model_figures.json"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, dataset_here: bool):
         self.folder = folder
+        self.dataset_here = dataset_here
         self.drawn = json.loads((folder / self.FILE).read_text()) if (folder / self.FILE).exists() else {}
 
     def section(self, title: str, file: str, items: list[TrainedTrial], draw) -> list[str]:
         runs = [item.run.get("mlflow_run_id") or item.trial.config.name for item in items]
-        missing = ", ".join(item.trial.config.name for item in items if not item.has_model())
+        missing = ", ".join(f"the best model of {item.trial.config.name}" for item in items if not item.has_model())
+        missing = ", ".join(filter(None, [missing, "" if self.dataset_here else "its dataset"]))
         if not missing:
             self.drawn[file] = {"runs": runs, "lines": draw(self.folder / file)}
         elif self.drawn.get(file, {}).get("runs") != runs or not (self.folder / file).exists():
             self.drawn.pop(file, None)
-            return [title, "", f"Not drawn: the best model of {missing} is not on this machine (its record came "
-                    f"from another); run the report where the models are.", ""]
+            return [title, "", f"Not drawn, not on this machine: {missing} (a record may come from another); run "
+                    f"the report where the models and the prepared data are.", ""]
         return [title, "", f"![{file.removesuffix('.png')}]({file})", "", *self.drawn[file]["lines"], ""]
 
     def save(self) -> None:

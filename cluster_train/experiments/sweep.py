@@ -299,7 +299,8 @@ def search_trial_config(config: SweepConfig, parent_run_id: str | None, params: 
 
 def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder, records: OutputFolder) -> dict:
     """Run the search (or take its record: a search done once, here or on another machine, is not
-    run again) and return the chosen settings."""
+    run again) and return the chosen settings. A search cut short on another machine goes on from
+    the trials its record keeps (`tuning.SearchProgress`)."""
     from functools import partial
 
     from cluster_train.experiments import tuning
@@ -311,10 +312,13 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     else:
         make_config = partial(search_trial_config, config, parent_run_id)
         example = make_config({key: corner[key] for corner in config.search.corners() for key in corner}, "check")
+        done = search_record(config, complete=False)
         print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
-              f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})", flush=True)
-        tried = tuning.run_search(config, make_config, example, folder.location)
-        record = {"search": to_flat_dict(config.search), "metric": tuning.SEARCH_METRIC, "trials": tried}
+              f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})"
+              + (f", {len(done['trials'])} of them tried before" if done else ""), flush=True)
+        progress = tuning.SearchProgress(records.location, file, to_flat_dict(config.search), list(config.search.space))
+        tried = tuning.run_search(config, make_config, example, folder.location, done["trials"] if done else [], progress)
+        record = progress.record(tried, complete=True)
         records.make()
         records.write_json(file, record)
         folder.write_json("search.json", record)
@@ -325,13 +329,21 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
 
 
 def recorded_search(config: SweepConfig) -> dict | None:
-    """The record of the sweep's search (every setting tried, best first); None before it ran, or
+    """The record of the sweep's search (every setting tried, best first); None before it ended, or
     when the search section changed since."""
+    return search_record(config, complete=True)
+
+
+def search_record(config: SweepConfig, complete: bool) -> dict | None:
+    """The search's record if it ended (`complete`), or the record of a search cut short (the trials
+    it finished); None if there is none of that kind for this search section."""
     if config.search is None:
         return None
     records, file = records_folder(config), search_file(config)
     record = records.read_json(file) if records.exists(file) else None
-    return record if record is not None and record["search"] == to_flat_dict(config.search) else None
+    if record is None or record["search"] != to_flat_dict(config.search):
+        return None
+    return record if record.get("complete", True) == complete else None
 
 
 def planned_with_search(config: SweepConfig) -> list[Trial]:

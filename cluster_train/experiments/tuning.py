@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -79,14 +81,18 @@ def _tuner(trainable, param_space: dict, tune_config, storage: str, name: str, c
     """A new Tuner, or the one restored from `storage/name` when that experiment exists (its
     driver died): finished trials are kept, unfinished and errored ones start again."""
     filesystem, root = open_filesystem(storage)
-    path = f"{storage}/{name}"
-    if tune.Tuner.can_restore(f"{root}/{name}", storage_filesystem=filesystem):
-        print(f"tune: restoring experiment {path}", flush=True)
+    if _can_restore(storage, name):
+        print(f"tune: restoring experiment {storage}/{name}", flush=True)
         return tune.Tuner.restore(f"{root}/{name}", trainable, resume_errored=True, storage_filesystem=filesystem)
     # verbose 1: Tune's status table, not every result; TrialLines says when each trial ends
     run_config = tune.RunConfig(name=name, storage_path=root, storage_filesystem=filesystem, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=retries), verbose=1)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _can_restore(storage: str, name: str) -> bool:
+    filesystem, root = open_filesystem(storage)
+    return tune.Tuner.can_restore(f"{root}/{name}", storage_filesystem=filesystem)
 
 
 def tracking_uri(config: TrainConfig) -> str | None:
@@ -146,55 +152,98 @@ def _search_trial(params: dict, make_config: Callable[[dict, str], TrainConfig])
 
 
 def run_search(sweep: SweepConfig, make_config: Callable[[dict, str], TrainConfig], example: TrainConfig,
-               folder: str) -> list[dict]:
+               folder: str, done: list[dict], progress: SearchProgress) -> list[dict]:
     """Sample `search.samples` settings with the search algorithm, end poor trials early with the
     scheduler; one dict per trial (its settings, best development loss, epochs, whether it was
-    stopped early), best first."""
+    stopped early), best first. Each finished trial is kept in `progress`'s record at once.
+
+    `done`: the trials a search cut short finished (its record's, from another machine): where its
+    Tune experiment is not here to restore, the algorithm is told their results and only the rest
+    are sampled. The scheduler compares the new trials with each other only."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     search = sweep.search
     _start_ray()
+    storage, name = _experiment(folder, "search", dataclasses.asdict(search))
+    warm = [] if _can_restore(storage, name) else done
+    if len(warm) >= search.samples:  # cut after its last trial, before its record was complete
+        return progress.record(warm, complete=True)["trials"]
     if search.algorithm == "optuna":
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
-        algorithm = OptunaSearch(sampler=TPESampler(seed=search.seed, n_startup_trials=search.startup_samples))
-    else:
-        algorithm = BasicVariantGenerator(random_state=search.seed)
+        known = [t for t in warm if math.isfinite(t[SEARCH_METRIC])]
+        told = {"points_to_evaluate": [t["settings"] for t in known],
+                "evaluated_rewards": [t[SEARCH_METRIC] for t in known]} if known else {}
+        algorithm = OptunaSearch(sampler=TPESampler(seed=search.seed, n_startup_trials=search.startup_samples), **told)
+    else:  # another random state after a cut: the same one would sample the finished settings again
+        algorithm = BasicVariantGenerator(random_state=search.seed + len(warm))
     # max_t beyond the last epoch: the report after final scoring is never cut short
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=example.epochs + 1, grace_period=search.grace_epochs,
                               reduction_factor=search.reduction_factor) if search.scheduler == "asha" else None
     trainable = tune.with_resources(tune.with_parameters(_search_trial, make_config=make_config), trial_resources(example))
-    storage, name = _experiment(folder, "search", dataclasses.asdict(search))
     tune_config = tune.TuneConfig(metric=SEARCH_METRIC, mode=SEARCH_MODE, search_alg=algorithm, scheduler=scheduler,
-                                  num_samples=search.samples, max_concurrent_trials=sweep.max_concurrent)
-    grid = _tuner(trainable, search_space(sweep), tune_config, storage, name,
-                  [TrialLines(search.samples, tracking_uri(example))], sweep.trial_retries).fit()
-    found = []
+                                  num_samples=search.samples - len(warm), max_concurrent_trials=sweep.max_concurrent)
+    lines = TrialLines(search.samples, tracking_uri(example), already=len(warm), progress=progress)
+    grid = _tuner(trainable, search_space(sweep), tune_config, storage, name, [lines], sweep.trial_retries).fit()
+    found = {}
     for result in grid:
-        if result.error is not None or not result.metrics:
-            continue
-        losses = result.metrics_dataframe[SEARCH_METRIC].dropna() if result.metrics_dataframe is not None else []
-        found.append({"settings": {k: result.config[k] for k in search.space}, "trial_id": result.metrics.get("trial_id"),
-                      SEARCH_METRIC: float(min(losses)) if len(losses) else float("inf"),
-                      "epochs": int(result.metrics.get("training_iteration", 0)) - (1 if result.metrics.get(DONE) else 0),
-                      "stopped_early": not result.metrics.get(DONE)})
+        if result.error is None and result.metrics:
+            losses = result.metrics_dataframe[SEARCH_METRIC].dropna() if result.metrics_dataframe is not None else []
+            entry = _search_entry(list(search.space), result.config, result.metrics, min(losses) if len(losses) else None)
+            found[entry["trial_id"]] = entry
+    found = {t["trial_id"]: t for t in done} | found
     if not found:
         raise RuntimeError(f"sweep {sweep.name}: no search trial finished an epoch (see {storage}/{name})")
-    return sorted(found, key=lambda trial: trial[SEARCH_METRIC])
+    return progress.record(list(found.values()), complete=True)["trials"]
+
+
+def _search_entry(keys: list[str], config: dict, metrics: dict, best_loss: float | None) -> dict:
+    """A finished search trial as its record keeps it."""
+    return {"settings": {k: config[k] for k in keys}, "trial_id": metrics.get("trial_id"),
+            SEARCH_METRIC: float(best_loss if best_loss is not None else metrics.get(SEARCH_METRIC, float("inf"))),
+            "epochs": int(metrics.get("training_iteration", 0)) - (1 if metrics.get(DONE) else 0),
+            "stopped_early": not metrics.get(DONE)}
+
+
+class SearchProgress:
+    """The search's record in the records folder while it runs: every finished trial added as it
+    ends (`complete: false`), so a search cut short on one machine goes on from there on another."""
+
+    def __init__(self, records: str, file: str, search: dict, keys: list[str]):
+        self.records, self.file, self.search, self.keys = records, file, search, keys  # keys: the space's
+
+    def record(self, trials: list[dict], complete: bool) -> dict:
+        return {"search": self.search, "metric": SEARCH_METRIC, "complete": complete,
+                "trials": sorted(trials, key=lambda trial: trial[SEARCH_METRIC])}
+
+    def add(self, entry: dict) -> None:
+        folder = OutputFolder(self.records)
+        kept = folder.read_json(self.file) if folder.exists(self.file) else None
+        same = kept is not None and kept["search"] == self.search and not kept.get("complete", True)
+        trials = [t for t in (kept["trials"] if same else []) if t["trial_id"] != entry["trial_id"]]
+        folder.make()
+        folder.write_json(self.file, self.record([*trials, entry], complete=False))
 
 
 class TrialLines(tune.Callback):
     """One line per finished trial: `trial 3 of 8 done: <name>  dev CCC A .612 D .433 V .120  41 min
     (stopped early after 2 epochs)`; its MLflow run, when the scheduler stopped it, marked KILLED."""
 
-    def __init__(self, total: int, tracking_uri: str | None):
-        self.total, self.done, self.tracking_uri = total, 0, tracking_uri
+    def __init__(self, total: int, tracking_uri: str | None, already: int = 0, progress: SearchProgress | None = None):
+        self.total, self.done, self.tracking_uri, self.progress = total, already, tracking_uri, progress
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self.done += 1
         result = trial.last_result or {}
+        if self.progress is not None and result.get(SEARCH_METRIC) is not None:
+            best = trial.metric_analysis.get(SEARCH_METRIC, {}).get("min")
+            try:
+                self.progress.add(_search_entry(self.progress.keys, trial.config, result, best))
+            except OSError as error:  # the search goes on; its end writes the whole record again
+                warnings.warn(f"search record {self.progress.file}: trial {trial.trial_id} not kept ({error}); a "
+                              f"search cut short now goes on from the trials kept before", RuntimeWarning, stacklevel=2)
         name = trial.config.get("trial") or trial.trial_id
         ccc = " ".join(f"{a[0].upper()} {result[f'dev/ccc_{a}']:.3f}" for a in ("arousal", "dominance", "valence")
                        if f"dev/ccc_{a}" in result)
