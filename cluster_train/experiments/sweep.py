@@ -318,9 +318,7 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
               + (f", {len(done['trials'])} of them tried before" if done else ""), flush=True)
         progress = tuning.SearchProgress(records.location, file, to_flat_dict(config.search), list(config.search.space))
         tried = tuning.run_search(config, make_config, example, folder.location, done["trials"] if done else [], progress)
-        record = progress.record(tried, complete=True)
-        records.make()
-        records.write_json(file, record)
+        record = progress.finish(tried)
         folder.write_json("search.json", record)
         chosen = tried[0]
     print(f"sweep {config.name}: chosen {chosen['settings']} (development loss {chosen[tuning.SEARCH_METRIC]:.4f}); "

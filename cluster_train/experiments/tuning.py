@@ -222,9 +222,19 @@ class SearchProgress:
         folder = OutputFolder(self.records)
         kept = folder.read_json(self.file) if folder.exists(self.file) else None
         same = kept is not None and kept["search"] == self.search and not kept.get("complete", True)
-        trials = [t for t in (kept["trials"] if same else []) if t["trial_id"] != entry["trial_id"]]
+        self._write([*(t for t in (kept["trials"] if same else []) if t["trial_id"] != entry["trial_id"]), entry],
+                    complete=False)
+
+    def finish(self, trials: list[dict]) -> dict:
+        """The search's whole record, written complete."""
+        return self._write(trials, complete=True)
+
+    def _write(self, trials: list[dict], complete: bool) -> dict:
+        record = self.record(trials, complete)
+        folder = OutputFolder(self.records)
         folder.make()
-        folder.write_json(self.file, self.record([*trials, entry], complete=False))
+        folder.write_json(self.file, record)
+        return record
 
 
 class TrialLines(tune.Callback):
