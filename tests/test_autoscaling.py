@@ -343,7 +343,9 @@ def test_jobs_bring_worker_nodes_up_from_zero_and_idle_nodes_go_away(tmp_path, b
             table.wait(lambda: table.alive_workers() == {}, 60, "idle workers were not released")
             timeline["released after prep and probe"] = time.monotonic() - started
 
-            # training from 0 workers again: one Ray Train worker, CPU only, on the CPU type
+            # training from 0 workers again: one Ray Train worker, CPU only, on the CPU type. The driver's
+            # own steps between its Ray Data tasks and the worker group can outlast the test's idle
+            # timeout on a busy 2-core machine (16 s seen): the node is then ended and another launched
             mark = time.time()
             train = run_driver(
                 cluster, sys.executable, "jobs/train.py", "--config", "configs/train/ravdess_sample.yaml",
@@ -353,7 +355,7 @@ def test_jobs_bring_worker_nodes_up_from_zero_and_idle_nodes_go_away(tmp_path, b
                 "scaling.num_workers=1", "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5", timeout=240)
             train_nodes = table.alive_workers(since=mark)
             timeline["training done"] = time.monotonic() - started
-            assert sorted(train_nodes.values()) == ["cpu_worker"], train_nodes
+            assert train_nodes and set(train_nodes.values()) == {"cpu_worker"}, train_nodes
             assert not set(train_nodes) & set(prep_nodes)  # a new node: the prep's had gone
             assert "runs/autoscaled/best_model/model.pt" in bucket_keys(aws, BUCKET, "runs/autoscaled/"), train.stdout[-2000:]
 
@@ -370,9 +372,10 @@ def test_jobs_bring_worker_nodes_up_from_zero_and_idle_nodes_go_away(tmp_path, b
         monitor_log = (Path(cluster["temp_dir"]) / "ray/session_latest/logs/monitor.log").read_text(errors="replace")
         print(f"timeline (s): {json.dumps({k: round(v, 1) for k, v in timeline.items()})}")
         workers = {node: kind for node, kind in table.types().items() if kind != "head"}
-        assert sorted(workers.values()) == ["cpu_worker", "cpu_worker", "gpu_worker"], workers
+        assert sorted(workers.values()) == ["cpu_worker"] * (1 + len(train_nodes)) + ["gpu_worker"], workers
         launched = re.findall(r"Launching (\d+) nodes, type (\w+)\.", monitor_log)
-        assert launched == [("1", "cpu_worker"), ("1", "gpu_worker"), ("1", "cpu_worker")], monitor_log[-3000:]
+        assert launched == [("1", "cpu_worker"), ("1", "gpu_worker")] + [("1", "cpu_worker")] * len(train_nodes), \
+            monitor_log[-3000:]
         ended, idle_for = autoscaler_terminations(monitor_log)
         assert ended == dict.fromkeys(workers, "idle"), (ended, workers)
         idle_timeout = IDLE_TIMEOUT_MINUTES * 60  # each ended once idle that long (the log's times: whole seconds)

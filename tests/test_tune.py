@@ -72,7 +72,10 @@ def test_a_search_space_is_checked_before_ray_starts(tmp_path):
         check_search(sweep("{clustering.num_klusters: {choice: [2, 4]}}"))
     with pytest.raises(ConfigError, match=r"search\.space \{'epochs': 0\}.*epochs.*must be >= 1"):
         check_search(sweep("{epochs: {randint: [0, 3]}}"))
-    check_search(sweep("{clustering.num_clusters: {choice: [2, 4]}, cluster_weight: {loguniform: [0.1, 3.0]}}"))
+    with pytest.raises(ConfigError, match=r"search\.grace_epochs.*3 must be fewer than the trials' epochs \(3, at \{'epochs': 3\}\)"):
+        check_search(sweep("{epochs: {choice: [4, 3]}}\n  grace_epochs: 3"))  # its rung would be the last epoch
+    check_search(sweep("{epochs: {choice: [4, 3]}}\n  grace_epochs: 2"))
+    check_search(sweep("{clustering.num_clusters: {choice: [2, 4]}, cluster_weight: {loguniform: [0.1, 3.0]}}\n  grace_epochs: 1"))
     assert not ray.is_initialized()
 
 

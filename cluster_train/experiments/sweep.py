@@ -54,7 +54,7 @@ class SearchConfig:
     algorithm: str = "optuna"  # optuna (TPE) | random
     startup_samples: int = 4  # optuna: random samples before TPE models the results
     scheduler: str = "asha"  # asha (ends poor trials early) | none
-    grace_epochs: int = 2  # ASHA: epochs every trial trains before it can be ended
+    grace_epochs: int = 2  # ASHA: epochs every trial trains before it can be ended (fewer than its epochs)
     reduction_factor: int = 2  # ASHA: 1 in this many goes on at each rung
     seed: int = 0  # the search trials' training seed, and the algorithm's
     point: str = "searched"  # the name of the chosen settings' point in the table
@@ -275,9 +275,14 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
 
 def check_search(config: SweepConfig) -> None:
     """Every end of every range in the search space as a trial's config: a key training does not
-    have, or a value it refuses, fails here, before Ray starts."""
-    for corner in config.search.corners():
-        trial_config(config, corner, config.search.seed, "check", f"search.space {corner}")
+    have, or a value it refuses, fails here, before Ray starts; so do ASHA's first rung at or after
+    a trial's last epoch."""
+    search = config.search
+    for corner in search.corners():
+        trial = trial_config(config, corner, search.seed, "check", f"search.space {corner}")
+        require(search.scheduler != "asha" or search.grace_epochs < trial.epochs, "search.grace_epochs",
+                f"{search.grace_epochs} must be fewer than the trials' epochs ({trial.epochs}, at {corner}): "
+                "ASHA could end a trial only once it had trained them all")
 
 
 def with_parent(config: TrainConfig, parent_run_id: str | None) -> TrainConfig:

@@ -179,9 +179,12 @@ def run_search(sweep: SweepConfig, make_config: Callable[[dict, str], TrainConfi
         algorithm = OptunaSearch(sampler=TPESampler(seed=search.seed, n_startup_trials=search.startup_samples), **told)
     else:  # another random state after a cut: the same one would sample the finished settings again
         algorithm = BasicVariantGenerator(random_state=search.seed + len(warm))
-    # max_t beyond the last epoch: the report after final scoring is never cut short
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=example.epochs + 1, grace_period=search.grace_epochs,
-                              reduction_factor=search.reduction_factor) if search.scheduler == "asha" else None
+    # Rungs up to the last epoch but one: a trial ended at its last epoch would have trained every
+    # epoch and still be unscored. Not stop_last_trials: past the last rung nothing is cut short,
+    # neither the last epoch nor the report after final scoring.
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=example.epochs - 1, grace_period=search.grace_epochs,
+                              reduction_factor=search.reduction_factor,
+                              stop_last_trials=False) if search.scheduler == "asha" else None
     trainable = tune.with_resources(tune.with_parameters(_search_trial, make_config=make_config), trial_resources(example))
     tune_config = tune.TuneConfig(metric=SEARCH_METRIC, mode=SEARCH_MODE, search_alg=algorithm, scheduler=scheduler,
                                   num_samples=search.samples - len(warm), max_concurrent_trials=sweep.max_concurrent)
