@@ -317,12 +317,13 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     else:
         make_config = partial(search_trial_config, config, parent_run_id)
         example = make_config({key: corner[key] for corner in config.search.corners() for key in corner}, "check")
-        done = search_record(config, complete=False)
+        cut_short = search_record(config, complete=False)
+        done = cut_short["trials"] if cut_short else []
         print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
               f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})"
-              + (f", {len(done['trials'])} of them tried before" if done else ""), flush=True)
-        progress = tuning.SearchProgress(records.location, file, to_flat_dict(config.search), list(config.search.space))
-        tried = tuning.run_search(config, make_config, example, folder.location, done["trials"] if done else [], progress)
+              + (f", {len(done)} of them tried before" if done else ""), flush=True)
+        progress = tuning.SearchProgress(records.location, file, to_flat_dict(config.search), list(config.search.space), done)
+        tried = tuning.run_search(config, make_config, example, folder.location, done, progress)
         record = progress.finish(tried)
         folder.write_json("search.json", record)
         chosen = tried[0]

@@ -214,19 +214,17 @@ class SearchProgress:
     """The search's record in the records folder while it runs: every finished trial added as it
     ends (`complete: false`), so a search cut short on one machine goes on from there on another."""
 
-    def __init__(self, records: str, file: str, search: dict, keys: list[str]):
+    def __init__(self, records: str, file: str, search: dict, keys: list[str], done: list[dict]):
         self.records, self.file, self.search, self.keys = records, file, search, keys  # keys: the space's
+        self.kept = {trial["trial_id"]: trial for trial in done}  # done: the record's trials when this run began
 
     def record(self, trials: list[dict], complete: bool) -> dict:
         return {"search": self.search, "metric": SEARCH_METRIC, "complete": complete,
                 "trials": sorted(trials, key=lambda trial: trial[SEARCH_METRIC])}
 
     def add(self, entry: dict) -> None:
-        folder = OutputFolder(self.records)
-        kept = folder.read_json(self.file) if folder.exists(self.file) else None
-        same = kept is not None and kept["search"] == self.search and not kept.get("complete", True)
-        self._write([*(t for t in (kept["trials"] if same else []) if t["trial_id"] != entry["trial_id"]), entry],
-                    complete=False)
+        self.kept[entry["trial_id"]] = entry
+        self._write(list(self.kept.values()), complete=False)
 
     def finish(self, trials: list[dict]) -> dict:
         """The search's whole record, written complete."""
