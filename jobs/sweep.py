@@ -18,6 +18,7 @@ from cluster_train.experiments.sweep import (  # noqa: E402
     estimate_sweep,
     load_sweep_config,
     plan_trials,
+    is_complete,
     search_record,
 )
 from cluster_train.experiments.records import development_markdown  # noqa: E402
@@ -67,11 +68,12 @@ def main(argv=None) -> int:
 
 def _search_state(config) -> str:
     """What the search's record says: done (its choice), cut short (how many trials it finished), or nothing."""
-    if (ended := search_record(config, complete=True)) is not None:
-        return f" (done: chose {ended['trials'][0]['settings']})"
-    if (cut := search_record(config, complete=False)) is not None:
-        return f" ({len(cut['trials'])} finished before it was cut short: it goes on from them)"
-    return ""
+    record = search_record(config)
+    if record is None:
+        return ""
+    if is_complete(record):
+        return f" (done: chose {record['trials'][0]['settings']})"
+    return f" ({len(record['trials'])} finished before it was cut short: it goes on from them)"
 
 
 if __name__ == "__main__":

@@ -311,14 +311,13 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     from cluster_train.experiments import tuning
 
     file = search_file(config)
-    record = recorded_search(config)
-    if record is not None:
+    record = search_record(config)
+    if is_complete(record):
         chosen = record["trials"][0]
     else:
         make_config = partial(search_trial_config, config, parent_run_id)
         example = make_config({key: corner[key] for corner in config.search.corners() for key in corner}, "check")
-        cut_short = search_record(config, complete=False)
-        done = cut_short["trials"] if cut_short else []
+        done = record["trials"] if record else []  # a search cut short goes on from them
         print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
               f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})"
               + (f", {len(done)} of them tried before" if done else ""), flush=True)
@@ -335,19 +334,23 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
 def recorded_search(config: SweepConfig) -> dict | None:
     """The record of the sweep's search (every setting tried, best first); None before it ended, or
     when the search section changed since."""
-    return search_record(config, complete=True)
+    record = search_record(config)
+    return record if is_complete(record) else None
 
 
-def search_record(config: SweepConfig, complete: bool) -> dict | None:
-    """The search's record if it ended (`complete`), or the record of a search cut short (the trials
-    it finished); None if there is none of that kind for this search section."""
+def search_record(config: SweepConfig) -> dict | None:
+    """The record of this search section: ended (`is_complete`) or cut short (the trials it
+    finished); None where there is none."""
     if config.search is None:
         return None
     records, file = records_folder(config), search_file(config)
     record = records.read_json(file) if records.exists(file) else None
-    if record is None or record["search"] != to_flat_dict(config.search):
-        return None
-    return record if record.get("complete", True) == complete else None
+    return record if record is not None and record["search"] == to_flat_dict(config.search) else None
+
+
+def is_complete(record: dict | None) -> bool:
+    """Whether a search record is of a search that ended (one written before records said so did)."""
+    return record is not None and bool(record.get("complete", True))
 
 
 def planned_with_search(config: SweepConfig) -> list[Trial]:
