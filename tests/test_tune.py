@@ -37,21 +37,28 @@ def prepared(tmp_path_factory) -> Path:
         yield prepare_train_sample(tmp_path_factory.mktemp("tune"))
 
 
-def _sweep_file(folder: Path, prepared: Path, body: str, overrides: tuple[str, ...] = ()) -> Path:
-    """A sweep of the tiny model on the sample, everything of its own under `folder`."""
+def _sweep_file(folder: Path, prepared: Path, body: str, overrides: tuple[str, ...] = (), relative: bool = False) -> Path:
+    """A sweep of the tiny model on the sample, everything of its own under `folder`. `relative`: as a
+    user writes one, to run from `folder`: every path relative to it, the training config a file
+    there, the MLflow store the default (./mlflow.db)."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = ", ".join(f"'{s}'" for s in (*TINY, *overrides))
+    if relative:
+        shutil.copy(REPO / "configs/train/ravdess_sample.yaml", folder / "train.yaml")
+        (folder / "prepared").symlink_to(prepared, target_is_directory=True)
+        train_config, under, paths = "train.yaml", Path("."), "data.dataset=prepared, storage_path=runs"
+    else:
+        train_config, under = REPO / "configs/train/ravdess_sample.yaml", folder
+        paths = f"data.dataset={prepared}, storage_path={folder / 'runs'}, tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}"
     file = folder / "sweep.yaml"
     file.write_text(f"""
-train_config: {REPO / 'configs/train/ravdess_sample.yaml'}
-overrides: [data.dataset={prepared}, data.batch_size=4, clustering.num_clusters=4, scaling.num_workers=0,
-            {settings}, storage_path={folder / 'runs'}, tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}]
+train_config: {train_config}
+overrides: [{paths}, data.batch_size=4, clustering.num_clusters=4, scaling.num_workers=0, {settings}]
 subsets: 2
-output: {folder / 'sweeps'}
-records: {folder / 'records'}
+output: {under / 'sweeps'}
+records: {under / 'records'}
 {body}""")
     return file
-
 
 def test_a_search_space_is_checked_before_ray_starts(tmp_path):
     """A kind of range Tune has no domain for, a range upside down, and a key training does not have
@@ -213,13 +220,15 @@ max_concurrent: 1
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_search_finds_the_setting_that_learns_and_retrains_it(prepared, tmp_path, capsys):
+def test_a_search_finds_the_setting_that_learns_and_retrains_it(prepared, tmp_path, capsys, monkeypatch):
     """A search over the regressor's learning rate and the cluster-loss weight: Optuna samples, ASHA
     may end poor trials after their first epoch (their MLflow runs KILLED, the others FINISHED), no
     search trial scores the test split, the chosen setting is the one with the lowest development
     loss; it is retrained over the seeds and compared on test with the reference; run again,
-    nothing searches or trains again."""
-    file = _sweep_file(tmp_path, prepared, """
+    nothing searches or trains again. Every path in its config is relative, as in the shipped
+    configs: a search trial, which builds its config in Tune's trial folder, finds them all."""
+    monkeypatch.chdir(tmp_path)
+    file = _sweep_file(tmp_path, prepared, relative=True, body="""
 name: searched
 points: [{name: dec, model_kind: deepemocluster}]
 reference: dec
@@ -231,7 +240,7 @@ search:
   samples: 3
   startup_samples: 2
   grace_epochs: 1
-""", ("epochs=2", "patience=2"))
+""", overrides=("epochs=2", "patience=2"))
     config = load_sweep_config(file)
     result = run_sweep(config)
     printed = capsys.readouterr().out
@@ -281,7 +290,7 @@ search:
     (tmp_path / "records" / "searched-search.json").write_text(json.dumps(search | {"complete": False, "trials": kept}))
     (tmp_path / "records" / "searched-searched-seed0.json").unlink()  # the retrain comes after the search
     shutil.rmtree(tmp_path / "sweeps" / "searched" / "tune")
-    dry_run = subprocess.run([sys.executable, "jobs/sweep.py", "--config", str(file), "--dry-run"], cwd=REPO,
+    dry_run = subprocess.run([sys.executable, str(REPO / "jobs/sweep.py"), "--config", str(file), "--dry-run"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
     assert "then a search of 3 trials over optim.regressor.lr, cluster_weight (2 finished before it was cut short" \
         in dry_run.stdout, dry_run.stdout + dry_run.stderr[-3000:]

@@ -315,8 +315,9 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     if is_complete(record):
         chosen = record["trials"][0]
     else:
-        make_config = partial(search_trial_config, config, parent_run_id)
-        example = make_config({key: corner[key] for corner in config.search.corners() for key in corner}, "check")
+        corner = {key: corner[key] for corner in config.search.corners() for key in corner}
+        example = search_trial_config(config, parent_run_id, corner, "check")
+        make_config = partial(search_trial_config, _located(config, example), parent_run_id)
         done = record["trials"] if record else []  # a search cut short goes on from them
         print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
               f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})"
@@ -329,6 +330,16 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     print(f"sweep {config.name}: chosen {chosen['settings']} (development loss {chosen[tuning.SEARCH_METRIC]:.4f}); "
           f"retrained over seeds {config.seeds} as point {config.search.point}", flush=True)
     return chosen["settings"]
+
+
+def _located(config: SweepConfig, example: TrainConfig) -> SweepConfig:
+    """The sweep with its training config file and its trials' local paths (data, checkpoints, the
+    MLflow store) made absolute here, on the driver: a search trial builds its config in Tune's trial
+    folder, where a relative path names nothing."""
+    pinned = [f"data.dataset={example.data.dataset}", f"storage_path={example.storage_path}",
+              f"tracking.tracking_uri={example.tracking.tracking_uri}"]
+    return dataclasses.replace(config, train_config=str(Path(config.train_config).resolve()),
+                               overrides=[*config.overrides, *pinned])
 
 
 def recorded_search(config: SweepConfig) -> dict | None:

@@ -43,7 +43,10 @@ def pin_local_paths(config: TrainConfig) -> TrainConfig:
     def resolve(path: str) -> str:
         return path if "://" in path else str(Path(path).resolve())
 
-    config.tracking.tracking_uri = config.tracking.resolved_uri()
+    uri = config.tracking.resolved_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    config.tracking.tracking_uri = uri
     return dataclasses.replace(config, storage_path=resolve(config.storage_path),
                                data=dataclasses.replace(config.data, dataset=resolve(config.data.dataset)))
 
