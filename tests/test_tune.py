@@ -5,7 +5,7 @@ A search's config fails before Ray starts; a trial trained through Tune equals t
 directly; a sweep whose driver is killed (SIGKILL) is restored by Tune, its cut trial goes on from
 its checkpoint and a Ray Train trial reports every epoch to Tune; a search finds the setting that
 learns, ends trials early, scores no test split, and its chosen setting is retrained and compared
-on test."""
+on test, from a config whose paths are all relative; a search whose every trial fails says why."""
 
 from __future__ import annotations
 
@@ -305,3 +305,32 @@ search:
     assert new["trial_id"] not in {t["trial_id"] for t in tried}
     assert len(client.search_runs([experiment], "tags.mlflow.runName LIKE 'searched-search-%'")) == 4
     assert [r["seed"] for r in resumed.runs if r["point"] == "searched"] == [0]
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_fails_names_the_first_error(prepared, tmp_path):
+    """Every trial of a search fails in its trial (here its training config file is gone by the time
+    the trial reads it): the search ends with an error that says so and carries the first trial's
+    own error, not only Tune's folder."""
+    from functools import partial
+
+    from cluster_train.experiments import tuning
+    from cluster_train.experiments.sweep import search_trial_config
+
+    config = load_sweep_config(_sweep_file(tmp_path, prepared, """
+name: failing
+trial_retries: 0
+search:
+  space:
+    cluster_weight: {uniform: [0.5, 2.0]}
+  samples: 1
+  algorithm: random
+  scheduler: none
+"""))
+    example = plan_trials(config)[0].config
+    progress = tuning.SearchProgress(str(tmp_path / "records"), "failing-search.json", {}, ["cluster_weight"], [])
+    gone = partial(search_trial_config, dataclasses.replace(config, train_config=str(tmp_path / "gone.yaml")), None)
+    with pytest.raises(RuntimeError, match=r"no search trial finished an epoch .*first trial's error: .*"
+                                           r"config file not found: .*gone\.yaml"):
+        tuning.run_search(config, gone, example, str(tmp_path / "sweeps"), [], progress)
+    assert not (tmp_path / "records" / "failing-search.json").exists()  # nothing finished, nothing kept

@@ -198,7 +198,9 @@ def run_search(sweep: SweepConfig, make_config: Callable[[dict, str], TrainConfi
             found[entry["trial_id"]] = entry
     found = {t["trial_id"]: t for t in done} | found
     if not found:
-        raise RuntimeError(f"sweep {sweep.name}: no search trial finished an epoch (see {storage}/{name})")
+        error = next((result.error for result in grid if result.error is not None), None)
+        cause = f"; the first trial's error: {str(error).strip().splitlines()[-1]}" if error is not None else ""
+        raise RuntimeError(f"sweep {sweep.name}: no search trial finished an epoch (see {storage}/{name}){cause}") from error
     return progress.record(list(found.values()), complete=True)["trials"]
 
 
