@@ -86,6 +86,17 @@ def test_a_search_space_is_checked_before_ray_starts(tmp_path):
     assert not ray.is_initialized()
 
 
+def test_the_estimate_counts_trials_that_wait_for_a_free_slot():
+    """The sweep's wall-time estimate schedules its trials as Tune does, `max_concurrent` at a time,
+    each starting when one ends: not the total divided by the slots."""
+    from cluster_train.experiments.estimate import wall_seconds
+
+    assert wall_seconds([60.0, 60.0, 60.0], 2) == 120.0  # the third waits: 2 h for 3 one-hour trials, not 1.5
+    assert wall_seconds([90.0, 30.0, 30.0, 30.0], 2) == 90.0  # the short ones share the other slot
+    assert wall_seconds([30.0, 30.0, 90.0], 2) == 120.0  # a long trial last starts late
+    assert wall_seconds([10.0, 20.0], 1) == 30.0 and wall_seconds([10.0], 4) == 10.0 and wall_seconds([], 2) == 0.0
+
+
 def test_the_space_becomes_tune_domains_and_an_experiment_is_named_after_its_plan(tmp_path):
     """Each kind of range as Ray Tune's domain over the same values; the Tune experiment of a sweep
     is named after its trials, so a changed plan starts anew instead of restoring other trials."""

@@ -135,6 +135,7 @@ def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, 
         seconds = trial_seconds(trial.config, costs[trial.config.model_kind], dataset, rows[key], left)
         by_point.setdefault(trial.point, []).append(seconds)
     total = sum(sum(seconds) for seconds in by_point.values())
+    wall = wall_seconds([seconds for point in by_point.values() for seconds in point], concurrent)
     timed = ", ".join(f"{k} {c.train * 1e3:.1f} ms/chunk ({c.forward * 1e3:.1f} forward only)" for k, c in costs.items())
     lines = [f"estimate, from {timed} timed here (an upper bound: every epoch run):"]
     if resumed:
@@ -142,12 +143,20 @@ def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, 
                      f"one that stopped early)")
     for point, seconds in by_point.items():
         lines.append(f"  {point}: {len(seconds)} trial(s) x {_duration(max(seconds))}")
-    lines.append(f"  total {_duration(total)} of training, {_duration(total / max(1, concurrent))} with "
-                 f"{concurrent} trial(s) at a time")
+    lines.append(f"  total {_duration(total)} of training, {_duration(wall)} with {concurrent} trial(s) at a time")
     need = max(c.peak_bytes for c in costs.values()) * concurrent
     lines.append(f"  memory: about {need / 2**30:.1f} GiB for {concurrent} trial(s) at once (the largest step timed "
                  f"here); this machine has {memory_bytes() / 2**30:.1f} GiB")
     return "\n".join(lines)
+
+
+def wall_seconds(seconds: list[float], concurrent: int) -> float:
+    """How long trials of these lengths take in this order, `concurrent` at a time, each starting
+    when one before it ends (as Tune starts them): 3 equal trials 2 at a time take two trials' time."""
+    slots = [0.0] * max(1, concurrent)
+    for length in seconds:
+        slots[slots.index(min(slots))] += length
+    return max(slots)
 
 
 def memory_bytes() -> int:
