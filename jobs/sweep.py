@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 from cluster_train.experiments.sweep import (  # noqa: E402
     check_search,
     estimate_sweep,
+    is_complete,
     load_sweep_config,
     plan_trials,
-    is_complete,
     search_record,
 )
 from cluster_train.experiments.records import development_markdown  # noqa: E402

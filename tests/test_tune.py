@@ -60,6 +60,7 @@ records: {under / 'records'}
 {body}""")
     return file
 
+
 def test_a_search_space_is_checked_before_ray_starts(tmp_path):
     """A kind of range Tune has no domain for, a range upside down, and a key training does not have
     (or a value it refuses, at an end of a range) each fail with the key named; nothing starts."""

@@ -315,8 +315,8 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     if is_complete(record):
         chosen = record["trials"][0]
     else:
-        corner = {key: corner[key] for corner in config.search.corners() for key in corner}
-        example = search_trial_config(config, parent_run_id, corner, "check")
+        ends = {key: corner[key] for corner in config.search.corners() for key in corner}
+        example = search_trial_config(config, parent_run_id, ends, "check")
         make_config = partial(search_trial_config, _located(config, example), parent_run_id)
         done = record["trials"] if record else []  # a search cut short goes on from them
         print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
