@@ -629,6 +629,10 @@ def test_the_same_loop_runs_in_one_process_without_ray_and_resumes_there(prepare
             for point, hours, minutes in re.findall(r"(\w+): 1 trial\(s\) x (?:(\d+) h )?(\d+) min", printed)}
     assert "1 trial(s) resume from a checkpoint" in printed and set(left) == {"resumed", "fresh"}, printed
     assert left["resumed"] == pytest.approx(left["fresh"] / 2, abs=1), printed
+    together = format_estimate([dataclasses.replace(trial, point="both") for trial in trials],
+                               {"deepemocluster": StepCost(train=5.0, forward=1.0)}, 1,
+                               PreparedDataset(str(prepared / "prepared")))  # one point: each trial's own time
+    assert re.search(r"both: 2 trial\(s\) of (\d+ h )?\d+ min to (\d+ h )?\d+ min each\n", together), together
     resumed = run_training(_small_run(prepared, runs, "local", *local))
     assert resumed.epochs_run == 2
     assert sorted(p.name for p in (runs / "local").glob("checkpoint_*")) == ["checkpoint_000000", "checkpoint_000001"]

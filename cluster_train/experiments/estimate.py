@@ -142,7 +142,9 @@ def format_estimate(pending: list, costs: dict[str, StepCost], concurrent: int, 
         lines.append(f"  {resumed} trial(s) resume from a checkpoint: counted for their epochs left (none for "
                      f"one that stopped early)")
     for point, seconds in by_point.items():
-        lines.append(f"  {point}: {len(seconds)} trial(s) x {_duration(max(seconds))}")
+        shortest, longest = _duration(min(seconds)), _duration(max(seconds))
+        each = f"x {longest}" if shortest == longest else f"of {shortest} to {longest} each"  # resumed ones: fewer epochs
+        lines.append(f"  {point}: {len(seconds)} trial(s) {each}")
     lines.append(f"  total {_duration(total)} of training, {_duration(wall)} with {concurrent} trial(s) at a time")
     need = max(c.peak_bytes for c in costs.values()) * concurrent
     lines.append(f"  memory: about {need / 2**30:.1f} GiB for {concurrent} trial(s) at once (the largest step timed "
