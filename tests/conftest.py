@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -75,3 +76,24 @@ def local_ray(num_cpus: int = 2) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+def gloo_pair(actor_class, tries: int = 3) -> list:
+    """Two actors of `actor_class` joined by gloo through their `setup(rank, world_size, port)`. The
+    port is free when picked but may be taken before rank 0 binds it: then the actors are dropped and
+    it is tried again with another."""
+    import ray
+
+    for attempt in range(tries):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        handles = [actor_class.remote() for _ in range(2)]
+        try:
+            ray.get([r.setup.remote(i, 2, port) for i, r in enumerate(handles)], timeout=120)
+            return handles
+        except (ray.exceptions.RayError, TimeoutError):
+            for handle in handles:
+                ray.kill(handle)
+            if attempt == tries - 1:
+                raise

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import time
 import uuid
 
 import numpy as np
 import pytest
 import ray
+from conftest import gloo_pair
 
 from cluster_train.clustering.kmeans import ClusteringConfig, assign, fit_clusters, nmi
 from cluster_train.clustering.labelers import LabelTable, _local_sample
@@ -190,24 +190,6 @@ class TrainingRank:
         return result.table.flat(), result.summary, labeler.group
 
 
-def _training_group(tries: int = 3) -> list:
-    """Two `TrainingRank`s joined by gloo (a port free when picked may be taken before rank 0 binds
-    it: then another is tried)."""
-    for attempt in range(tries):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        handles = [TrainingRank.remote() for _ in range(2)]
-        try:
-            ray.get([r.setup.remote(i, 2, port) for i, r in enumerate(handles)], timeout=120)
-            return handles
-        except (ray.exceptions.RayError, TimeoutError):
-            for handle in handles:
-                ray.kill(handle)
-            if attempt == tries - 1:
-                raise
-
-
 @ray.remote(num_cpus=0)
 class DeadRank:
     """Rank 0 of a worker group that gets killed while its sample waits in the actor's round."""
@@ -229,7 +211,7 @@ def test_a_restarted_worker_group_clusters_on_its_own_samples_with_the_real_labe
     dead.submit.remote(service, 0, np.full((40, 16), 99.0, np.float32), "a-killed-group")
     _wait_for_submissions(service, 1)
     ray.kill(dead)
-    ranks = _training_group()
+    ranks = gloo_pair(TrainingRank)
     try:
         started = time.monotonic()
         halves = [slice(0, 198), slice(198, 400)]  # on utterance boundaries (198 = 18 * 11)

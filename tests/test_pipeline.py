@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import soundfile as sf
+from conftest import local_ray
 
 from data_prep.chunking import chunk_starts
 from data_prep.config import ChunkConfig, ConfigError, PrepConfig, load_config
@@ -33,9 +33,8 @@ SAMPLE = REPO / "data" / "ravdess_sample"
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-import ray
 import soundfile as sf
 import torch
+from conftest import local_ray
 from torch import nn
 
 from cluster_train.data.labels import LabelScaler
@@ -50,9 +50,8 @@ SPLITS = ("train", "development", "test")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import time
 import uuid
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import gloo_pair
 
 from cluster_train.clustering.kmeans import (
     ClusteringConfig,
@@ -144,27 +144,9 @@ def ranks():
             environment.setenv("RAY_agent_register_timeout_ms", "120000")
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
         try:
-            yield _process_group_of_two()
+            yield gloo_pair(Rank)
         finally:
             ray.shutdown()
-
-
-def _process_group_of_two(tries: int = 3) -> list:
-    """Two ranks joined by gloo. The port is free when picked but may be taken before rank 0 binds
-    it: then the ranks are dropped and it is tried again with another."""
-    for attempt in range(tries):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        handles = [Rank.remote() for _ in range(2)]
-        try:
-            ray.get([r.setup.remote(i, 2, port) for i, r in enumerate(handles)], timeout=120)
-            return handles
-        except (ray.exceptions.RayError, TimeoutError):
-            for handle in handles:
-                ray.kill(handle)
-            if attempt == tries - 1:
-                raise
 
 
 @ray.remote(num_cpus=0)

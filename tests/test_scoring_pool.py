@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import local_ray
 from torch import nn
 
 from cluster_train.data.labels import LabelScaler
@@ -37,9 +38,8 @@ SCORED = ("development", "test")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")
