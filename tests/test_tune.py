@@ -180,7 +180,7 @@ def test_a_sweep_whose_driver_is_killed_is_restored_by_tune(prepared, tmp_path):
     The other trial has a Ray Train worker (`scaling.num_workers=1`): its Tune trial reserves a
     hundredth of a CPU (the worker and the K-means actor take theirs), and every epoch reaches Tune
     through Ray Train's callback, so a scheduler could act on it."""
-    from cluster_train.experiments.tuning import DRIVER_CPU, trial_resources
+    from cluster_train.experiments.tuning import DRIVER_CPU, grid_resources, trial_resources
 
     file = _sweep_file(tmp_path, prepared, """
 name: restored
@@ -192,6 +192,9 @@ max_concurrent: 1
 """, ("epochs=3", "patience=3"))
     in_process, on_ray_train = plan_trials(load_sweep_config(file))
     assert trial_resources(on_ray_train.config) == {"cpu": DRIVER_CPU} != trial_resources(in_process.config)
+    reserves = grid_resources({trial.config.name: trial.config for trial in (in_process, on_ray_train)})
+    assert [reserves({"trial": trial.config.name}).required_resources for trial in (in_process, on_ray_train)] == [
+        {"CPU": in_process.config.scaling.cpus_per_worker}, {"CPU": DRIVER_CPU}]  # each its own, in one grid
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "jobs/sweep.py", "--config", str(file)]
     first_run = tmp_path / "runs" / "restored-regressor-seed0"

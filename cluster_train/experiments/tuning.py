@@ -64,6 +64,16 @@ def _grid_trial(params: dict, configs: dict[str, TrainConfig], records: str) -> 
     tune.report(_result(run) | {REUSED: float(found is not None)})
 
 
+def grid_resources(configs: dict[str, TrainConfig]) -> Callable[[dict], tune.PlacementGroupFactory]:
+    """What each grid trial reserves, by its own config (`trial_resources`): a grid may mix
+    one-process trials with Ray Train trials, or CPU points with GPU points."""
+
+    def resources(params: dict) -> tune.PlacementGroupFactory:
+        return tune.PlacementGroupFactory([{k.upper(): v for k, v in trial_resources(configs[params["trial"]]).items()}])
+
+    return resources
+
+
 def _named(trial) -> str:
     """A grid trial's Tune name and folder: the trial's own name."""
     return trial.config["trial"]
@@ -113,8 +123,8 @@ def run_grid(sweep: SweepConfig, trials: list[Trial], records: str, folder: str)
     trial name -> its run, or the error that ended it."""
     _start_ray()
     configs = {trial.config.name: trial.config for trial in trials}
-    resources = trial_resources(trials[0].config)
-    trainable = tune.with_resources(tune.with_parameters(_grid_trial, configs=configs, records=records), resources)
+    trainable = tune.with_resources(tune.with_parameters(_grid_trial, configs=configs, records=records),
+                                    grid_resources(configs))
     storage, name = _experiment(folder, "grid", sorted(configs))
     tuner = _tuner(trainable, {"trial": tune.grid_search(list(configs))},
                    tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent, trial_name_creator=_named,
