@@ -4,7 +4,6 @@ by a real gloo process group (as Ray Train's workers are), real faiss and real a
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import uuid
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import gloo_pair
+from conftest import gloo_pair, local_ray
 
 from cluster_train.clustering.kmeans import (
     ClusteringConfig,
@@ -139,14 +138,8 @@ def test_config_checks_mode_and_sampler() -> None:
 
 @pytest.fixture(scope="module")
 def ranks():
-    with pytest.MonkeyPatch.context() as environment:
-        if "RAY_agent_register_timeout_ms" not in os.environ:  # Ray starts slowly on a busy machine
-            environment.setenv("RAY_agent_register_timeout_ms", "120000")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-        try:
-            yield gloo_pair(Rank)
-        finally:
-            ray.shutdown()
+    with local_ray():
+        yield gloo_pair(Rank)
 
 
 @ray.remote(num_cpus=0)
