@@ -20,6 +20,7 @@ from cluster_train.experiments.sweep import (  # noqa: E402
     load_sweep_config,
     plan_trials,
     search_record,
+    trained_before,
 )
 from cluster_train.experiments.records import development_markdown  # noqa: E402
 from cluster_train.serve.evaluate import format_comparison  # noqa: E402
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
         print(f"sweep {config.name}: {len(trials)} trials")
         if args.dry_run:
             for trial in trials:
-                print(f"  {trial.point} seed {trial.seed}: {trial.config.name}")
+                trained = " (trained)" if trained_before(config, trial) is not None else ""
+                print(f"  {trial.point} seed {trial.seed}: {trial.config.name}{trained}")
             if config.search is not None:
                 print(f"  then a search of {config.search.samples} trials over {', '.join(config.search.space)}"
                       f"{_search_state(config)}, its chosen settings retrained over seeds {config.seeds} as point "

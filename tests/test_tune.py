@@ -127,6 +127,27 @@ search:
     assert _experiment("s3://bucket/sweeps/x", "grid", [])[0] == "s3://bucket/sweeps/x/tune"
 
 
+def test_each_search_trial_reserves_what_its_sampled_settings_need(tmp_path):
+    """A space that varies `scaling.*` gives each trial the CPUs (or the Ray Train share) of its own
+    sampled config, not the first trial's."""
+    from functools import partial
+
+    from cluster_train.experiments.sweep import search_trial_config
+    from cluster_train.experiments.tuning import DRIVER_CPU, search_resources
+
+    config = load_sweep_config(_sweep_file(tmp_path, tmp_path / "data", """
+name: sized
+search:
+  space: {scaling.cpus_per_worker: {choice: [1, 2]}, scaling.num_workers: {choice: [0, 2]}}
+"""))
+    make_config = partial(search_trial_config, config, None)
+    example = make_config({"scaling.cpus_per_worker": 1, "scaling.num_workers": 0}, "example")
+    reserves = search_resources(make_config, example, list(config.search.space))
+    sampled = [{"scaling.cpus_per_worker": cpus, "scaling.num_workers": workers} for cpus, workers in ((1, 0), (2, 0), (2, 2))]
+    assert [reserves(params).required_resources for params in sampled] == [{"CPU": 1}, {"CPU": 2}, {"CPU": DRIVER_CPU}]
+    assert search_resources(make_config, example, ["cluster_weight"]).required_resources == {"CPU": 1}  # the example's
+
+
 def test_the_search_point_is_planned_by_the_search_alone(tmp_path):
     """`--only searched` trains the search (and the reference), and a shared `trial_prefix` names the
     trials as the sweep whose records they reuse."""
@@ -309,6 +330,8 @@ search:
                              capture_output=True, text=True, timeout=300)
     assert "then a search of 3 trials over optim.regressor.lr, cluster_weight (2 finished before it was cut short" \
         in dry_run.stdout, dry_run.stdout + dry_run.stderr[-3000:]
+    assert "dec seed 0: searched-dec-seed0 (trained)" in dry_run.stdout
+    assert "  search: 1 trial(s) x " in dry_run.stdout and "\n  dec:" not in dry_run.stdout  # only the search's trial left
     resumed = run_sweep(config)
     printed = capsys.readouterr().out
     assert "searching optim.regressor.lr, cluster_weight over 3 trials (optuna, scheduler asha), 2 of them tried before" in printed

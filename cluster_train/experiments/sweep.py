@@ -315,13 +315,13 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     if is_complete(record):
         chosen = record["trials"][0]
     else:
-        ends = {key: corner[key] for corner in config.search.corners() for key in corner}
-        example = search_trial_config(config, parent_run_id, ends, "check")
+        example = search_example(config, parent_run_id)
         make_config = partial(search_trial_config, _located(config, example), parent_run_id)
         done = record["trials"] if record else []  # a search cut short goes on from them
         print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
               f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})"
               + (f", {len(done)} of them tried before" if done else ""), flush=True)
+        print(estimate_trials(search_trials_left(config), config.max_concurrent), flush=True)
         progress = tuning.SearchProgress(records.location, file, to_flat_dict(config.search), list(config.search.space), done)
         tried = tuning.run_search(config, make_config, example, folder.location, done, progress)
         record = progress.finish(tried)
@@ -330,6 +330,22 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     print(f"sweep {config.name}: chosen {chosen['settings']} (development loss {chosen[tuning.SEARCH_METRIC]:.4f}); "
           f"retrained over seeds {config.seeds} as point {config.search.point}", flush=True)
     return chosen["settings"]
+
+
+def search_example(config: SweepConfig, parent_run_id: str | None = None) -> TrainConfig:
+    """A search trial's config at the ends of every range: what sizes the search's trials."""
+    ends = {key: corner[key] for corner in config.search.corners() for key in corner}
+    return search_trial_config(config, parent_run_id, ends, "check")
+
+
+def search_trials_left(config: SweepConfig) -> list[Trial]:
+    """The search's trials not finished yet, each as its example config at all its epochs (what the
+    estimate counts: an upper bound, as ASHA ends poor trials sooner); none once the search ended."""
+    record = search_record(config)
+    if config.search is None or is_complete(record):
+        return []
+    left = config.search.samples - len(record["trials"] if record else [])
+    return [Trial("search", config.search.seed, search_example(config))] * left
 
 
 def _located(config: SweepConfig, example: TrainConfig) -> SweepConfig:
@@ -379,14 +395,27 @@ def searched_trials(config: SweepConfig, settings: dict[str, Any]) -> list[Trial
 
 
 def estimate_sweep(config: SweepConfig, trials: list[Trial]) -> str:
-    """The estimate `run_sweep` prints, for the trials not trained yet, without training."""
+    """The estimate `run_sweep` prints, for the search's trials left and the trials not trained yet,
+    without training."""
+    pending = [trial for trial in trials if trained_before(config, trial) is None]
+    return estimate_trials(search_trials_left(config) + pending, config.max_concurrent)
+
+
+def trained_before(config: SweepConfig, trial: Trial) -> dict | None:
+    """The trial's run where it has a record (or a finished run here), else None."""
+    return trained_run(pin_local_paths(trial.config), records_folder(config))
+
+
+def estimate_trials(pending: list[Trial], max_concurrent: int) -> str:
+    """How long `pending` should take, `max_concurrent` at a time; what it needs where it cannot say."""
     from data_prep.dataset import PreparedDataset
 
-    pending = [trial for trial in trials if trained_run(pin_local_paths(trial.config), records_folder(config)) is None]
     if not pending:
-        return f"sweep {config.name}: every trial is trained"
-    dataset = PreparedDataset(pending[0].config.data.dataset)
-    return _estimate(pending, dataset, min(config.max_concurrent, len(pending)))
+        return "every trial is trained"
+    location = pending[0].config.data.dataset
+    if not OutputFolder(location).exists("dataset.json"):
+        return f"estimate: none before the dataset is prepared ({location} has no dataset.json; jobs/prep.py writes it)"
+    return _estimate(pending, PreparedDataset(location), min(max_concurrent, len(pending)))
 
 
 def _estimate(pending: list[Trial], dataset, concurrent: int) -> str:

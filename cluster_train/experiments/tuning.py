@@ -67,11 +67,20 @@ def _grid_trial(params: dict, configs: dict[str, TrainConfig], records: str) -> 
 def grid_resources(configs: dict[str, TrainConfig]) -> Callable[[dict], tune.PlacementGroupFactory]:
     """What each grid trial reserves, by its own config (`trial_resources`): a grid may mix
     one-process trials with Ray Train trials, or CPU points with GPU points."""
+    return lambda params: _placement(configs[params["trial"]])
 
-    def resources(params: dict) -> tune.PlacementGroupFactory:
-        return tune.PlacementGroupFactory([{k.upper(): v for k, v in trial_resources(configs[params["trial"]]).items()}])
 
-    return resources
+def search_resources(make_config: Callable[[dict, str], TrainConfig], example: TrainConfig, keys: list[str]):
+    """What each search trial reserves: where the space varies `scaling.*` (threads, workers, a
+    GPU), what the config its sampled settings make needs; else what every trial needs, the
+    example's (built once: a config a trial cannot build fails in that trial, where Tune reports it)."""
+    if not any(key.startswith("scaling.") for key in keys):
+        return _placement(example)
+    return lambda params: _placement(make_config(params, "sizing"))
+
+
+def _placement(config: TrainConfig) -> tune.PlacementGroupFactory:
+    return tune.PlacementGroupFactory([{k.upper(): v for k, v in trial_resources(config).items()}])
 
 
 def _named(trial) -> str:
@@ -195,7 +204,8 @@ def run_search(sweep: SweepConfig, make_config: Callable[[dict, str], TrainConfi
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=example.epochs - 1, grace_period=search.grace_epochs,
                               reduction_factor=search.reduction_factor,
                               stop_last_trials=False) if search.scheduler == "asha" else None
-    trainable = tune.with_resources(tune.with_parameters(_search_trial, make_config=make_config), trial_resources(example))
+    trainable = tune.with_resources(tune.with_parameters(_search_trial, make_config=make_config),
+                                    search_resources(make_config, example, list(search.space)))
     tune_config = tune.TuneConfig(metric=SEARCH_METRIC, mode=SEARCH_MODE, search_alg=algorithm, scheduler=scheduler,
                                   num_samples=search.samples - len(warm), max_concurrent_trials=sweep.max_concurrent)
     lines = TrialLines(search.samples, tracking_uri(example), already=len(warm), progress=progress)
