@@ -98,6 +98,19 @@ def test_the_estimate_counts_trials_that_wait_for_a_free_slot():
     assert wall_seconds([10.0, 20.0], 1) == 30.0 and wall_seconds([10.0], 4) == 10.0 and wall_seconds([], 2) == 0.0
 
 
+def test_a_finished_trials_line_counts_every_epoch_it_trained():
+    """A trial resumed across sittings reports the seconds of all its epochs (its record's curve), not
+    those of its last sitting (the run's `seconds`, and Tune's clock after a restore)."""
+    from cluster_train.experiments.tuning import DONE, _result
+
+    resumed = {"seconds": 200.0, "epochs_run": 3, "curves": {"time/epoch": [100.0, 110.0, 120.0]},
+               "last_epoch": {"dev/best_loss": 1.5, "train/loss": 2.0}, "scores": {"test": {"arousal": 0.5}}}
+    result = _result(resumed)
+    assert result["seconds"] == 330.0 and result[DONE] == 1.0 and result["epochs_run"] == 3.0
+    assert result["dev/best_loss"] == 1.5 and "train/loss" not in result and result["test/ccc_arousal"] == 0.5
+    assert _result({"seconds": 42.0})["seconds"] == 42.0  # a search trial: no curves, its run's seconds
+
+
 def test_the_space_becomes_tune_domains_and_an_experiment_is_named_after_its_plan(tmp_path):
     """Each kind of range as Ray Tune's domain over the same values; the Tune experiment of a sweep
     is named after its trials, so a changed plan starts anew instead of restoring other trials."""

@@ -48,8 +48,11 @@ def trial_resources(config: TrainConfig) -> dict[str, float]:
 
 
 def _result(run: dict) -> dict[str, Any]:
-    """A finished trial's last Tune result: its best development loss and its scores, flat."""
-    result = {DONE: 1.0, "seconds": float(run.get("seconds", 0.0)), "epochs_run": float(run.get("epochs_run", 0))}
+    """A finished trial's last Tune result: its best development loss and its scores, flat; its
+    seconds those of every epoch it trained (a run's own `seconds` count its last sitting only)."""
+    epochs = run.get("curves", {}).get("time/epoch", [])
+    seconds = float(sum(epochs)) if epochs else float(run.get("seconds", 0.0))
+    result = {DONE: 1.0, "seconds": seconds, "epochs_run": float(run.get("epochs_run", 0))}
     result |= {k: v for k, v in run.get("last_epoch", {}).items() if k.startswith("dev/") and isinstance(v, (int, float))}
     for split, values in run.get("scores", {}).items():
         result |= {f"{split}/ccc_{a}": v for a, v in values.items() if isinstance(v, float)}
@@ -280,7 +283,7 @@ class TrialLines(tune.Callback):
         name = trial.config.get("trial") or trial.trial_id
         ccc = " ".join(f"{a[0].upper()} {result[f'dev/ccc_{a}']:.3f}" for a in ("arousal", "dominance", "valence")
                        if f"dev/ccc_{a}" in result)
-        minutes = result.get("time_total_s", 0) / 60
+        minutes = result.get("seconds", result.get("time_total_s", 0)) / 60  # Tune's counts since a restore
         stopped = "" if result.get(DONE) else f"  (stopped early after {result.get('training_iteration', 0)} epoch(s))"
         stopped += "  (recorded before)" if result.get(REUSED) else ""
         print(f"trial {self.done} of {self.total} done: {name}  dev CCC {ccc}  {minutes:.0f} min{stopped}", flush=True)
