@@ -98,6 +98,16 @@ def test_the_estimate_counts_trials_that_wait_for_a_free_slot():
     assert wall_seconds([10.0, 20.0], 1) == 30.0 and wall_seconds([10.0], 4) == 10.0 and wall_seconds([], 2) == 0.0
 
 
+def test_an_estimate_timed_on_a_busy_machine_says_so():
+    """Steps timed while other work holds the CPUs run slower than the trials will: the estimate says
+    the machine was busy, from half its CPUs' load up."""
+    from cluster_train.experiments.estimate import busy_warning
+
+    assert busy_warning(0.3, 2) is None and busy_warning(0.99, 2) is None and busy_warning(7.9, 16) is None
+    assert "busy as the steps were timed (load 2.1 on 2 CPUs)" in busy_warning(2.1, 2)
+    assert busy_warning(8.0, 16) is not None
+
+
 def test_a_finished_trials_line_counts_every_epoch_it_trained():
     """A trial resumed across sittings reports the seconds of all its epochs (its record's curve), not
     those of its last sitting (the run's `seconds`, and Tune's clock after a restore)."""

@@ -161,6 +161,16 @@ def wall_seconds(seconds: list[float], concurrent: int) -> float:
     return max(slots)
 
 
+def busy_warning(load: float, cpus: int) -> str | None:
+    """A line for an estimate whose steps were timed while other work ran here (`load`: the load
+    average over the minute before timing): they ran slower than trials that get the CPUs to
+    themselves will train."""
+    if load < 0.5 * cpus:
+        return None
+    return (f"  this machine was busy as the steps were timed (load {load:.1f} on {cpus} CPUs): the estimate is "
+            f"too long for trials that will have the CPUs to themselves")
+
+
 def memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

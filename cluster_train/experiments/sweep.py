@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -419,18 +420,20 @@ def estimate_trials(pending: list[Trial], max_concurrent: int) -> str:
 
 
 def _estimate(pending: list[Trial], dataset, concurrent: int) -> str:
-    from cluster_train.experiments.estimate import format_estimate, time_steps_side_by_side
+    from cluster_train.experiments.estimate import busy_warning, format_estimate, time_steps_side_by_side
     from cluster_train.train.launch import with_dataset_shape
 
     if any(trial.config.scaling.use_gpu for trial in pending):
         return "estimate: none for GPU trials (steps timed on this machine's CPU would not predict them)"
     pending = [dataclasses.replace(t, config=with_dataset_shape(t.config, dataset)) for t in pending]
     copies = concurrent if all(t.config.scaling.num_workers == 0 for t in pending) else 1  # trials side by side here
+    load = os.getloadavg()[0]  # before this process's own timing adds to it
     costs = {}
     for trial in pending:
         if trial.config.model_kind not in costs:
             costs[trial.config.model_kind] = time_steps_side_by_side(trial.config, copies)
-    return format_estimate(pending, costs, concurrent, dataset)
+    busy = busy_warning(load, os.cpu_count() or 1)
+    return format_estimate(pending, costs, concurrent, dataset) + (f"\n{busy}" if busy else "")
 
 
 class _ParentRun:
