@@ -320,6 +320,8 @@ search:
         epochs = len(client.get_metric_history(run.info.run_id, "dev/loss"))
         assert run.info.status == ("FINISHED" if epochs == 2 else "KILLED"), (epochs, run.info.status)
     assert list(result.table["models"]) == ["dec", "searched"]
+    logged = json.loads(Path(client.download_artifacts(result.table["parent_run_id"], "search.json", str(tmp_path))).read_text())
+    assert logged == search  # the parent run holds the search's record, every setting tried
     ranking = result.table["development"]  # the points by development CCC: what settings are chosen by
     assert [row["mean"] for row in ranking] == sorted((row["mean"] for row in ranking), reverse=True)
     for row in ranking:

@@ -239,7 +239,7 @@ def run_sweep(config: SweepConfig, only: Sequence[str] = ()) -> SweepResult:
     runs: list[dict | BaseException | None] = [trained_run(trial.config, records) for trial in trials]
     parent = _ParentRun(config, trials[0].config.tracking, folder)
     if searching:
-        searched = searched_trials(config, _search(config, parent.run_id, folder, records))
+        searched = searched_trials(config, _search(config, parent, folder, records))
         trials, runs = trials + searched, runs + [trained_run(trial.config, records) for trial in searched]
     trials = [dataclasses.replace(t, config=with_parent(t.config, parent.run_id)) for t in trials]
     pending = [trial for trial, run in zip(trials, runs) if run is None]
@@ -303,10 +303,11 @@ def search_trial_config(config: SweepConfig, parent_run_id: str | None, params: 
     return with_parent(pin_local_paths(train), parent_run_id)
 
 
-def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder, records: OutputFolder) -> dict:
+def _search(config: SweepConfig, parent: _ParentRun, folder: OutputFolder, records: OutputFolder) -> dict:
     """Run the search (or take its record: a search done once, here or on another machine, is not
-    run again) and return the chosen settings. A search cut short on another machine goes on from
-    the trials its record keeps (`tuning.SearchProgress`)."""
+    run again) and return the chosen settings; its record (every setting tried, best first) goes to
+    the sweep's parent run as `search.json`. A search cut short on another machine goes on from the
+    trials its record keeps (`tuning.SearchProgress`)."""
     from functools import partial
 
     from cluster_train.experiments import tuning
@@ -316,8 +317,8 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
     if is_complete(record):
         chosen = record["trials"][0]
     else:
-        example = search_example(config, parent_run_id)
-        make_config = partial(search_trial_config, _located(config, example), parent_run_id)
+        example = search_example(config, parent.run_id)
+        make_config = partial(search_trial_config, _located(config, example), parent.run_id)
         done = record["trials"] if record else []  # a search cut short goes on from them
         print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
               f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})"
@@ -328,6 +329,7 @@ def _search(config: SweepConfig, parent_run_id: str | None, folder: OutputFolder
         record = progress.finish(tried)
         folder.write_json("search.json", record)
         chosen = tried[0]
+    parent.tracker.log_dict(record, "search.json")
     print(f"sweep {config.name}: chosen {chosen['settings']} (development loss {chosen[tuning.SEARCH_METRIC]:.4f}); "
           f"retrained over seeds {config.seeds} as point {config.search.point}", flush=True)
     return chosen["settings"]
