@@ -99,17 +99,30 @@ def checkout(tmp_path_factory) -> Path:
     return folder
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=")  # VAR=value before a command's program
+
+
+def _env(command: str = "") -> dict[str, str]:
+    """This environment without a tracking store or Ray address of its own, and the variables
+    `command` sets before its program."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    for word in shlex.split(command):
+        if not ASSIGNMENT.match(word):
+            break
+        key, value = word.split("=", 1)
+        env[key] = value
+    return env
 
 
 def _argv(command: str) -> list[str]:
     argv = shlex.split(command)
+    while ASSIGNMENT.match(argv[0]):
+        argv.pop(0)
     return [sys.executable, *argv[1:]] if argv[0] == "python" else argv
 
 
 def run(checkout: Path, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(_argv(command), cwd=checkout, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(_argv(command), cwd=checkout, env=_env(command), capture_output=True, text=True, timeout=timeout)
 
 
 def succeeded(done: subprocess.CompletedProcess) -> bool:
@@ -260,7 +273,7 @@ def test_the_report_gives_back_the_committed_tables_from_the_records_alone(check
 
 
 def test_the_mlflow_ui_shows_the_runs(checkout, registered):
-    ui = subprocess.Popen(_argv(readme_command("mlflow ui")), cwd=checkout, env=_env(), start_new_session=True,
+    ui = subprocess.Popen(_argv(readme_command("mlflow ui")), cwd=checkout, env=_env(readme_command("mlflow ui")), start_new_session=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert "<title>MLflow" in _wait_for("http://127.0.0.1:5000/", ui, 120)
