@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         print(f"  {split:<36}" + "  ".join(f"{values[a]:9.4f}" if isinstance(values[a], float) else f"{values[a]:>9}" for a in attributes))
     if result.mlflow_run_id:
         store = config.tracking.resolved_uri()
-        ui = store if store.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {store} --host 127.0.0.1"
+        ui = store if store.startswith(("http://", "https://")) else (
+            f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {store} --host 127.0.0.1 --workers 1")
         print(f"MLflow run {result.mlflow_run_id}; UI: {ui}")
     return 0
 
