@@ -45,14 +45,14 @@ def main(argv=None) -> int:
             check_search(config)
         print(f"sweep {config.name}: {len(trials)} trials")
         if args.dry_run:
-            for trial in trials:
-                trained = " (trained)" if trained_before(config, trial) is not None else ""
-                print(f"  {trial.point} seed {trial.seed}: {trial.config.name}{trained}")
+            trained = [trained_before(config, trial) is not None for trial in trials]
+            for trial, done in zip(trials, trained):
+                print(f"  {trial.point} seed {trial.seed}: {trial.config.name}{' (trained)' if done else ''}")
             if config.search is not None:
                 print(f"  then a search of {config.search.samples} trials over {', '.join(config.search.space)}"
                       f"{_search_state(config)}, its chosen settings retrained over seeds {config.seeds} as point "
                       f"{config.search.point}")
-            print(estimate_sweep(config, trials))
+            print(estimate_sweep(config, [trial for trial, done in zip(trials, trained) if not done]))
             return 0
         from cluster_train.experiments.sweep import run_sweep
 

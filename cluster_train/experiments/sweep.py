@@ -323,7 +323,7 @@ def _search(config: SweepConfig, parent: _ParentRun, folder: OutputFolder, recor
         print(f"sweep {config.name}: searching {', '.join(config.search.space)} over {config.search.samples} "
               f"trials ({config.search.algorithm}, scheduler {config.search.scheduler})"
               + (f", {len(done)} of them tried before" if done else ""), flush=True)
-        print(estimate_trials(search_trials_left(config), config.max_concurrent), flush=True)
+        print(estimate_trials(_search_trials(config, example, len(done)), config.max_concurrent), flush=True)
         progress = tuning.SearchProgress(records.location, file, to_flat_dict(config.search), list(config.search.space), done)
         tried = tuning.run_search(config, make_config, example, folder.location, done, progress)
         record = progress.finish(tried)
@@ -347,8 +347,11 @@ def search_trials_left(config: SweepConfig) -> list[Trial]:
     record = search_record(config)
     if config.search is None or is_complete(record):
         return []
-    left = config.search.samples - len(record["trials"] if record else [])
-    return [Trial("search", config.search.seed, search_example(config))] * left
+    return _search_trials(config, search_example(config), len(record["trials"]) if record else 0)
+
+
+def _search_trials(config: SweepConfig, example: TrainConfig, finished: int) -> list[Trial]:
+    return [Trial("search", config.search.seed, example)] * max(0, config.search.samples - finished)
 
 
 def _located(config: SweepConfig, example: TrainConfig) -> SweepConfig:
@@ -397,10 +400,9 @@ def searched_trials(config: SweepConfig, settings: dict[str, Any]) -> list[Trial
             for seed in config.seeds]
 
 
-def estimate_sweep(config: SweepConfig, trials: list[Trial]) -> str:
-    """The estimate `run_sweep` prints, for the search's trials left and the trials not trained yet,
-    without training."""
-    pending = [trial for trial in trials if trained_before(config, trial) is None]
+def estimate_sweep(config: SweepConfig, pending: list[Trial]) -> str:
+    """The estimate `run_sweep` prints, for the search's trials left and `pending` (the trials not
+    trained yet, `trained_before`), without training."""
     return estimate_trials(search_trials_left(config) + pending, config.max_concurrent)
 
 
